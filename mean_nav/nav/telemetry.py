@@ -1,0 +1,26 @@
+"""Vehicle state the localizer needs with each frame, from MAVLink or a recorded log."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Telemetry:
+    time_s: float                  # same clock as the frame timestamps
+    roll: float                    # radians, aerospace ZYX
+    pitch: float
+    yaw: float                     # radians from north, clockwise
+    rel_alt_m: float               # height above home/take-off (GLOBAL_POSITION_INT.relative_alt)
+    alt_amsl_m: float = math.nan   # for the altitude field of outgoing fixes
+    range_m: float = math.nan      # downward rangefinder (DISTANCE_SENSOR), preferred when valid
+    vn: float = math.nan           # m/s NED from the autopilot, if any
+    ve: float = math.nan
+    vd: float = math.nan
+    lat: float = math.nan          # GNSS, when the log has it: scoring and initial prior only
+    lon: float = math.nan
+
+    @property
+    def height_above_ground_m(self) -> float:
+        """Rangefinder when valid, else relative altitude (flat terrain at home level)."""
+        return self.range_m if math.isfinite(self.range_m) and self.range_m > 0 else self.rel_alt_m
