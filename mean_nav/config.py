@@ -61,7 +61,7 @@ def from_dict(cls: type[T], data: Any, source: str = "config", prefix: str = "")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise MeanNavError(
-            f"{source}: unknown field {prefix}{unknown[0]!r}; valid fields here: {', '.join(fields)}"
+            f"{source}: unknown field {prefix + unknown[0]!r}; valid fields here: {', '.join(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -71,7 +71,7 @@ def from_dict(cls: type[T], data: Any, source: str = "config", prefix: str = "")
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise MeanNavError(f"{source}: missing required field {prefix}{missing[0]!r}")
+        raise MeanNavError(f"{source}: missing required field {prefix + missing[0]!r}")
     return cls(**kwargs)
 
 
