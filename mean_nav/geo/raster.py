@@ -126,6 +126,17 @@ def read_metric_raster(paths: Sequence[str | Path] | str | Path, gsd_m: float,
     width = int(np.ceil((right - left) / gsd_m))
     height = int(np.ceil((top - bottom) / gsd_m))
     transform = Affine(gsd_m, 0, left, 0, -gsd_m, top)
+    image, valid = reproject_maps(paths, crs, transform, width, height)
+    return MetricRaster(image, valid, crs, transform, gsd_m, tuple(str(p) for p in paths))
+
+
+def reproject_maps(paths: Sequence[str | Path], crs: CRS, transform: Affine, width: int,
+                   height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reproject maps onto an explicit north-up grid (windowed reading for large areas).
+
+    Returns ([height, width, 3] uint8 RGB, [height, width] bool valid); the first map with
+    data at a pixel wins. GDAL reads only the source blocks the window needs.
+    """
     image = np.zeros((height, width, 3), np.uint8)
     valid = np.zeros((height, width), bool)
     for p in paths:
@@ -140,4 +151,4 @@ def read_metric_raster(paths: Sequence[str | Path] | str | Path, gsd_m: float,
         new = (mask > 0) & ~valid
         image[new] = rgb.transpose(1, 2, 0)[new]
         valid |= new
-    return MetricRaster(image, valid, crs, transform, gsd_m, tuple(str(p) for p in paths))
+    return image, valid
