@@ -1,0 +1,140 @@
+"""Coarse-to-fine: geometric verification of retrieved tiles and metre-level position.
+
+Both images are north-up at the cache's ground resolution (the query was rectified to
+a nadir view), so the true mapping between them is close to a pure translation. We match
+local features (SIFT by default, ORB as the fast option), fit a 4-DoF similarity with
+RANSAC, refuse fits whose scale or rotation are implausible (a wrong place rarely
+produces a near-identity similarity with many inliers), and map the query's centre (the
+camera nadir) into the map. The least-squares covariance of that point, from the inlier
+residuals, is the measurement's matching uncertainty.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+
+@dataclass
+class RefineConfig:
+    detector: Literal["sift", "orb"] = "sift"
+    max_features: int = 1500
+    ratio_test: float = 0.8           # Lowe's ratio for the two nearest neighbours
+    ransac_threshold_px: float = 3.0
+    min_inliers: int = 15
+    min_inlier_ratio: float = 0.15    # inliers / ratio-test matches
+    max_rotation_deg: float = 12.0    # residual rotation left after rectification with the yaw
+    max_scale_error: float = 0.15     # |scale - 1| left after scaling with height and focal length
+    equalize: bool = True             # CLAHE on both images: camera and map exposures differ
+
+
+@dataclass
+class Features:
+    points: np.ndarray       # [N, 2] float32 pixel (col, row)
+    descriptors: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+@dataclass
+class MatchResult:
+    ok: bool
+    reason: str = ""
+    inliers: int = 0
+    matches: int = 0
+    nadir_px: tuple[float, float] = (math.nan, math.nan)   # query centre in region pixels
+    cov_px: np.ndarray | None = None                        # 2x2 covariance of nadir_px
+    rotation_deg: float = math.nan
+    scale: float = math.nan
+    residual_px: float = math.nan
+
+
+class FeatureMatcher:
+    """Detects, matches and verifies features between a query and map regions."""
+
+    def __init__(self, cfg: RefineConfig | None = None):
+        self.cfg = cfg or RefineConfig()
+        if self.cfg.detector == "sift":
+            self._detector = cv2.SIFT_create(nfeatures=self.cfg.max_features)
+            self._norm = cv2.NORM_L2
+        elif self.cfg.detector == "orb":
+            self._detector = cv2.ORB_create(nfeatures=self.cfg.max_features, fastThreshold=10)
+            self._norm = cv2.NORM_HAMMING
+        else:
+            raise ValueError(f"unknown detector {self.cfg.detector!r}; use 'sift' or 'orb'")
+        self._matcher = cv2.BFMatcher(self._norm)
+        self._clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4))
+
+    def features(self, image_rgb: np.ndarray, valid: np.ndarray | None = None) -> Features:
+        grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
+        if self.cfg.equalize:
+            grey = self._clahe.apply(grey)
+        mask = None
+        if valid is not None:
+            # keep away from the no-data border: its edge is a strong, false feature
+            mask = cv2.erode(valid.astype(np.uint8) * 255, np.ones((7, 7), np.uint8))
+            grey = np.where(valid, grey, 0).astype(np.uint8)
+        keypoints, descriptors = self._detector.detectAndCompute(grey, mask)
+        points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
+        return Features(points, descriptors)
+
+    def match(self, query: Features, region: Features, query_centre_px: tuple[float, float]) -> MatchResult:
+        """Verify `region` against `query`; locate the query centre in region pixels."""
+        cfg = self.cfg
+        if len(query) < cfg.min_inliers or len(region) < cfg.min_inliers:
+            return MatchResult(False, f"too few features (query {len(query)}, map {len(region)})")
+        pairs = self._matcher.knnMatch(query.descriptors, region.descriptors, k=2)
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < cfg.ratio_test * p[1].distance]
+        if len(good) < cfg.min_inliers:
+            return MatchResult(False, f"too few feature matches ({len(good)})", matches=len(good))
+        src = query.points[[m.queryIdx for m in good]]
+        dst = region.points[[m.trainIdx for m in good]]
+        model, inlier_mask = cv2.estimateAffinePartial2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_threshold_px,
+            maxIters=2000, confidence=0.999, refineIters=0)
+        if model is None:
+            return MatchResult(False, "no geometric model", matches=len(good))
+        inl = inlier_mask.ravel().astype(bool)
+        n = int(inl.sum())
+        if n < cfg.min_inliers or n < cfg.min_inlier_ratio * len(good):
+            return MatchResult(False, f"too few inliers ({n} of {len(good)})", inliers=n, matches=len(good))
+        params, cov_params, residual = _fit_similarity(src[inl], dst[inl])
+        a, b, tx, ty = params
+        scale = math.hypot(a, b)
+        rotation = math.degrees(math.atan2(b, a))
+        if abs(scale - 1.0) > cfg.max_scale_error or abs(rotation) > cfg.max_rotation_deg:
+            return MatchResult(False, f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)",
+                               inliers=n, matches=len(good), scale=scale, rotation_deg=rotation)
+        cx, cy = query_centre_px
+        G = np.array([[cx, -cy, 1.0, 0.0], [cy, cx, 0.0, 1.0]])
+        nadir = G @ params
+        return MatchResult(True, "", n, len(good), (float(nadir[0]), float(nadir[1])),
+                           G @ cov_params @ G.T, rotation, scale, residual)
+
+
+def _fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Least-squares similarity dst = [[a,-b],[b,a]] src + t on inliers.
+
+    Returns params [a, b, tx, ty], their covariance from the residuals, and the RMS residual (px).
+    """
+    n = len(src)
+    J = np.zeros((2 * n, 4))
+    J[0::2, 0] = src[:, 0]
+    J[0::2, 1] = -src[:, 1]
+    J[0::2, 2] = 1.0
+    J[1::2, 0] = src[:, 1]
+    J[1::2, 1] = src[:, 0]
+    J[1::2, 3] = 1.0
+    rhs = dst.reshape(-1).astype(float)
+    params, *_ = np.linalg.lstsq(J, rhs, rcond=None)
+    residuals = rhs - J @ params
+    dof = max(2 * n - 4, 1)
+    variance = float(residuals @ residuals) / dof
+    # floor: sub-pixel keypoint localisation is not better than ~0.3 px whatever the fit says
+    variance = max(variance, 0.3 ** 2)
+    cov = variance * np.linalg.inv(J.T @ J)
+    return params, cov, math.sqrt(float(residuals @ residuals) / (2 * n))
