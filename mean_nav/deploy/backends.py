@@ -1,0 +1,308 @@
+"""Inference backends behind the one `Embedder` interface, and `load_embedder`.
+
+- onnxruntime: the CPU default (embedded boards, replay, cache building); uses the
+  TensorRT / CUDA execution providers when the installed onnxruntime has them.
+- tensorrt: a serialized engine built on the target (see tensorrt_backend.py).
+- torch: a training checkpoint (imports torch lazily, inside that backend only).
+
+This module is on the runtime path: it must not import torch at module level.
+
+Every exported ONNX carries its identity in metadata_props (see `DeployInfo`); a file
+without it is not a MEAN deploy graph and is refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..errors import MeanNavError
+from .embedder import Embedder, Preprocessing, normalize
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = "mean_nav."
+PRECISIONS = ("fp32", "fp16", "int8-qdq", "int8-cpu")
+INPUT_LAYOUTS = ("float_nchw", "uint8_nhwc")
+BackendName = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+
+
+@dataclass(frozen=True)
+class DeployInfo:
+    """What an exported deploy graph is: recorded in ONNX metadata and engine sidecars."""
+
+    model_hash: str
+    backbone: str
+    embed_dim: int
+    preprocessing: Preprocessing
+    precision: str = "fp32"
+    input_layout: str = "float_nchw"
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            META_PREFIX + "model_hash": self.model_hash,
+            META_PREFIX + "backbone": self.backbone,
+            META_PREFIX + "embed_dim": str(self.embed_dim),
+            META_PREFIX + "preprocessing": self.preprocessing.to_json(),
+            META_PREFIX + "precision": self.precision,
+            META_PREFIX + "input": self.input_layout,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "DeployInfo":
+        missing = [k for k in ("model_hash", "backbone", "embed_dim", "preprocessing", "precision", "input")
+                   if META_PREFIX + k not in meta]
+        if missing:
+            raise MeanNavError(
+                f"{source}: not a MEAN deploy graph (no {META_PREFIX}{missing[0]} metadata); "
+                "export it with `mean-nav export` (and `mean-nav quantize` for INT8/FP16)")
+        try:
+            info = cls(
+                model_hash=meta[META_PREFIX + "model_hash"],
+                backbone=meta[META_PREFIX + "backbone"],
+                embed_dim=int(meta[META_PREFIX + "embed_dim"]),
+                preprocessing=Preprocessing.from_json(meta[META_PREFIX + "preprocessing"]),
+                precision=meta[META_PREFIX + "precision"],
+                input_layout=meta[META_PREFIX + "input"],
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MeanNavError(f"{source}: malformed {META_PREFIX}* metadata ({exc}); re-export the model") from None
+        if info.precision not in PRECISIONS:
+            raise MeanNavError(f"{source}: unknown precision {info.precision!r} in metadata; expected one of {PRECISIONS}")
+        if info.input_layout not in INPUT_LAYOUTS:
+            raise MeanNavError(f"{source}: unknown input layout {info.input_layout!r}; expected one of {INPUT_LAYOUTS}")
+        return info
+
+    def replace(self, **changes) -> "DeployInfo":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def prepare_input(batch_uint8: np.ndarray, info: DeployInfo) -> np.ndarray:
+    """[N,S,S,3] uint8 -> what the graph's input wants (uint8 NHWC as is, or normalised NCHW)."""
+    if info.input_layout == "uint8_nhwc":
+        return np.ascontiguousarray(batch_uint8)
+    return normalize(batch_uint8, info.preprocessing)
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MeanNavError("onnxruntime is not installed; `pip install onnxruntime` (or onnxruntime-gpu)") from None
+    ort.set_default_logger_severity(3)  # warnings about unused initializers etc. are noise here
+    return ort
+
+
+def onnx_providers(cache_dir: Path | None = None) -> list:
+    """Execution providers in order of preference among those this onnxruntime has.
+
+    FP16 and Q/DQ INT8 graphs carry their precision in their types, so the TensorRT
+    provider needs no precision flags.
+    """
+    ort = _import_onnxruntime()
+    available = set(ort.get_available_providers())
+    providers: list = []
+    if "TensorrtExecutionProvider" in available:
+        opts = {}
+        if cache_dir is not None:
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+        providers.append(("TensorrtExecutionProvider", opts))
+    if "CUDAExecutionProvider" in available:
+        providers.append("CUDAExecutionProvider")
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def session_options(threads: int | None = None):
+    ort = _import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
+def open_onnx_session(path: str | Path, threads: int | None = None, cpu_only: bool = False):
+    """An onnxruntime session for `path` with a MeanNavError for unreadable files."""
+    ort = _import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise MeanNavError(f"{path}: ONNX file not found; check the path or run `mean-nav export`")
+    providers = ["CPUExecutionProvider"] if cpu_only else onnx_providers()
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises several private exception types
+        raise MeanNavError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]}); re-export the model") from None
+
+
+def read_onnx_info(path: str | Path) -> DeployInfo:
+    """The DeployInfo recorded in an ONNX file's metadata (reads only the model proto header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MeanNavError(f"{path}: ONNX file not found; check the path or run `mean-nav export`")
+    try:
+        import onnx
+    except ImportError:  # flight computers may have onnxruntime only
+        sess = open_onnx_session(path, cpu_only=True)
+        return DeployInfo.from_metadata(dict(sess.get_modelmeta().custom_metadata_map), str(path))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise MeanNavError(f"{path}: not a readable ONNX file ({str(exc).splitlines()[0]})") from None
+    return DeployInfo.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
+
+
+class OnnxRuntimeEmbedder(Embedder):
+    """onnxruntime session over an exported (optionally quantized) MEAN deploy graph."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None):
+        ort = _import_onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MeanNavError(f"{self.path}: ONNX file not found; check the path or run `mean-nav export`")
+        # the session is created first: its metadata is the identity check
+        if providers is None:
+            providers = onnx_providers(cache_dir=self.path.parent)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=session_options(threads),
+                                                providers=providers)
+        except Exception as exc:
+            raise MeanNavError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]}); "
+                               "re-export the model") from None
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = DeployInfo.from_metadata(meta, str(self.path))
+        self.model_hash = self.info.model_hash
+        self.dim = self.info.embed_dim
+        self.precision = self.info.precision
+        self.preprocessing = self.info.preprocessing
+        self.backbone = self.info.backbone
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise MeanNavError(f"{self.path}: expected one image input and a descriptor output; re-export the model")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self.providers = self.session.get_providers()
+
+    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+        x = prepare_input(batch_uint8, self.info)
+        return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], np.float32)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(path=str(self.path), providers=self.providers, input_layout=self.info.input_layout)
+        return d
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+class TorchEmbedder(Embedder):
+    """A MEAN model's deploy graph in PyTorch (training machines, reference for export)."""
+
+    name = "torch"
+
+    def __init__(self, model, backbone: str, img_size: int, threads: int | None = None,
+                 device: str = "cpu", source: str = "model"):
+        import torch
+
+        from ..model import deploy_hash
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device)
+        self.module = model.deploy_module().eval().to(self.device)
+        self.model_hash = deploy_hash(model)
+        self.dim = int(model.embed_dim)
+        self.backbone = backbone
+        self.preprocessing = Preprocessing(img_size=int(img_size))
+        self.source = source
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, threads: int | None = None, device: str = "cpu") -> "TorchEmbedder":
+        from ..model import model_from_checkpoint
+
+        path = Path(path)
+        if not path.is_file():
+            raise MeanNavError(f"{path}: checkpoint not found; check the path")
+        model, cfg = model_from_checkpoint(path)
+        return cls(model, cfg.backbone, cfg.img_size, threads=threads, device=device, source=str(path))
+
+    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(normalize(batch_uint8, self.preprocessing)).to(self.device)
+        with torch.inference_mode():
+            return self.module(x).float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def load_embedder(path: str | Path, backend: BackendName = "auto", threads: int | None = None) -> Embedder:
+    """An Embedder for a checkpoint (.pt/.pth: torch), an .onnx or an .engine (TensorRT).
+
+    backend="auto": an .onnx runs on a matching TensorRT engine found next to it (same
+    model hash and precision, this TensorRT version and GPU, intact checksum) when
+    TensorRT and a CUDA device are present; otherwise on onnxruntime.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MeanNavError(f"{path}: model file not found; pass a checkpoint (.pt), an .onnx or an .engine")
+    suffix = path.suffix.lower()
+    if backend not in ("auto", "onnxruntime", "tensorrt", "torch"):
+        raise MeanNavError(f"backend {backend!r} unknown; use auto, onnxruntime, tensorrt or torch")
+    if suffix in (".pt", ".pth", ".ckpt"):
+        if backend not in ("auto", "torch"):
+            raise MeanNavError(f"{path}: a checkpoint runs on the torch backend; export it to ONNX for {backend}")
+        return TorchEmbedder.from_checkpoint(path, threads=threads)
+    if suffix in (".engine", ".plan"):
+        if backend not in ("auto", "tensorrt"):
+            raise MeanNavError(f"{path}: a TensorRT engine runs on the tensorrt backend only")
+        from .tensorrt_backend import TensorRTEmbedder
+
+        return TensorRTEmbedder(path)
+    if suffix != ".onnx":
+        raise MeanNavError(f"{path}: unknown model file type {suffix!r}; expected .pt, .onnx or .engine")
+    if backend == "torch":
+        raise MeanNavError(f"{path}: the torch backend needs the training checkpoint (.pt), not an ONNX file")
+    if backend in ("auto", "tensorrt"):
+        engine = find_matching_engine(path, required=backend == "tensorrt")
+        if engine is not None:
+            from .tensorrt_backend import TensorRTEmbedder
+
+            return TensorRTEmbedder(engine, expect=read_onnx_info(path))
+    return OnnxRuntimeEmbedder(path, threads=threads)
+
+
+def find_matching_engine(onnx_path: Path, required: bool = False) -> Path | None:
+    """A loadable engine for this ONNX next to it (or in ./engines), or None.
+
+    With required=True the reason no engine fits becomes a MeanNavError instead.
+    """
+    from . import tensorrt_backend as trt_backend
+
+    reason = trt_backend.runtime_unavailable_reason()
+    if reason is None:
+        info = read_onnx_info(onnx_path)
+        dirs = [onnx_path.parent, Path(os.environ.get("MEAN_NAV_ENGINE_DIR", "engines"))]
+        engine, reason = trt_backend.find_engine(info, dirs)
+        if engine is not None:
+            return engine
+    if required:
+        raise MeanNavError(f"{onnx_path}: no usable TensorRT engine ({reason}); "
+                           "build one on this device with engines/build_engine.py")
+    log.debug("TensorRT not used for %s: %s", onnx_path, reason)
+    return None
