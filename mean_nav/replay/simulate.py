@@ -1,0 +1,295 @@
+"""`mean-nav simulate-flight`: render a recorded-flight folder from a GeoTIFF orthophoto.
+
+A multicopter flies a loop of straight legs inside the map (optionally one leg that
+leaves it), with coordinated turns (bank = atan(v * turn rate / g)), pitch from
+acceleration and climb, light turbulence, and altitude changes between legs. Frames are
+rendered with perspective from the true attitude and height (`render_view`), then get a
+flight-wide illumination/colour change plus per-frame blur and sensor noise
+(`degrade_photometric`). telemetry.csv holds the true position; its attitude carries a
+small estimator error (`--attitude-error-deg`) as a real autopilot's would.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from ..errors import MeanNavError
+from ..geo.crs import to_lonlat
+from ..geo.raster import MetricRaster, read_metric_raster
+from ..nav.camera_model import CameraModel, render_view
+from ..nav.telemetry import Telemetry
+from .flight import write_frames_csv
+from .logs import write_telemetry_csv
+
+log = logging.getLogger(__name__)
+
+G = 9.80665
+STEP_S = 0.02  # integration step of the vehicle model
+
+
+@dataclass
+class SimulationConfig:
+    altitude_m: float = 60.0          # nominal height above ground
+    altitude_change_m: float = 8.0    # legs alternate between altitude +/- this
+    speed_ms: float = 8.0             # cruise ground speed
+    speed_change_ms: float = 2.0      # legs alternate speed +/- this (acceleration pitches)
+    max_bank_deg: float = 25.0
+    climb_rate_ms: float = 1.5
+    fps: float = 2.0
+    telemetry_hz: float = 20.0
+    duration_s: float | None = None   # None: one lap of the planned route
+    margin_m: float = 30.0            # keep the nadir this far inside the map edges
+    leave_map_m: float = 0.0          # >0: one leg flies this far beyond the map edge and back
+    seed: int = 0
+    width: int = 640
+    height: int = 480
+    hfov_deg: float = 70.0
+    map_gsd_m: float = 0.25
+    photometric_strength: float = 0.5
+    attitude_error_deg: float = 0.3   # telemetry roll/pitch error (yaw gets 3x)
+    turbulence_deg: float = 1.5       # true attitude wobble
+    ground_amsl_m: float = 10.0       # terrain elevation (flat) for alt_m
+    start_time_s: float = 100.0       # frame/telemetry clock at take-over
+    jpeg_quality: int = 92
+
+
+@dataclass
+class Trajectory:
+    """Sampled truth: metric position in the map CRS, attitude, height, velocity."""
+
+    time_s: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    height_m: np.ndarray
+    roll: np.ndarray
+    pitch: np.ndarray
+    yaw: np.ndarray
+    vn: np.ndarray
+    ve: np.ndarray
+    vd: np.ndarray
+    waypoints: list = field(default_factory=list)
+
+    def sample(self, times: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for name in ("x", "y", "height_m", "vn", "ve", "vd", "roll", "pitch"):
+            out[name] = np.interp(times, self.time_s, getattr(self, name))
+        yaw = np.interp(times, self.time_s, np.unwrap(self.yaw))
+        out["yaw"] = (yaw + np.pi) % (2 * np.pi) - np.pi
+        return out
+
+
+def plan_route(raster: MetricRaster, cfg: SimulationConfig) -> list[tuple[float, float, float, float]]:
+    """Waypoints (x, y, height, speed): a loop around the valid map with a diagonal, plus
+    optionally an out-and-back leg beyond the east edge."""
+    rows, cols = np.nonzero(raster.valid)
+    if rows.size == 0:
+        raise MeanNavError(f"{raster.sources[0]}: the map has no valid pixels")
+    x0, y1 = raster.pixel_to_xy(cols.min(), rows.min())
+    x1, y0 = raster.pixel_to_xy(cols.max(), rows.max())
+    m = cfg.margin_m
+    if x1 - x0 < 2 * m + 40 or y1 - y0 < 2 * m + 40:
+        raise MeanNavError(f"{raster.sources[0]}: map is {x1 - x0:.0f} x {y1 - y0:.0f} m, too small for "
+                           f"margin_m={m:g}; lower --margin-m")
+    left, right, bottom, top = x0 + m, x1 - m, y0 + m, y1 - m
+    cx, cy = (left + right) / 2, (bottom + top) / 2
+    corners = [(left, bottom), (left, top), (right, top), (right, bottom)]
+    xy = corners + [(left, bottom), (right, top), (cx, cy)]
+    if cfg.leave_map_m > 0:
+        # out across the east edge at mid height and back to the centre
+        xy += [(right, cy), (x1 + cfg.leave_map_m, cy), (right, cy), (cx, cy)]
+    route = []
+    for i, (x, y) in enumerate(xy):
+        h = cfg.altitude_m + (cfg.altitude_change_m if i % 2 else -cfg.altitude_change_m) * (i > 0)
+        v = cfg.speed_ms + (cfg.speed_change_ms if i % 3 == 1 else -cfg.speed_change_ms if i % 3 == 2 else 0)
+        route.append((float(x), float(y), float(h), max(float(v), 1.0)))
+    return route
+
+
+def fly(route, cfg: SimulationConfig, rng: np.random.Generator) -> Trajectory:
+    """Integrate a point-mass multicopter along `route` with bank-limited turns."""
+    x, y, h, v = route[0][0], route[0][1], route[0][2], route[0][3]
+    heading = math.atan2(route[1][0] - x, route[1][1] - y)  # from north, clockwise
+    max_rate_at = lambda speed: G * math.tan(math.radians(cfg.max_bank_deg)) / max(speed, 0.5)
+    wp = 1
+    t = 0.0
+    out = {k: [] for k in ("time_s", "x", "y", "height_m", "roll", "pitch", "yaw", "vn", "ve", "vd")}
+    turb = np.zeros(3)
+    tau = 1.5  # turbulence correlation time, s
+    limit = cfg.duration_s
+    while True:
+        tx, ty, th, tv = route[wp]
+        dist = math.hypot(tx - x, ty - y)
+        turn_radius = v / max_rate_at(v)
+        if dist < max(3.0, 0.8 * turn_radius):
+            wp += 1
+            if wp >= len(route):
+                if limit is None or t >= limit:
+                    break
+                wp = 1  # lap again until the duration is flown
+            continue
+        desired = math.atan2(tx - x, ty - y)
+        err = (desired - heading + math.pi) % (2 * math.pi) - math.pi
+        rate = float(np.clip(1.2 * err, -max_rate_at(v), max_rate_at(v)))
+        accel = float(np.clip(0.6 * (tv - v), -1.5, 1.5))
+        climb = float(np.clip(0.5 * (th - h), -cfg.climb_rate_ms, cfg.climb_rate_ms))
+        # first-order coloured noise for gusts
+        turb += (-turb / tau) * STEP_S + rng.normal(0, math.radians(cfg.turbulence_deg), 3) * math.sqrt(2 * STEP_S / tau)
+        roll = math.atan(v * rate / G) + turb[0]
+        pitch = -math.atan(accel / G) + turb[1]  # a multicopter noses down to speed up
+        yaw = heading + 0.5 * turb[2]
+        vn, ve = v * math.cos(heading), v * math.sin(heading)
+        for k, val in (("time_s", t), ("x", x), ("y", y), ("height_m", h), ("roll", roll), ("pitch", pitch),
+                       ("yaw", (yaw + math.pi) % (2 * math.pi) - math.pi), ("vn", vn), ("ve", ve), ("vd", -climb)):
+            out[k].append(val)
+        x += ve * STEP_S
+        y += vn * STEP_S
+        h += climb * STEP_S
+        v += accel * STEP_S
+        heading += rate * STEP_S
+        t += STEP_S
+        if limit is not None and t >= limit:
+            break
+        if t > 3600:
+            raise MeanNavError("simulate-flight: route not finished after an hour; check speed and margins")
+    arrays = {k: np.asarray(v_, float) for k, v_ in out.items()}
+    return Trajectory(waypoints=list(route), **arrays)
+
+
+def colour_shift(rng: np.random.Generator, strength: float):
+    """A flight-wide illumination and white-balance change (season/time of day vs. the map)."""
+    gain = 1.0 + strength * rng.uniform(-0.25, 0.25)
+    tint = 1.0 + strength * rng.uniform(-0.08, 0.08, 3)
+    gamma = 1.0 + strength * rng.uniform(-0.2, 0.2)
+    lut = np.stack([np.clip(255 * ((np.arange(256) / 255.0) ** gamma) * gain * tint[c], 0, 255)
+                    for c in range(3)], 1).astype(np.uint8)
+
+    def apply(img: np.ndarray) -> np.ndarray:
+        return np.stack([lut[:, c][img[..., c]] for c in range(3)], -1)
+
+    return apply
+
+
+def _degrade():
+    """B's photometric degradation (blur, noise, colour jitter)."""
+    from ..data.synthetic import degrade_photometric
+
+    return degrade_photometric
+
+
+def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig, progress: bool = True) -> Path:
+    """Write a complete flight folder to `out_dir` (built in a temp folder, then renamed)."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MeanNavError(f"{out_dir}: output folder exists and is not empty; choose a new folder or delete it")
+    if cfg.fps <= 0 or cfg.telemetry_hz <= 0 or cfg.speed_ms <= 0 or cfg.altitude_m <= 0:
+        raise MeanNavError("simulate-flight: fps, telemetry rate, speed and altitude must be positive")
+    rng = np.random.default_rng(cfg.seed)
+    raster = read_metric_raster(map_paths, cfg.map_gsd_m)
+    route = plan_route(raster, cfg)
+    traj = fly(route, cfg, rng)
+    cam = CameraModel.from_fov(cfg.width, cfg.height, cfg.hfov_deg)
+    degrade = _degrade() if cfg.photometric_strength > 0 else None
+    shift = colour_shift(rng, cfg.photometric_strength)
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "frames").mkdir(parents=True)
+    cam.to_yaml(tmp / "camera.yaml")
+
+    # telemetry: truth position, attitude with a slowly varying estimator error
+    t_tel = np.arange(0.0, traj.time_s[-1] + 1e-9, 1.0 / cfg.telemetry_hz)
+    s = traj.sample(t_tel)
+    err = _smooth_noise(rng, len(t_tel), cfg.telemetry_hz, math.radians(cfg.attitude_error_deg))
+    lon, lat = to_lonlat(raster.crs, s["x"], s["y"])
+    rows = [Telemetry(time_s=cfg.start_time_s + float(t), roll=float(s["roll"][i] + err[i, 0]),
+                      pitch=float(s["pitch"][i] + err[i, 1]),
+                      yaw=float((s["yaw"][i] + 3 * err[i, 2] + math.pi) % (2 * math.pi) - math.pi),
+                      rel_alt_m=float(s["height_m"][i]), alt_amsl_m=float(s["height_m"][i] + cfg.ground_amsl_m),
+                      vn=float(s["vn"][i]), ve=float(s["ve"][i]), vd=float(s["vd"][i]),
+                      lat=float(lat[i]), lon=float(lon[i]))
+             for i, t in enumerate(t_tel)]
+    write_telemetry_csv(tmp / "telemetry.csv", rows)
+
+    # frames: truth attitude and height, rendered then degraded
+    t_frames = np.arange(0.5 / cfg.fps, traj.time_s[-1], 1.0 / cfg.fps)
+    f = traj.sample(t_frames)
+    for i in tqdm(range(len(t_frames)), desc="render frames", unit="frame", disable=not progress):
+        m = raster.map_from_ground(f["x"][i], f["y"][i])
+        view = render_view(raster.image, m, cam, f["roll"][i], f["pitch"][i], f["yaw"][i], f["height_m"][i])
+        view = shift(view)
+        if degrade is not None:
+            view = degrade(view, rng, cfg.photometric_strength)
+        cv2.imwrite(str(tmp / "frames" / f"{i:06d}.jpg"), cv2.cvtColor(view, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
+    write_frames_csv(tmp / "frames.csv", range(len(t_frames)), cfg.start_time_s + t_frames)
+    meta = {
+        "description": f"simulated over {', '.join(p.name for p in map_paths)}",
+        "map": [str(Path(p).resolve()) for p in map_paths],
+        "simulated": {**asdict(cfg), "crs": raster.crs.to_string(),
+                      "route_xy_h_speed": [list(w) for w in route]},
+    }
+    (tmp / "flight.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    log.info("wrote %d frames, %.0f s of flight to %s", len(t_frames), traj.time_s[-1], out_dir)
+    return out_dir
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, rate_hz: float, sigma: float, tau_s: float = 5.0) -> np.ndarray:
+    """Gauss-Markov noise [n, 3] with standard deviation `sigma` and correlation time `tau_s`."""
+    a = math.exp(-1.0 / (rate_hz * tau_s))
+    out = np.zeros((n, 3))
+    state = rng.normal(0, sigma, 3)
+    for i in range(n):
+        state = a * state + math.sqrt(1 - a * a) * rng.normal(0, sigma, 3)
+        out[i] = state
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SimulationConfig()
+    parser.add_argument("maps", nargs="+", type=Path, help="GeoTIFF orthophoto(s) to fly over")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="flight folder to create")
+    parser.add_argument("--altitude", type=float, default=d.altitude_m, help="height above ground, m")
+    parser.add_argument("--altitude-change", type=float, default=d.altitude_change_m, help="+/- m between legs")
+    parser.add_argument("--speed", type=float, default=d.speed_ms, help="cruise ground speed, m/s")
+    parser.add_argument("--fps", type=float, default=d.fps, help="camera frame rate")
+    parser.add_argument("--duration", type=float, default=None, help="seconds (default: one lap of the route)")
+    parser.add_argument("--margin", type=float, default=d.margin_m, help="keep the track this far inside the map, m")
+    parser.add_argument("--leave-map", type=float, default=d.leave_map_m,
+                        help="add a leg flying this many metres beyond the map edge and back (0: none)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--size", type=int, nargs=2, default=(d.width, d.height), metavar=("W", "H"),
+                        help="camera image size in pixels")
+    parser.add_argument("--hfov", type=float, default=d.hfov_deg, help="camera horizontal field of view, degrees")
+    parser.add_argument("--map-gsd", type=float, default=d.map_gsd_m, help="map resampling for rendering, m/px")
+    parser.add_argument("--photometric", type=float, default=d.photometric_strength,
+                        help="illumination/colour/blur/noise strength 0..1")
+    parser.add_argument("--attitude-error", type=float, default=d.attitude_error_deg,
+                        help="telemetry roll/pitch error (1 sigma, degrees; yaw 3x)")
+
+
+def config_from_args(args) -> SimulationConfig:
+    return SimulationConfig(
+        altitude_m=args.altitude, altitude_change_m=args.altitude_change, speed_ms=args.speed, fps=args.fps,
+        duration_s=args.duration, margin_m=args.margin, leave_map_m=args.leave_map, seed=args.seed,
+        width=args.size[0], height=args.size[1], hfov_deg=args.hfov, map_gsd_m=args.map_gsd,
+        photometric_strength=args.photometric, attitude_error_deg=args.attitude_error)
+
+
+def run(args) -> int:
+    out = simulate_flight(args.maps, args.out, config_from_args(args))
+    print(f"flight folder: {out}")
+    return 0
