@@ -222,7 +222,8 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     write_telemetry_csv(tmp / "telemetry.csv", rows)
 
     # frames: truth attitude and height, rendered then degraded
-    t_frames = np.arange(0.5 / cfg.fps, traj.time_s[-1], 1.0 / cfg.fps)
+    # camera not synchronised with telemetry: frames fall between telemetry samples
+    t_frames = np.arange(0.5 / cfg.fps + 0.37 / cfg.telemetry_hz, traj.time_s[-1], 1.0 / cfg.fps)
     f = traj.sample(t_frames)
     for i in tqdm(range(len(t_frames)), desc="render frames", unit="frame", disable=not progress):
         m = raster.map_from_ground(f["x"][i], f["y"][i])

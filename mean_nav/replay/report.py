@@ -1,0 +1,226 @@
+"""Scoring and plots of a replay: summary JSON numbers and PNG figures.
+
+Everything here works from the estimates CSV columns, so a report can be rebuilt from a
+finished (or interrupted) replay without running the localizer again.
+
+Definitions (the summary's `definitions` field repeats them):
+  error         horizontal distance between the estimate and the GNSS truth (WGS84 geodesic)
+  fix rate      fixes / frames whose nadir is over the map (all frames when the map is unknown)
+  false fix     a fix whose error exceeds 3 x its reported sigma_h_m (68 % radius)
+  outside map   a frame whose true nadir is not over valid map pixels
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from pyproj import Geod
+
+from ..nav.estimate import FixQuality
+
+GEOD = Geod(ellps="WGS84")
+FALSE_FIX_SIGMAS = 3.0
+
+DEFINITIONS = {
+    "error_m": "geodesic distance between estimate and GNSS truth, metres",
+    "fix_rate": "fixes / frames whose true nadir is over the map (all frames if no map is known)",
+    "false_fix_rate": f"fixes with error > {FALSE_FIX_SIGMAS:g} x reported sigma_h_m (68 % radius) / fixes",
+    "time_to_first_fix_s": "first fix time - first frame time",
+    "latency_s": "wall-clock processing time per frame on this machine (not deterministic)",
+    "fixes_outside_map": "fixes while the true nadir is outside the map",
+}
+
+
+def horizontal_error_m(lat, lon, truth_lat, truth_lon) -> np.ndarray:
+    """Geodesic distance in metres; nan where either position is unknown."""
+    lat, lon, tlat, tlon = (np.asarray(a, float) for a in (lat, lon, truth_lat, truth_lon))
+    ok = np.isfinite(lat) & np.isfinite(lon) & np.isfinite(tlat) & np.isfinite(tlon)
+    out = np.full(lat.shape, np.nan)
+    if ok.any():
+        _, _, dist = GEOD.inv(lon[ok], lat[ok], tlon[ok], tlat[ok])
+        out[ok] = dist
+    return out
+
+
+def read_estimates_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """Columns of an estimates CSV as arrays (numbers as float, `reason` as str)."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    cols = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        try:
+            cols[key] = np.array([float(v) if v != "" else math.nan for v in values])
+        except ValueError:
+            cols[key] = np.array(values, dtype=object)
+    return cols
+
+
+def _pct(x: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(x, q)) if x.size else None
+
+
+def summarize(cols: dict[str, np.ndarray]) -> dict:
+    """Summary numbers of a replay from its estimate columns."""
+    if not cols:
+        return {"frames": 0}
+    n = len(cols["time_s"])
+    fix = cols["fix"] == int(FixQuality.FIX)
+    err = cols["error_m"]
+    sigma = cols["sigma_h_m"]
+    in_map = cols["in_map"]
+    map_known = np.isfinite(in_map).any()
+    over_map = (in_map == 1) if map_known else np.ones(n, bool)
+    processed = cols["processed"] == 1 if "processed" in cols else np.ones(n, bool)
+    scored = fix & np.isfinite(err)
+    fix_err = err[scored]
+    false_fix = scored & (err > FALSE_FIX_SIGMAS * sigma)
+    first_fix = np.flatnonzero(fix)
+    latency = cols["latency_s"][processed & np.isfinite(cols["latency_s"])]
+    fixes_in_map = int((fix & over_map).sum())
+    frames_in_map = int((over_map & processed).sum())
+    summary = {
+        "frames": int(n),
+        "frames_processed": int(processed.sum()),
+        "frames_over_map": frames_in_map if map_known else None,
+        "fixes": int(fix.sum()),
+        "fix_rate": fixes_in_map / frames_in_map if frames_in_map else None,
+        "fix_rate_all_frames": float(fix.sum() / processed.sum()) if processed.any() else None,
+        "coasting": int((cols["fix"] == int(FixQuality.COASTING)).sum()),
+        "error_m": {
+            "median": _pct(fix_err, 50), "p95": _pct(fix_err, 95),
+            "max": float(fix_err.max()) if fix_err.size else None,
+            "mean": float(fix_err.mean()) if fix_err.size else None,
+            "scored_fixes": int(scored.sum()),
+        },
+        "sigma_h_m_median": _pct(sigma[fix & np.isfinite(sigma)], 50),
+        "false_fixes": int(false_fix.sum()),
+        "false_fix_rate": float(false_fix.sum() / scored.sum()) if scored.any() else None,
+        "time_to_first_fix_s": float(cols["time_s"][first_fix[0]] - cols["time_s"][0]) if first_fix.size else None,
+        "latency_s": {"median": _pct(latency, 50), "p95": _pct(latency, 95),
+                      "max": float(latency.max()) if latency.size else None},
+        "frames_per_s": float(1.0 / latency.mean()) if latency.size and latency.mean() > 0 else None,
+        "fixes_outside_map": int((fix & (in_map == 0)).sum()) if map_known else None,
+        "frames_outside_map": int((in_map == 0).sum()) if map_known else None,
+        "definitions": DEFINITIONS,
+    }
+    return summary
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
+    """Truth track, fixes coloured by error and coasting estimates, over the map when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..geo.crs import from_lonlat
+
+    fig, ax = plt.subplots(figsize=(8, 8))
+    fix = cols["fix"] == int(FixQuality.FIX)
+    coast = cols["fix"] == int(FixQuality.COASTING)
+    if raster is not None:
+        crs = raster.crs
+        left, bottom, right, top = raster.bounds
+        ax.imshow(raster.image, extent=(left, right, bottom, top), origin="upper", alpha=0.85)
+    else:
+        from ..geo.crs import utm_crs_for
+
+        ok = np.isfinite(cols["truth_lon"])
+        lon0 = float(np.nanmedian(cols["truth_lon"][ok] if ok.any() else cols["lon"]))
+        lat0 = float(np.nanmedian(cols["truth_lat"][ok] if ok.any() else cols["lat"]))
+        crs = utm_crs_for(lon0, lat0)
+    tx, ty = from_lonlat(crs, cols["truth_lon"], cols["truth_lat"])
+    ax.plot(tx, ty, "-", color="white", lw=3, alpha=0.8)
+    ax.plot(tx, ty, "-", color="black", lw=1.2, label="GNSS truth")
+    ex, ey = from_lonlat(crs, cols["lon"], cols["lat"])
+    if coast.any():
+        ax.plot(np.asarray(ex)[coast], np.asarray(ey)[coast], ".", color="0.6", ms=3, label="coasting (not sent)")
+    if fix.any():
+        sc = ax.scatter(np.asarray(ex)[fix], np.asarray(ey)[fix], c=np.clip(cols["error_m"][fix], 0, 30),
+                        cmap="viridis", s=14, vmin=0, vmax=30, label="fix", zorder=3)
+        fig.colorbar(sc, ax=ax, shrink=0.7, label="fix error, m (clipped at 30)")
+        false_fix = fix & (cols["error_m"] > FALSE_FIX_SIGMAS * cols["sigma_h_m"])
+        if false_fix.any():
+            ax.plot(np.asarray(ex)[false_fix], np.asarray(ey)[false_fix], "x", color="red", ms=8,
+                    label=f"false fix (> {FALSE_FIX_SIGMAS:g} sigma)", zorder=4)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"easting, m ({crs.to_string()})")
+    ax.set_ylabel("northing, m")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("replay track")
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_error(cols: dict[str, np.ndarray], path: Path) -> None:
+    """Fix error and reported sigma over time; frames outside the map shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = cols["time_s"] - cols["time_s"][0]
+    fix = cols["fix"] == int(FixQuality.FIX)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    outside = cols["in_map"] == 0
+    if outside.any():
+        ax.fill_between(t, 0, 1, where=outside, transform=ax.get_xaxis_transform(),
+                        color="orange", alpha=0.2, step="mid", label="nadir outside map")
+    sigma = np.where(np.isfinite(cols["sigma_h_m"]) & (cols["fix"] > 0), cols["sigma_h_m"], np.nan)
+    ax.plot(t, sigma, "-", color="tab:blue", lw=1, label="reported sigma_h (68 %)")
+    ax.plot(t, FALSE_FIX_SIGMAS * sigma, ":", color="tab:blue", lw=1, label=f"{FALSE_FIX_SIGMAS:g} sigma")
+    ax.plot(t[fix], cols["error_m"][fix], ".", color="tab:green", ms=4, label="fix error")
+    coast = cols["fix"] == int(FixQuality.COASTING)
+    if coast.any():
+        ax.plot(t[coast], cols["error_m"][coast], ".", color="0.6", ms=3, label="coasting error")
+    finite = cols["error_m"][np.isfinite(cols["error_m"]) & (cols["fix"] > 0)]
+    top = max(20.0, float(np.percentile(finite, 98)) * 1.2) if finite.size else 20.0
+    ax.set_ylim(0, min(top, 200.0))
+    ax.set_xlabel("time since first frame, s")
+    ax.set_ylabel("metres")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("horizontal error and reported accuracy")
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def write_report(estimates_csv: Path, out_dir: Path, raster=None, extra: dict | None = None) -> dict:
+    """summary.json, track.png and error.png from an estimates CSV; returns the summary."""
+    cols = read_estimates_csv(estimates_csv)
+    summary = summarize(cols)
+    if extra:
+        summary.update(extra)
+    write_json(out_dir / "summary.json", summary)
+    if cols:
+        plot_track(cols, out_dir / "track.png", raster)
+        plot_error(cols, out_dir / "error.png")
+    return summary

@@ -1,0 +1,122 @@
+"""simulate-flight: trajectory physics, frames that match the telemetry, map exits, CLI."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mean_nav.cli import main
+from mean_nav.errors import MeanNavError
+from mean_nav.geo.crs import from_lonlat
+from mean_nav.geo.raster import read_metric_raster
+from mean_nav.nav.camera_model import ground_to_image, rectify_to_nadir
+from mean_nav.replay.flight import Flight
+from mean_nav.replay.logs import read_telemetry_csv
+from mean_nav.replay.simulate import SimulationConfig, simulate_flight
+
+ORTHO = Path(__file__).resolve().parents[2] / "shared" / "data" / "orthophotos" / "test_tiled.tif"
+G = 9.80665
+
+
+@pytest.fixture(scope="module")
+def ortho() -> Path:
+    if not ORTHO.is_file():
+        print(f"skipping: {ORTHO} is absent (CI keeps shared/data beside the clone)")
+        pytest.skip("orthophoto absent")
+    return ORTHO
+
+
+@pytest.fixture(scope="module")
+def lap(ortho, tmp_path_factory) -> Path:
+    """One full lap with an exit leg, small frames, no photometric change."""
+    cfg = SimulationConfig(width=192, height=144, fps=0.5, seed=2, map_gsd_m=0.5, leave_map_m=100,
+                           photometric_strength=0.0, attitude_error_deg=0.0, turbulence_deg=0.5)
+    return simulate_flight([ortho], tmp_path_factory.mktemp("sim") / "lap", cfg, progress=False)
+
+
+def test_turns_are_coordinated_and_altitude_and_speed_change(lap):
+    track = read_telemetry_csv(lap / "telemetry.csv")
+    t = track.channels["yaw"].time_s
+    yaw = np.unwrap(track.channels["yaw"].values)
+    roll = track.channels["roll"].values
+    speed = np.hypot(track.channels["vn"].values, track.channels["ve"].values)
+    rate = np.gradient(yaw, t)
+    turning = np.abs(rate) > 0.15
+    assert turning.mean() > 0.05  # there are turns
+    expected = np.arctan(speed * rate / G)
+    # bank follows the turn (light turbulence on top)
+    assert np.median(np.abs(roll[turning] - expected[turning])) < math.radians(4)
+    assert np.all(np.sign(roll[turning & (np.abs(expected) > 0.2)]) == np.sign(rate[turning & (np.abs(expected) > 0.2)]))
+    assert np.abs(roll).max() < math.radians(35)
+    alt = track.channels["rel_alt_m"].values
+    assert np.ptp(alt) > 10  # altitude changes between legs
+    assert np.ptp(speed) > 2  # speed changes: the vehicle pitches to accelerate
+    accel = np.gradient(speed, t)
+    pitch = track.channels["pitch"].values
+    hard = np.abs(accel) > 0.5
+    assert np.corrcoef(accel[hard], pitch[hard])[0, 1] < -0.5  # nose down to speed up
+
+
+def test_frames_show_the_ground_under_the_logged_position(lap, ortho):
+    """Rectifying a frame with its telemetry lands on the map at the GNSS truth, not elsewhere."""
+    flight = Flight(lap)
+    raster = read_metric_raster([ortho], 0.5)
+    gsd, size = 0.5, 80
+    scores_true, scores_shifted = [], []
+    for frame in list(flight.frames())[2:20:3]:
+        tel = frame.telemetry
+        x, y = from_lonlat(raster.crs, tel.lon, tel.lat)
+        view, valid = rectify_to_nadir(frame.image, flight.camera, tel.roll, tel.pitch, tel.yaw,
+                                       tel.height_above_ground_m, gsd, size)
+        for shift, scores in ((0.0, scores_true), (15.0, scores_shifted)):
+            m = raster.map_from_ground(x + shift, y) @ np.linalg.inv(ground_to_image(gsd, size))
+            ref = cv2.warpPerspective(raster.image, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+            a = cv2.cvtColor(view, cv2.COLOR_RGB2GRAY)[valid].astype(float)
+            b = cv2.cvtColor(ref, cv2.COLOR_RGB2GRAY)[valid].astype(float)
+            scores.append(np.corrcoef(a, b)[0, 1])
+    assert np.median(scores_true) > 0.8
+    assert np.median(scores_shifted) < np.median(scores_true) - 0.3
+
+
+def test_exit_leg_leaves_the_map_and_its_frames_are_empty(lap, ortho):
+    flight = Flight(lap)
+    raster = read_metric_raster([ortho], 1.0)
+    left, bottom, right, top = raster.bounds
+    outside = []
+    for frame in flight.frames():
+        x, y = from_lonlat(raster.crs, frame.telemetry.lon, frame.telemetry.lat)
+        if x > right + 60:  # farther out than half the footprint
+            outside.append(frame.image)
+    assert len(outside) >= 2
+    assert all(img.max() == 0 for img in outside)  # nothing of the map is visible there
+
+
+def test_same_seed_same_flight_other_seed_other_noise(ortho, tmp_path):
+    cfg = SimulationConfig(width=64, height=48, fps=1.0, duration_s=8, seed=5, map_gsd_m=1.0)
+    a = simulate_flight([ortho], tmp_path / "a", cfg, progress=False)
+    b = simulate_flight([ortho], tmp_path / "b", cfg, progress=False)
+    c = simulate_flight([ortho], tmp_path / "c", SimulationConfig(**{**cfg.__dict__, "seed": 6}), progress=False)
+    assert (a / "telemetry.csv").read_text() == (b / "telemetry.csv").read_text()
+    assert (a / "frames" / "000003.jpg").read_bytes() == (b / "frames" / "000003.jpg").read_bytes()
+    assert (a / "telemetry.csv").read_text() != (c / "telemetry.csv").read_text()
+
+
+def test_cli_writes_a_flight_folder_and_refuses_to_overwrite(ortho, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["simulate-flight", str(ortho), "-o", str(out), "--duration", "6", "--fps", "1",
+            "--size", "64", "48", "--map-gsd", "1.0", "--altitude", "50"]
+    assert main(args) == 0
+    flight = Flight(out)
+    assert len(flight) == 6 and flight.camera.width == 64
+    assert 35 < next(flight.frames()).telemetry.rel_alt_m < 65
+    assert not list(tmp_path.glob("*.partial"))
+    assert main(args) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_map_too_small_for_margin_is_a_clear_error(ortho, tmp_path):
+    with pytest.raises(MeanNavError, match="margin"):
+        simulate_flight([ortho], tmp_path / "x", SimulationConfig(margin_m=150, map_gsd_m=1.0), progress=False)
