@@ -13,7 +13,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from pyproj import CRS
-from rasterio.warp import Resampling, reproject, transform_bounds
+from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_bounds
 
 from ..errors import MeanNavError
 from .crs import WGS84, to_lonlat, utm_crs_for
@@ -141,9 +141,13 @@ def reproject_maps(paths: Sequence[str | Path], crs: CRS, transform: Affine, wid
     valid = np.zeros((height, width), bool)
     for p in paths:
         with rasterio.open(p) as src:
+            # Fix GDAL's resampling scale to the whole map's: otherwise it estimates the scale
+            # per window, and windows at the map edge resample differently from their neighbours.
+            src_res, _, _ = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+            scales = dict(XSCALE=abs(src_res.a) / abs(transform.a), YSCALE=abs(src_res.e) / abs(transform.e))
             rgb = np.zeros((3, height, width), np.uint8)
             reproject(source=rasterio.band(src, [1, 2, 3]), destination=rgb, dst_transform=transform,
-                      dst_crs=crs, resampling=Resampling.bilinear)
+                      dst_crs=crs, resampling=Resampling.bilinear, **scales)
             mask = np.zeros((height, width), np.uint8)
             reproject(source=src.dataset_mask(), destination=mask, src_transform=src.transform,
                       src_crs=src.crs, dst_transform=transform, dst_crs=crs,
