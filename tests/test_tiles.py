@@ -8,7 +8,7 @@ from affine import Affine
 
 from mean_nav.errors import MeanNavError
 from mean_nav.geo.spatial_index import GridIndex
-from mean_nav.geo.tiles import (MapMosaic, TileGrid, cut_tiles, plan_blocks, read_window, shard_blocks,
+from mean_nav.geo.tiles import (MapMosaic, TileGrid, cut_tiles, plan_blocks, read_window, shard_rows,
                                 write_map_part)
 
 UTM32N = "EPSG:32632"
@@ -80,14 +80,23 @@ def test_blocks_own_every_tile_pixel_exactly_once(tile_px, stride_px, block_px):
     assert (owned == 1).all()
 
 
-def test_shards_split_blocks_into_disjoint_contiguous_parts():
-    grid = TileGrid.from_metres(UTM32N, 1.0, 8.0, 4.0)
-    blocks = plan_blocks(grid, (0, 40, 0, 30), block_px=32)
-    parts = [shard_blocks(blocks, (i, 3)) for i in range(3)]
-    assert [b.index for p in parts for b in p] == [b.index for b in blocks]
-    assert all(len(p) > 0 for p in parts)
+def test_shards_are_disjoint_row_bands_whose_map_parts_tile_the_area_once():
+    grid = TileGrid(TileGrid.from_metres(UTM32N, 1.0, 2.0, 1.0).crs, 1.0, 8, 4)
+    tr = (0, 9, 0, 10)
+    owned = np.zeros(((tr[3] - 1) * 4 + 8, (tr[1] - 1) * 4 + 8), int)
+    tiles = []
+    for i in range(3):
+        for b in plan_blocks(grid, tr, block_px=16, rows=shard_rows(tr, (i, 3))):
+            c0, r0, w, h = b.own_window(grid)
+            owned[r0:r0 + h, c0:c0 + w] += 1
+            tiles += [(bi, bj) for bi in range(b.i0, b.i1) for bj in range(b.j0, b.j1)]
+    assert (owned == 1).all()
+    assert sorted(tiles) == [(i, j) for i in range(9) for j in range(10)]
+    assert shard_rows(tr, (0, 3)) == (0, 3) and shard_rows(tr, (2, 3)) == (6, 10)
     with pytest.raises(MeanNavError, match="shard"):
-        shard_blocks(blocks, (3, 3))
+        shard_rows(tr, (3, 3))
+    with pytest.raises(MeanNavError, match="fewer than 11 shards"):
+        shard_rows(tr, (0, 11))
 
 
 def test_black_pixels_without_declared_nodata_are_not_valid_and_empty_tiles_are_skipped(tmp_path):

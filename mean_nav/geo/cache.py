@@ -38,7 +38,7 @@ from .crs import from_lonlat, to_lonlat
 from .raster import area_crs, check_georeferenced
 from .spatial_index import GridIndex
 from .tiles import (Block, MapMosaic, TileGrid, area_tile_range, cut_tiles, plan_blocks, read_window,
-                    shard_blocks, write_map_part)
+                    shard_rows, write_map_part)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
         raise MeanNavError(f"crs: {crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32633") from None
     grid = TileGrid.from_metres(crs, gsd_m, tile_size_m, stride_m)
     tile_range = area_tile_range(maps, grid)
-    blocks = shard_blocks(plan_blocks(grid, tile_range, block_px), shard)
+    blocks = plan_blocks(grid, tile_range, block_px, rows=shard_rows(tile_range, shard))
 
     work = out / WORK
     (out / MAPS_DIR).mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def _assemble(out: Path, grid: TileGrid, blocks: list[Block], model: dict, setti
         with np.load(work / f"block-{block.index:06d}.npz") as z:
             results.append({k: z[k] for k in z.files})
     n = sum(len(r["i"]) for r in results)
-    if n == 0:
+    if n == 0 and shard is None:  # an empty shard (all nodata) is fine: it merges as nothing
         raise MeanNavError(f"{out}: no tile has at least the minimum valid fraction of map data; "
                            "check the maps cover ground, or lower min_valid_fraction")
     dim = int(model["dim"])
@@ -711,8 +711,8 @@ class TileCache:
         """Human-readable summary for `mean-nav cache info`."""
         m = self.meta
         g = m["grid"]
-        lat0, lat1 = float(self.lat.min()), float(self.lat.max())
-        lon0, lon1 = float(self.lon.min()), float(self.lon.max())
+        lat0, lat1, lon0, lon1 = ((float(self.lat.min()), float(self.lat.max()), float(self.lon.min()),
+                                   float(self.lon.max())) if len(self) else (np.nan,) * 4)
         total = sum(e["bytes"] for e in m["files"].values())
         lines = [
             f"cache          {self.folder}",

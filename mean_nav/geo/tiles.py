@@ -150,16 +150,23 @@ class Block:
         return (self.i1 - self.i0) * (self.j1 - self.j0)
 
 
-def plan_blocks(grid: TileGrid, tile_range: tuple[int, int, int, int], block_px: int = 4096) -> list[Block]:
-    """Split a tile range into blocks of about block_px x block_px pixels, row-major order."""
+def plan_blocks(grid: TileGrid, tile_range: tuple[int, int, int, int], block_px: int = 4096,
+                rows: tuple[int, int] | None = None) -> list[Block]:
+    """Split a tile range into blocks of about block_px x block_px pixels, row-major order.
+
+    `rows` (j0, j1) restricts the plan to some tile rows (a shard); pixel ownership is still
+    decided against the whole range so the map parts of all shards tile it without overlap.
+    """
     i0, i1, j0, j1 = tile_range
-    if i1 <= i0 or j1 <= j0:
+    r0, r1 = rows if rows is not None else (j0, j1)
+    r0, r1 = max(r0, j0), min(r1, j1)
+    if i1 <= i0 or r1 <= r0:
         return []
     per = max(1, (block_px - grid.tile_px) // grid.stride_px + 1)
     s, t = grid.stride_px, grid.tile_px
     blocks = []
-    for bj in range(j0, j1, per):
-        bj1 = min(bj + per, j1)
+    for bj in range(r0, r1, per):
+        bj1 = min(bj + per, r1)
         for bi in range(i0, i1, per):
             bi1 = min(bi + per, i1)
             own_col1 = bi1 * s if bi1 < i1 else (i1 - 1) * s + t
@@ -168,15 +175,18 @@ def plan_blocks(grid: TileGrid, tile_range: tuple[int, int, int, int], block_px:
     return blocks
 
 
-def shard_blocks(blocks: list[Block], shard: tuple[int, int] | None) -> list[Block]:
-    """Contiguous share `shard = (i, n)` of the blocks (neighbouring ground stays together)."""
+def shard_rows(tile_range: tuple[int, int, int, int], shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Tile rows (j0, j1) of shard (i, n): n contiguous bands of the area, north to south."""
+    _, _, j0, j1 = tile_range
     if shard is None:
-        return blocks
+        return j0, j1
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise MeanNavError(f"shard: {i}/{n} is not valid; use i/n with 0 <= i < n")
-    start, stop = len(blocks) * i // n, len(blocks) * (i + 1) // n
-    return blocks[start:stop]
+    rows = j1 - j0
+    if n > rows:
+        raise MeanNavError(f"shard: the area has only {rows} tile rows, fewer than {n} shards; use at most {rows}")
+    return j0 + rows * i // n, j0 + rows * (i + 1) // n
 
 
 def area_tile_range(paths: Sequence[str | Path], grid: TileGrid) -> tuple[int, int, int, int]:
@@ -192,6 +202,7 @@ def read_window(paths: Sequence[str | Path], grid: TileGrid, col0: int, row0: in
     """
     image, valid = reproject_maps(paths, grid.crs, grid.transform(col0, row0), width, height)
     valid &= image.any(axis=2)
+    image[~valid] = 0  # tiles and stored map parts agree: black wherever there is no map
     return image, valid
 
 
