@@ -214,11 +214,12 @@ class TorchEmbedder(Embedder):
 
     name = "torch"
 
-    def __init__(self, model, backbone: str, img_size: int, threads: int | None = None,
-                 device: str = "cpu", source: str = "model"):
+    def __init__(self, model, cfg, threads: int | None = None, device: str = "cpu", source: str = "model"):
+        """`model`: a MEAN; `cfg`: its ModelConfig (backbone, img_size -> preprocessing)."""
         import torch
 
-        from ..model import deploy_hash
+        from ..model import preprocessing_for
+        from ..model.checkpoint import deploy_hash
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -226,19 +227,19 @@ class TorchEmbedder(Embedder):
         self.module = model.deploy_module().eval().to(self.device)
         self.model_hash = deploy_hash(model)
         self.dim = int(model.embed_dim)
-        self.backbone = backbone
-        self.preprocessing = Preprocessing(img_size=int(img_size))
+        self.backbone = cfg.backbone
+        self.preprocessing = preprocessing_for(cfg)
         self.source = source
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, threads: int | None = None, device: str = "cpu") -> "TorchEmbedder":
-        from ..model import model_from_checkpoint
+        from ..model.checkpoint import model_from_checkpoint
 
         path = Path(path)
         if not path.is_file():
             raise MeanNavError(f"{path}: checkpoint not found; check the path")
         model, cfg = model_from_checkpoint(path)
-        return cls(model, cfg.backbone, cfg.img_size, threads=threads, device=device, source=str(path))
+        return cls(model, cfg, threads=threads, device=device, source=str(path))
 
     def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         import torch

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Build a TensorRT engine for a MEAN deploy ONNX on the target device (TensorRT 10.3 .. 11).
+
+    python3 engines/build_engine.py runs/export/model.int8-qdq.onnx --max-batch 8
+
+ONNX (FP32, FP16 or Q/DQ INT8, from `mean-nav export` / `mean-nav quantize`) -> a
+serialized engine `<model_hash>.trt<ver>.<gpu>.<precision>.engine` plus its sidecar
+JSON (model hash, TensorRT version, GPU, compute capability, precision, input shape,
+sha256 of the engine). Precision comes from the ONNX itself: the network is built
+strongly typed (the only mode TensorRT 11 has), so FP16/INT8 are whatever the graph's
+types and Q/DQ nodes say; no builder precision flags, no calibrator.
+
+The new engine is checked against onnxruntime on sample images (cosine >= 0.99 per
+descriptor) and its latency printed; a failing engine is deleted. The equivalent
+`trtexec` command is printed too. Without TensorRT or a CUDA device this stops with
+a clear message. Importable: `build_engine(onnx_path, ...) -> BuildResult`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from mean_nav.errors import MeanNavError
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mean_nav.errors import MeanNavError
+
+from mean_nav.deploy.backends import OnnxRuntimeEmbedder, read_onnx_info
+from mean_nav.deploy.images import cosine_per_row, load_images
+from mean_nav.deploy.tensorrt_backend import (EngineSidecar, TensorRTEmbedder, engine_file_name, import_tensorrt,
+                                              open_cuda, sanitize_gpu_name, sha256_file, sidecar_path)
+
+ENGINE_MIN_COSINE = 0.99
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    sidecar: Path
+    min_cosine: float
+    mean_cosine: float
+    latency_ms_p50: float
+    trtexec: str
+    build_seconds: float
+
+
+def input_shapes(info, max_batch: int, opt_batch: int) -> tuple[tuple, tuple, tuple]:
+    """(min, opt, max) shapes of the image input for batch 1..max_batch."""
+    s = info.preprocessing.img_size
+    per_image = (s, s, 3) if info.input_layout == "uint8_nhwc" else (3, s, s)
+    return (1, *per_image), (opt_batch, *per_image), (max_batch, *per_image)
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, input_name: str, shapes, workspace_mib: int,
+                    timing_cache: Path | None) -> str:
+    fmt = lambda shape: "x".join(str(v) for v in shape)  # noqa: E731
+    cmd = [
+        "trtexec", f"--onnx={onnx_path}", "--stronglyTyped",
+        f"--minShapes={input_name}:{fmt(shapes[0])}", f"--optShapes={input_name}:{fmt(shapes[1])}",
+        f"--maxShapes={input_name}:{fmt(shapes[2])}", f"--memPoolSize=workspace:{workspace_mib}M",
+        f"--saveEngine={engine_path}",
+    ]
+    if timing_cache:
+        cmd.append(f"--timingCacheFile={timing_cache}")
+    return " ".join(cmd)
+
+
+def _strongly_typed_flags(trt) -> int:
+    flags = 0
+    for name in ("STRONGLY_TYPED",):  # required on 10.x for Q/DQ + FP16 graphs, the default on 11.x
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is not None:
+            flags |= 1 << int(flag)
+    return flags
+
+
+def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_batch: int = 8,
+                 opt_batch: int | None = None, workspace_mib: int = 1024, timing_cache: str | Path | None = None,
+                 images: str | None = None, check_count: int = 16, verify: bool = True,
+                 min_cosine: float = ENGINE_MIN_COSINE) -> BuildResult:
+    onnx_path = Path(onnx_path)
+    info = read_onnx_info(onnx_path)  # refuses files without mean_nav metadata
+    if info.precision == "int8-cpu":
+        raise MeanNavError(f"{onnx_path}: the int8-cpu variant uses onnxruntime CPU operators TensorRT cannot build; "
+                           "use the .int8-qdq.onnx file for TensorRT")
+    if max_batch < 1:
+        raise MeanNavError("--max-batch must be at least 1")
+    opt_batch = min(opt_batch or max_batch, max_batch)
+    trt = import_tensorrt()
+    cuda = open_cuda()  # MeanNavError without a CUDA device
+    try:
+        gpu, cc = cuda.device_info()
+    finally:
+        cuda.close()
+    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine_path = out_dir / engine_file_name(info.model_hash, trt.__version__, gpu, info.precision)
+    timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_strongly_typed_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the ONNX ({errors}); re-export with a lower --opset")
+    if network.num_inputs != 1:
+        raise MeanNavError(f"{onnx_path}: expected one image input, found {network.num_inputs}")
+    input_name = network.get_input(0).name
+    shapes = input_shapes(info, max_batch, opt_batch)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *shapes)
+    config.add_optimization_profile(profile)
+
+    print(f"building {engine_path.name} from {onnx_path} ({info.precision}, batch 1..{max_batch}, "
+          f"TensorRT {trt.__version__}, {gpu} sm{cc}) ...", flush=True)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger "
+                           "--workspace-mib or the FP32/FP16 ONNX")
+    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+    # engine and sidecar appear together and only after the check passes
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
+    try:
+        tmp_engine = tmp_dir / engine_path.name
+        tmp_engine.write_bytes(bytes(serialized))
+        sidecar = EngineSidecar(
+            model_hash=info.model_hash, backbone=info.backbone, embed_dim=info.embed_dim,
+            preprocessing=info.preprocessing.to_json(), precision=info.precision, input_layout=info.input_layout,
+            tensorrt_version=trt.__version__, gpu_name=gpu, compute_capability=cc, input_name=input_name,
+            input_shape=list(shapes[1]), max_batch=max_batch, engine_sha256=sha256_file(tmp_engine),
+            source_onnx=str(onnx_path), source_onnx_sha256=sha256_file(onnx_path),
+            built_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        sidecar.save(sidecar_path(tmp_engine))
+        cos_min = cos_mean = float("nan")
+        latency = float("nan")
+        if verify:
+            sample = load_images(images, check_count, info.preprocessing.img_size, seed=7)
+            reference = OnnxRuntimeEmbedder(onnx_path, providers=["CPUExecutionProvider"]).embed(sample)
+            emb = TensorRTEmbedder(tmp_engine, expect=info)
+            try:
+                got = emb.embed(sample, batch_size=max_batch)
+                cos = cosine_per_row(reference, got)
+                cos_min, cos_mean = float(cos.min()), float(cos.mean())
+                latency = _latency_ms(emb)
+            finally:
+                emb.close()
+            if cos_min < min_cosine:
+                raise MeanNavError(f"{engine_path.name}: engine disagrees with onnxruntime (cosine min {cos_min:.4f} < "
+                                   f"{min_cosine}); not kept. Try the FP16 or FP32 ONNX")
+        os.replace(sidecar_path(tmp_engine), sidecar_path(engine_path))
+        os.replace(tmp_engine, engine_path)
+    finally:
+        for p in tmp_dir.iterdir():
+            p.unlink()
+        tmp_dir.rmdir()
+    return BuildResult(engine_path, sidecar_path(engine_path), cos_min, cos_mean, latency,
+                       trtexec_command(onnx_path, engine_path, input_name, shapes, workspace_mib, timing_cache),
+                       build_seconds)
+
+
+def _latency_ms(emb, repeats: int = 50) -> float:
+    s = emb.preprocessing.img_size
+    one = np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8)
+    for _ in range(5):
+        emb._embed_batch(one)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        emb._embed_batch(one)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("onnx", help="MEAN deploy ONNX (fp32, fp16 or int8-qdq)")
+    p.add_argument("-o", "--out-dir", help="where the engine goes (default: this engines/ folder)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimization profile (default 8)")
+    p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    p.add_argument("--timing-cache", help="timing cache file (default: engines/trt<ver>.<gpu>.timing_cache)")
+    p.add_argument("--images", help="check images: folder, list file or GeoTIFF (default: procedural images)")
+    p.add_argument("--check-count", type=int, default=16)
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    args = p.parse_args(argv)
+    try:
+        r = build_engine(args.onnx, args.out_dir, args.max_batch, args.opt_batch, args.workspace_mib,
+                         args.timing_cache, args.images, args.check_count, verify=not args.no_verify)
+    except MeanNavError as exc:
+        print(f"build_engine: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {r.engine} (+ {r.sidecar.name}) in {r.build_seconds:.0f} s")
+    if not args.no_verify:
+        print(f"check vs onnxruntime: cosine min {r.min_cosine:.5f} mean {r.mean_cosine:.5f}; "
+              f"latency batch 1: {r.latency_ms_p50:.2f} ms")
+    print(f"equivalent trtexec command:\n  {r.trtexec}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

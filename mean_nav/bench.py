@@ -1,0 +1,294 @@
+"""`mean-nav bench`: inference backends (`backends`) and the tile cache (`cache`).
+
+`mean-nav bench backends MODEL...` measures, per backend and precision: latency p50/p95
+at batch 1, images/s at batch N, and the backbone's multiply-accumulates per second as a
+fraction of this machine's float32 GEMM rate (numpy and torch sgemm, measured in the
+same run). The fraction says how well a backend uses the CPU whatever its clock: ~1.0
+means it runs the network as fast as one big matrix multiply.
+
+An FP32 ONNX brings its quantized siblings (`<stem>.int8-qdq.onnx`, `.int8-cpu.onnx`,
+`.fp16.onnx`) along unless --no-siblings. Output: a table, and JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import MeanNavError
+
+log = logging.getLogger(__name__)
+
+VARIANT_SUFFIXES = ("int8-qdq", "int8-cpu", "fp16")
+
+
+# ----------------------------------------------------------------------------- machine GEMM rate
+
+
+def measure_gemm_rate(threads: int | None = None, n: int = 1024, seconds: float = 1.0) -> dict:
+    """Best float32 GEMM rate in multiply-accumulates/s: numpy's BLAS and (if present) torch.
+
+    The best of several n x n x n products is taken, each library at its own thread
+    setting (torch set to `threads`).
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    rates = {"numpy": _best_rate(lambda: a @ b, n, seconds)}
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        old = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        rates["torch"] = _best_rate(lambda: torch.mm(ta, tb), n, seconds)
+        torch.set_num_threads(old)
+    best = max(rates, key=rates.get)
+    return {"size": n, "macs_per_s": rates, "best": best, "best_macs_per_s": rates[best]}
+
+
+def _best_rate(fn, n: int, seconds: float) -> float:
+    fn()  # warm-up (thread pools, page faults)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    runs = 0
+    while runs < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+    return n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- MACs of a graph
+
+
+# op type -> (index of the activation input, index of the weight input); quantized forms included
+_COMPUTE_OPS = {
+    "Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3),
+    "MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "DynamicQuantizeMatMul": (0, 1),
+    "Gemm": (0, 1),
+}
+
+
+def onnx_macs_per_image(path: str | Path) -> int | None:
+    """Multiply-accumulates of the Conv/MatMul/Gemm nodes (float or quantized) for one image.
+
+    Shapes come from onnxruntime's symbolic shape inference at batch 1 (it folds the
+    Shape->Pad arithmetic of TF-style SAME padding that plain ONNX inference cannot).
+    None if the graph's shapes cannot be resolved or onnx is not installed.
+    """
+    try:
+        import onnx
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    model = onnx.load(str(path))
+    initializers = {t.name: list(t.dims) for t in model.graph.initializer}
+    inp = [i for i in model.graph.input if i.name not in initializers][0]
+    dims = inp.type.tensor_type.shape.dim
+    if dims and not dims[0].dim_value:
+        dims[0].ClearField("dim_param")
+        dims[0].dim_value = 1
+    try:
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # unusual graphs: report no MAC count rather than fail the benchmark
+        log.debug("shape inference failed for %s: %s", path, exc)
+        return None
+    shapes = dict(initializers)
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        d = vi.type.tensor_type.shape.dim
+        if d and all(x.dim_value > 0 for x in d):
+            shapes[vi.name] = [x.dim_value for x in d]
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in _COMPUTE_OPS:
+            continue
+        ia, iw = _COMPUTE_OPS[node.op_type]
+        out, a, w = shapes.get(node.output[0]), shapes.get(node.input[ia]), shapes.get(node.input[iw])
+        if out is None or w is None or a is None:
+            return None
+        if "Conv" in node.op_type:
+            total += int(np.prod(out)) * int(np.prod(w[1:]))    # W [Cout, Cin/groups, kh, kw]
+        elif node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+            total += int(np.prod(out)) * a[0]
+        else:
+            total += int(np.prod(out)) * a[-1]
+    return total
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class BackendResult:
+    model: str
+    backend: str
+    precision: str
+    model_hash: str
+    img_size: int
+    providers: list = field(default_factory=list)
+    latency_ms_p50: float = float("nan")
+    latency_ms_p95: float = float("nan")
+    batch: int = 1
+    images_per_s: float = float("nan")
+    macs_per_image: int | None = None
+    gemm_fraction_batch1: float | None = None
+    gemm_fraction_batchN: float | None = None
+
+
+def time_embedder(emb, batch: int, repeats: int, warmup: int = 2, seed: int = 0) -> tuple[list[float], float]:
+    """(batch-1 latencies in s, images/s at `batch`) on random images at the model's size.
+
+    Timed through the backend's `_embed_batch`: preprocessing to the graph's input
+    included, image decoding and resizing not.
+    """
+    size = emb.preprocessing.img_size
+    rng = np.random.default_rng(seed)
+    one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    many = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    for _ in range(warmup):
+        emb._embed_batch(one)
+    lat = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        emb._embed_batch(one)
+        lat.append(time.perf_counter() - t0)
+    emb._embed_batch(many)
+    batch_times = []
+    for _ in range(max(3, repeats // max(1, batch // 2))):
+        t0 = time.perf_counter()
+        emb._embed_batch(many)
+        batch_times.append(time.perf_counter() - t0)
+    return lat, batch / float(np.median(batch_times))
+
+
+def expand_models(paths: list[str], siblings: bool) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise MeanNavError(f"{p}: model file not found")
+        out.append(p)
+        if siblings and p.suffix == ".onnx" and not any(p.name.endswith(f".{s}.onnx") for s in VARIANT_SUFFIXES):
+            stem = p.name[:-len(".onnx")]
+            stem = stem[:-len(".fp32")] if stem.endswith(".fp32") else stem
+            out += [p.with_name(f"{stem}.{s}.onnx") for s in VARIANT_SUFFIXES if p.with_name(f"{stem}.{s}.onnx").is_file()]
+    seen, unique = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, repeats: int = 20,
+                   threads: int | None = None, gemm: dict | None = None) -> tuple[list[BackendResult], dict]:
+    from .deploy.backends import load_embedder
+
+    threads = threads or os.cpu_count() or 1
+    gemm = gemm or measure_gemm_rate(threads)
+    rate = gemm["best_macs_per_s"]
+    macs_by_hash: dict[str, int] = {}
+    results = []
+    for path in tqdm(models, desc="backends", unit="model"):
+        emb = load_embedder(path, backend=backend, threads=threads)
+        try:
+            lat, ips = time_embedder(emb, batch, repeats)
+        finally:
+            emb.close()
+        r = BackendResult(str(path), emb.name, emb.precision, emb.model_hash, emb.preprocessing.img_size,
+                          list(getattr(emb, "providers", [])), 1000 * float(np.percentile(lat, 50)),
+                          1000 * float(np.percentile(lat, 95)), batch, ips)
+        if path.suffix == ".onnx" and emb.model_hash not in macs_by_hash:
+            # the network's work does not depend on the precision: count it once per model
+            macs = onnx_macs_per_image(path)
+            if macs:
+                macs_by_hash[emb.model_hash] = macs
+        results.append(r)
+    for r in results:
+        r.macs_per_image = macs_by_hash.get(r.model_hash)
+        if r.macs_per_image:
+            r.gemm_fraction_batch1 = r.macs_per_image / (r.latency_ms_p50 / 1000) / rate
+            r.gemm_fraction_batchN = r.macs_per_image * r.images_per_s / rate
+    return results, gemm
+
+
+def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:
+    head = ("model", "backend", "precision", "p50 ms", "p95 ms", "img/s @N", "GMAC/img", "GEMM% b1", "GEMM% bN",
+            "x FP32")
+    fp32: dict[str, BackendResult] = {}
+    for r in results:
+        if r.precision == "fp32":
+            fp32.setdefault(r.model_hash, r)
+    rows = [head]
+    for r in results:
+        base = fp32.get(r.model_hash)
+        rows.append((Path(r.model).name, r.backend, r.precision, f"{r.latency_ms_p50:.1f}", f"{r.latency_ms_p95:.1f}",
+                     f"{r.images_per_s:.1f} @{r.batch}",
+                     f"{r.macs_per_image / 1e9:.2f}" if r.macs_per_image else "-",
+                     f"{100 * r.gemm_fraction_batch1:.0f}%" if r.gemm_fraction_batch1 else "-",
+                     f"{100 * r.gemm_fraction_batchN:.0f}%" if r.gemm_fraction_batchN else "-",
+                     f"{r.images_per_s / base.images_per_s:.2f}" if base else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm["macs_per_s"].items())
+    lines.append(f"float32 GEMM {gemm['size']}^3 on this machine: {rates} GMAC/s (best: {gemm['best']}); "
+                 f"{threads} thread(s); x FP32 = images/s at batch N relative to the same model's FP32")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{backends,cache}")
+    p = sub.add_parser("backends", help="latency, throughput and GEMM efficiency per backend and precision")
+    p.add_argument("models", nargs="+", help="ONNX files, TensorRT engines or checkpoints (.pt)")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--batch", type=int, default=8, help="batch size for throughput (default 8)")
+    p.add_argument("--repeats", type=int, default=20, help="timed batch-1 runs per model (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--no-siblings", action="store_true", help="do not add <stem>.int8-*/fp16 ONNX siblings")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    try:
+        from .geo import cache_bench
+    except ImportError:  # the cache benchmark is optional (its module may be absent)
+        cache_bench = None
+    c = sub.add_parser("cache", help="tile cache build and search benchmark")
+    if cache_bench is not None:
+        cache_bench.add_arguments(c)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "cache":
+        try:
+            from .geo import cache_bench
+        except ImportError:
+            raise MeanNavError("the cache benchmark (mean_nav.geo.cache_bench) is not available in this install") from None
+        return cache_bench.run(args)
+    if args.batch < 1 or args.repeats < 1:
+        raise MeanNavError("--batch and --repeats must be at least 1")
+    threads = args.threads or os.cpu_count() or 1
+    models = expand_models(args.models, siblings=not args.no_siblings)
+    gemm = measure_gemm_rate(threads)
+    results, gemm = bench_backends(models, args.backend, args.batch, args.repeats, threads, gemm)
+    print(format_table(results, gemm, threads))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"threads": threads, "gemm": gemm, "results": [asdict(r) for r in results]},
+                                  indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0

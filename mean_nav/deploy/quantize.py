@@ -1,0 +1,452 @@
+"""`mean-nav quantize`: FP32 ONNX -> INT8 Q/DQ (TensorRT), INT8 for onnxruntime's CPU, FP16.
+
+Three artefacts from one command, all carrying the FP32 model's identity in metadata:
+
+- `<stem>.int8-qdq.onnx`: onnxruntime static quantization in QDQ format, symmetric signed
+  int8 activations and per-channel symmetric int8 weights on Conv/MatMul/Gemm inputs: the
+  explicit-quantization form TensorRT 10.x/11 builds from (no calibrator API on device).
+  Its accuracy is checked here with onnxruntime, on CPU, before it reaches a device.
+- `<stem>.int8-cpu.onnx`: the fastest INT8 form for onnxruntime's CPU kernels. Several
+  candidates are built and timed on this machine (dynamic int8 MatMul; static u8
+  activations / s8 per-channel weights in QOperator form); the fastest that keeps the
+  cosine bar wins, and the report says which and why. TensorRT-style symmetric s8
+  activations run slower than FP32 on onnxruntime's CPU, hence two INT8 files.
+- `<stem>.fp16.onnx`: float16 weights and compute, float32 inputs/outputs; LayerNorm
+  stays float32 because its variance overflows float16.
+
+Each variant is compared with FP32 on held-out images (cosine per descriptor, min/mean)
+and, given an evaluation set, on retrieval (R@1 / AP and their change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import MeanNavError
+from .backends import DeployInfo, OnnxRuntimeEmbedder, prepare_input, read_onnx_info
+from .images import RetrievalSet, cosine_per_row, load_images, load_retrieval_set, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+MIN_COSINE = 0.98              # per descriptor, against FP32
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+# LayerNorm's variance overflows float16; the L2-norm tail after it is tiny and fine either way
+# (blocking it too trips a duplicate-Cast-name bug in onnxruntime's float16 converter)
+FP16_KEEP_FLOAT32_OPS = ["LayerNormalization"]
+
+
+@dataclass
+class VariantResult:
+    """One produced (or candidate) ONNX and how it compares with FP32."""
+
+    name: str
+    precision: str
+    path: str
+    cosine_min: float = float("nan")
+    cosine_mean: float = float("nan")
+    latency_ms: float = float("nan")        # batch 1, median, this machine
+    speedup_vs_fp32: float = float("nan")
+    retrieval: dict = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    model_hash: str
+    calibration_images: int
+    check_images: int
+    threads: int
+    fp32_latency_ms: float
+    variants: list[VariantResult]
+    cpu_candidates: list[VariantResult]
+    cpu_choice: str
+    cpu_choice_reason: str
+    eval_description: str = ""
+    fp32_retrieval: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [("variant", "file", "cos min", "cos mean", "ms b1", "x FP32", "R@1", "AP")]
+        fp = self.fp32_retrieval
+        rows.append(("fp32", Path(self.source).name, "1", "1", f"{self.fp32_latency_ms:.1f}", "1.00",
+                     _fmt(fp.get("R@1")), _fmt(fp.get("AP"))))
+        for v in self.variants:
+            r = v.retrieval
+            rows.append((v.precision, Path(v.path).name, f"{v.cosine_min:.4f}", f"{v.cosine_mean:.4f}",
+                         f"{v.latency_ms:.1f}", f"{v.speedup_vs_fp32:.2f}",
+                         _fmt(r.get("R@1"), r.get("dR@1")), _fmt(r.get("AP"), r.get("dAP"))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"CPU INT8 variant: {self.cpu_choice} ({self.cpu_choice_reason})")
+        for c in self.cpu_candidates:
+            lines.append(f"  candidate {c.name}: {c.latency_ms:.1f} ms (x{c.speedup_vs_fp32:.2f}), "
+                         f"cosine min {c.cosine_min:.4f}{'  ' + c.note if c.note else ''}")
+        if self.eval_description:
+            lines.append(f"retrieval on {self.eval_description}")
+        return "\n".join(lines)
+
+
+def _fmt(value, delta=None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if delta is None else f"{value:.2f} ({delta:+.2f})"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class _quiet_root_logger:
+    """onnxruntime.quantization logs per-tensor INFO lines on the root logger; hide them."""
+
+    @staticmethod
+    def _drop(record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno < logging.WARNING)
+
+    def __enter__(self):
+        for h in logging.getLogger().handlers:
+            h.addFilter(self._drop)
+        return self
+
+    def __exit__(self, *exc):
+        for h in logging.getLogger().handlers:
+            h.removeFilter(self._drop)
+
+
+class _CalibrationReader:
+    """onnxruntime CalibrationDataReader over in-memory images (batches of `batch_size`)."""
+
+    def __init__(self, images: list[np.ndarray], info: DeployInfo, input_name: str, batch_size: int = 4):
+        from .embedder import to_batch_uint8
+
+        self.batches = [prepare_input(to_batch_uint8(images[i:i + batch_size], info.preprocessing.img_size), info)
+                        for i in range(0, len(images), batch_size)]
+        self.input_name = input_name
+        self.bar = tqdm(total=len(self.batches), desc="calibration", unit="batch", leave=False)
+        self.index = 0
+
+    def get_next(self):
+        if self.index >= len(self.batches):
+            self.bar.close()
+            return None
+        batch = self.batches[self.index]
+        self.index += 1
+        self.bar.update(1)
+        return {self.input_name: batch}
+
+    def rewind(self):
+        self.index = 0
+        self.bar.reset()
+
+
+def _as_calibration_reader(images, info, input_name):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_CalibrationReader, CalibrationDataReader):
+        pass
+
+    return Reader(images, info, input_name)
+
+
+def _input_name(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers][0]
+
+
+def _stamp(path: Path, info: DeployInfo) -> None:
+    """Record `info` (with its precision) in an ONNX file's metadata, atomically."""
+    import onnx
+
+    from .export import set_metadata, write_onnx_atomic
+
+    proto = onnx.load(str(path))
+    set_metadata(proto, info)
+    write_onnx_atomic(proto, path)
+
+
+def preprocess_for_quantization(src: Path, dst: Path) -> None:
+    """Shape inference + EP-independent graph optimisation (BN folding etc.) before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference fails on a few graphs: plain ONNX shape inference
+        log.debug("symbolic shape inference failed (%s); using ONNX shape inference", exc)
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
+                   calibrate_method: str = "minmax") -> None:
+    """TensorRT-style Q/DQ: symmetric s8 activations, per-channel symmetric s8 weights."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[calibrate_method]
+    quantize_static(
+        str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                       # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
+                       "QDQKeepRemovableActivations": True, "CalibMaxIntermediateOutputs": 8})
+
+
+def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
+                          op_types: list[str] | None = QUANTIZED_OPS) -> None:
+    """u8 activations (asymmetric) x s8 per-channel weights, QOperator form (QLinearConv/QLinearMatMul)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        extra_options={"CalibMaxIntermediateOutputs": 8})
+
+
+def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str]) -> None:
+    """Weights int8 offline, activations quantized on the fly per tensor (no calibration)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(prepared), str(out), op_types_to_quantize=op_types, per_channel=False,
+                     weight_type=QuantType.QInt8)
+
+
+def build_fp16(src: Path, out: Path) -> None:
+    """float16 compute with float32 I/O; LayerNorm stays float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from .export import write_onnx_atomic
+
+    model = onnx.load(str(src))
+    fp16 = convert_float_to_float16(model, keep_io_types=True,
+                                    op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT32_OPS)
+    write_onnx_atomic(fp16, out)
+
+
+def measure_latency_ms(path: Path, info: DeployInfo, threads: int | None, repeats: int = 5,
+                       batch: int = 1) -> float:
+    """Median wall time of one batch on onnxruntime's CPU provider (after one warm-up run)."""
+    emb = OnnxRuntimeEmbedder(path, threads=threads, providers=["CPUExecutionProvider"])
+    size = info.preprocessing.img_size
+    x = prepare_input(np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8), info)
+    feed = {emb.input_name: x}
+    emb.session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        emb.session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+CPU_CANDIDATES: dict[str, Callable] = {
+    # name -> builder(prepared, out, calibration, info)
+    "dynamic-matmul": lambda p, o, c, i: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm"]),
+    "dynamic-matmul-conv": lambda p, o, c, i: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm", "Conv"]),
+    "static-u8s8": lambda p, o, c, i: build_int8_cpu_static(p, o, c, i, QUANTIZED_OPS),
+}
+
+
+def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_images: list[np.ndarray],
+                   out_dir: str | Path | None = None, eval_set: RetrievalSet | None = None,
+                   threads: int | None = None, cpu_candidates: list[str] | None = None,
+                   calibrate_method: str = "minmax", min_cosine: float = MIN_COSINE,
+                   latency_repeats: int = 5, variants: tuple[str, ...] = ("int8-qdq", "int8-cpu", "fp16"),
+                   ) -> QuantizeReport:
+    """Write the INT8 Q/DQ, CPU INT8 and FP16 variants of an FP32 MEAN ONNX and compare them with it.
+
+    Outputs appear only complete (written in a temp folder, renamed). A variant whose
+    cosine against FP32 falls below `min_cosine` is an error (nothing of it is kept).
+    """
+    src = Path(onnx_path)
+    info = read_onnx_info(src)
+    if info.precision != "fp32":
+        raise MeanNavError(f"{src}: is already {info.precision}; quantize the FP32 export")
+    if not calibration:
+        raise MeanNavError("calibration set is empty; pass --calibration with a folder, list file or GeoTIFF")
+    if not check_images:
+        raise MeanNavError("no check images; pass --check-images")
+    out_dir = Path(out_dir) if out_dir else src.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = src.name[:-len(".onnx")]
+    for suffix in (".fp32", ".int8-qdq", ".int8-cpu", ".fp16"):
+        stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
+    threads = threads or os.cpu_count() or 1
+    cpu_candidates = cpu_candidates or list(CPU_CANDIDATES)
+    unknown = [c for c in cpu_candidates if c not in CPU_CANDIDATES]
+    if unknown:
+        raise MeanNavError(f"--cpu-candidates: unknown {unknown[0]!r}; choose from {', '.join(CPU_CANDIDATES)}")
+
+    fp32 = OnnxRuntimeEmbedder(src, threads=threads, providers=["CPUExecutionProvider"])
+    reference = fp32.embed(check_images, batch_size=8)
+    fp32_latency = measure_latency_ms(src, info, threads, latency_repeats)
+    fp32_retrieval = _retrieval(fp32, eval_set) if eval_set else {}
+    del fp32
+
+    results: list[VariantResult] = []
+    candidates: list[VariantResult] = []
+    choice, reason = "", ""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quantize-") as tmp, _quiet_root_logger():
+        tmp = Path(tmp)
+        prepared = tmp / "prepared.onnx"
+        preprocess_for_quantization(src, prepared)
+
+        def evaluate(name: str, precision: str, path: Path) -> VariantResult:
+            _stamp(path, info.replace(precision=precision))
+            emb = OnnxRuntimeEmbedder(path, threads=threads, providers=["CPUExecutionProvider"])
+            cos = cosine_per_row(reference, emb.embed(check_images, batch_size=8))
+            r = VariantResult(name, precision, str(path), float(cos.min()), float(cos.mean()))
+            r.latency_ms = measure_latency_ms(path, info, threads, latency_repeats)
+            r.speedup_vs_fp32 = fp32_latency / r.latency_ms
+            if eval_set is not None:
+                r.retrieval = _retrieval(emb, eval_set, fp32_retrieval)
+            return r
+
+        final: dict[str, Path] = {}
+        if "int8-qdq" in variants:
+            path = tmp / f"{stem}.int8-qdq.onnx"
+            log.info("building INT8 Q/DQ (TensorRT form)")
+            build_int8_qdq(prepared, path, calibration, info, calibrate_method)
+            results.append(evaluate("int8-qdq", "int8-qdq", path))
+            final["int8-qdq"] = path
+        if "int8-cpu" in variants:
+            for name in tqdm(cpu_candidates, desc="CPU INT8 candidates", leave=False):
+                path = tmp / f"candidate-{name}.onnx"
+                log.info("building CPU INT8 candidate %s", name)
+                try:
+                    CPU_CANDIDATES[name](prepared, path, calibration, info)
+                    candidates.append(evaluate(name, "int8-cpu", path))
+                except MeanNavError:
+                    raise
+                except Exception as exc:  # a candidate the installed onnxruntime cannot build or run
+                    candidates.append(VariantResult(name, "int8-cpu", str(path), note=f"failed: {str(exc)[:120]}"))
+            good = [c for c in candidates if c.cosine_min >= min_cosine]
+            if good:
+                best = min(good, key=lambda c: c.latency_ms)
+                reason = (f"fastest of {len(candidates)} candidates on this CPU with cosine >= {min_cosine}: "
+                          f"{best.latency_ms:.1f} ms vs FP32 {fp32_latency:.1f} ms at batch 1")
+            else:
+                best = max((c for c in candidates if np.isfinite(c.cosine_min)), key=lambda c: c.cosine_min,
+                           default=None)
+                if best is None:
+                    raise MeanNavError(f"{src}: no CPU INT8 candidate could be built: "
+                                       + "; ".join(f"{c.name} {c.note}" for c in candidates))
+                reason = f"no candidate reached cosine {min_cosine}; kept the most accurate"
+            choice = best.name
+            chosen = VariantResult(**{**asdict(best), "name": f"int8-cpu ({best.name})"})
+            path = tmp / f"{stem}.int8-cpu.onnx"
+            shutil.copyfile(best.path, path)
+            chosen.path = str(path)
+            results.append(chosen)
+            final["int8-cpu"] = path
+        if "fp16" in variants:
+            path = tmp / f"{stem}.fp16.onnx"
+            log.info("building FP16")
+            build_fp16(src, path)
+            r = evaluate("fp16", "fp16", path)
+            r.note = "onnxruntime's CPU runs float16 through casts: latency here says nothing about a GPU"
+            results.append(r)
+            final["fp16"] = path
+
+        bad = [r for r in results if not r.cosine_min >= min_cosine]
+        if bad:
+            raise MeanNavError(
+                f"{src}: {bad[0].name} descriptors drift from FP32 (cosine min {bad[0].cosine_min:.4f} < "
+                f"{min_cosine}); nothing written. Use more/representative --calibration images or "
+                "--calibrate-method percentile")
+        for key, path in final.items():
+            dest = out_dir / path.name
+            os.replace(path, dest)
+            for r in results:
+                if r.path == str(path):
+                    r.path = str(dest)
+    for c in candidates:
+        c.path = ""  # candidates lived in the temp folder
+    report = QuantizeReport(str(src), info.model_hash, len(calibration), len(check_images), threads,
+                            fp32_latency, results, candidates, choice, reason,
+                            eval_set.description if eval_set else "", fp32_retrieval)
+    _write_json_atomic(out_dir / f"{stem}.quantize.json", asdict(report))
+    return report
+
+
+def _retrieval(emb, eval_set: RetrievalSet, baseline: dict | None = None) -> dict:
+    q = emb.embed(eval_set.queries, batch_size=8)
+    g = emb.embed(eval_set.gallery, batch_size=8)
+    m = retrieval_metrics(q, eval_set.query_labels, g, eval_set.gallery_labels)
+    if baseline:
+        m["dR@1"] = m["R@1"] - baseline["R@1"]
+        m["dAP"] = m["AP"] - baseline["AP"]
+    return m
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("onnx", help="FP32 ONNX from `mean-nav export`")
+    parser.add_argument("-o", "--out-dir", help="folder for the variants (default: next to the input)")
+    parser.add_argument("--calibration", help="calibration images: a folder, a list file (see calibration/) "
+                        "or a GeoTIFF to cut tiles from (default: procedural aerial-like images)")
+    parser.add_argument("--calibration-count", type=int, default=64, help="images used (default 64)")
+    parser.add_argument("--calibrate-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                        help="activation range estimate for the Q/DQ variant (default minmax)")
+    parser.add_argument("--check-images", help="held-out images for the cosine check (default: the evaluation "
+                        "set's images, else procedural images not used for calibration)")
+    parser.add_argument("--check-count", type=int, default=32)
+    parser.add_argument("--eval", dest="eval_set", help="retrieval evaluation: a GeoTIFF (synthetic drone/tile "
+                        "pairs) or a University-1652-layout folder")
+    parser.add_argument("--eval-count", type=int, default=100, help="pairs / classes evaluated (default 100)")
+    parser.add_argument("--variants", default="int8-qdq,int8-cpu,fp16", help="comma list of variants to build")
+    parser.add_argument("--cpu-candidates", default=",".join(CPU_CANDIDATES),
+                        help=f"CPU INT8 forms to try (default: {','.join(CPU_CANDIDATES)})")
+    parser.add_argument("--min-cosine", type=float, default=MIN_COSINE)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = read_onnx_info(args.onnx)
+    size = info.preprocessing.img_size
+    calibration = load_images(args.calibration, args.calibration_count, size, seed=args.seed)
+    eval_set = load_retrieval_set(args.eval_set, args.eval_count, size, seed=args.seed + 1) if args.eval_set else None
+    if args.check_images:
+        check = load_images(args.check_images, args.check_count, size, seed=args.seed + 2)
+    elif eval_set is not None:
+        check = (eval_set.queries + eval_set.gallery)[:args.check_count]
+    else:
+        check = load_images(None, args.check_count, size, seed=args.seed + 1_000_003)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in ("int8-qdq", "int8-cpu", "fp16")]
+    if unknown:
+        raise MeanNavError(f"--variants: unknown {unknown[0]!r}; choose from int8-qdq, int8-cpu, fp16")
+    report = quantize_model(args.onnx, calibration, check, out_dir=args.out_dir, eval_set=eval_set,
+                            threads=args.threads, calibrate_method=args.calibrate_method,
+                            cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
+                            min_cosine=args.min_cosine, variants=variants)
+    print(report.table())
+    for v in report.variants:
+        print(f"wrote {v.path}")
+    return 0
