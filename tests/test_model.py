@@ -59,7 +59,7 @@ def test_training_forward_returns_all_branches_with_documented_shapes():
 
 
 def test_embed_is_l2_normalised_gap_and_deploy_module_shares_weights():
-    model = MEAN(ModelConfig(backbone="convnext_tiny", num_classes=5)).eval()
+    model = MEAN(ModelConfig(backbone="efficientnet_lite0", efficientnet_features="blocks", num_classes=5)).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         emb = model.embed(x)
@@ -168,3 +168,80 @@ def test_lite0_blocks_feature_map_has_320_channels():
     out = model.eval()(torch.randn(1, 3, 64, 64))
     assert out["part"].shape == (1, 320, 2, 2)
     assert count(model.pee) == 3 * 320 * 80 * 9 + 80 * 320 + 320
+
+
+# ---------------------------------------------------------------------------------------
+# model-info: parameter and MAC counts
+
+def convnext_tiny_macs_by_hand(size: int) -> int:
+    """Conv/Linear MACs of ConvNeXt-Tiny written out layer by layer (biases excluded)."""
+    dims, depths = (96, 192, 384, 768), (3, 3, 9, 3)
+    side = size // 4
+    macs = side * side * dims[0] * 3 * 4 * 4                     # stem 4x4/4
+    for i, (dim, depth) in enumerate(zip(dims, depths)):
+        if i:
+            side //= 2
+            macs += side * side * dim * dims[i - 1] * 2 * 2       # downsample 2x2/2
+        per_block = side * side * dim * 49 + 2 * side * side * dim * 4 * dim  # DW7x7 + two Linear
+        macs += depth * per_block
+    return macs
+
+
+def test_model_info_reproduces_paper_parameters_and_gmacs_at_384():
+    from mean_nav.model.info import model_info
+
+    info = model_info(ModelConfig(backbone="convnext_tiny", num_classes=701, img_size=384))
+    assert abs(info["parameters_total"] - 35_729_820) / 35_729_820 < 0.005
+    assert abs(info["parameters_total_with_imagenet_head"] - 36_498_820) / 36_498_820 < 0.005
+    assert info["deploy_macs_per_image"] == convnext_tiny_macs_by_hand(384)
+    assert abs(info["deploy_gmacs_per_image"] - 13.09) / 13.09 < 0.005
+    assert info["parameters"]["pee"] == 4_129_536
+    # the training graph adds the branches on the 12x12 map, e.g. PEE's three 3x3 convs
+    assert info["training_gmacs_per_image"] * 1e9 - info["deploy_macs_per_image"] > 3 * 144 * 192 * 768 * 9
+
+
+def test_mac_counter_counts_hooked_layers_once_and_functional_matmuls():
+    from mean_nav.model.info import count_macs
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = self.conv(x).mean((-2, -1))                      # [2,8]
+            z = self.fc(y)                                        # [2,5]
+            gram = z @ z.t()                                      # [2,2], contracted 5
+            return torch.einsum("bi,bj->ij", y, y).sum() + gram.sum()
+
+    counts = count_macs(Toy(), torch.randn(2, 4, 6, 6))
+    conv = 2 * 8 * 6 * 6 * (4 // 2) * 9
+    fc = 2 * 5 * 8
+    matmul = 2 * 2 * 5
+    einsum = 2 * 8 * 8
+    assert counts.by_module["conv"] == conv and counts.by_module["fc"] == fc
+    assert counts.by_op["linear"] == fc  # F.linear inside nn.Linear is not counted twice
+    assert counts.total == conv + fc + matmul + einsum
+
+
+def test_model_info_cli_prints_json_for_lite0(capsys):
+    import json
+
+    from mean_nav.cli import main
+
+    assert main(["model-info", "--backbone", "efficientnet_lite0", "--img-size", "384", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["embed_dim"] == 1280 and info["feature_map"] == [1280, 12, 12]
+    assert info["parameters"]["backbone"] == 3_373_568
+    assert 1.0 < info["deploy_gmacs_per_image"] < 1.3
+
+
+def test_model_info_cli_reports_bad_config_field_in_one_line(tmp_path, capsys):
+    from mean_nav.cli import main
+
+    bad = tmp_path / "train.yaml"
+    bad.write_text("model:\n  backbone: convnext_tiny\n  num_clases: 10\n")
+    assert main(["model-info", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "train.yaml" in err and "num_clases" in err and len(err.strip().splitlines()) == 1
