@@ -117,25 +117,23 @@ def test_missing_frames_and_telemetry_gaps_are_reported_rows(flight_dir, tmp_pat
     assert sum(summary["problems"].values()) == 2
 
 
-def test_tlog_holds_one_gps_input_per_processed_frame_on_the_frame_clock(flight_dir, tmp_path):
+def test_tlog_holds_the_daemons_gps_input_for_every_frame_on_the_frame_clock(flight_dir, tmp_path):
     from pymavlink import mavutil
-    from pymavlink.dialects.v20 import common as mavlink
 
-    def encode(est: Estimate):  # minimal encoder for the runner's writer; the CLI uses E's
-        ok = est.has_fix
-        return mavlink.MAVLink_gps_input_message(
-            int(est.time_s * 1e6), 0, 0, 0, 0, 3 if ok else 0, int(est.lat * 1e7) if ok else 0,
-            int(est.lon * 1e7) if ok else 0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0,
-            float(est.sigma_h_m if ok else 100.0), 1.0, 10 if ok else 0)
+    from mean_nav.replay.runner import replay_unix_time
 
     flight = Flight(flight_dir)
-    replay(flight, KnownOffsetLocalizer(flight), tmp_path, tlog_encoder=encode, stop=8, progress=False)
+    replay(flight, KnownOffsetLocalizer(flight), tmp_path, tlog=True, stop=8, progress=False)
     conn = mavutil.mavlink_connection(str(tmp_path / "gps_input.tlog"))
     msgs = []
     while (m := conn.recv_match(type="GPS_INPUT")) is not None:
         msgs.append(m)
     cols = read_estimates_csv(tmp_path / "estimates.csv")
-    assert len(msgs) == 8
-    assert [round(m._timestamp, 3) for m in msgs] == [round(t, 3) for t in cols["time_s"]]
+    assert len(msgs) == 8  # frames 2 s apart: none dropped by the 50 ms limit
+    assert [round(m._timestamp, 3) for m in msgs] == [round(replay_unix_time(t), 3) for t in cols["time_s"]]
+    fix = cols["fix"] == 3
+    assert [m.fix_type for m in msgs] == [3 if f else 0 for f in fix]
     fixed = [m for m in msgs if m.fix_type == 3]
-    assert fixed and all(abs(m.lat * 1e-7 - lat) < 1e-6 for m, lat in zip(fixed, cols["lat"][cols["fix"] == 3]))
+    assert fixed and all(abs(m.lat * 1e-7 - lat) < 1e-6 and abs(m.lon * 1e-7 - lon) < 1e-6
+                         for m, lat, lon in zip(fixed, cols["lat"][fix], cols["lon"][fix]))
+    assert all(m.horiz_accuracy == pytest.approx(2.0) for m in fixed)  # the reported sigma, not a constant

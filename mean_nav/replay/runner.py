@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -68,28 +68,63 @@ class MapCoverage:
         return float(0 <= r < h and 0 <= c < w and bool(self.raster.valid[r, c]))
 
 
-class TlogWriter:
-    """MAVLink telemetry log (.tlog: 8-byte big-endian microseconds + packet) of what was sent."""
+# Frame clocks that are not Unix time (boot clocks, simulations) are placed at this epoch
+# for the tlog and the GPS week fields, so the log opens in any MAVLink tool.
+REPLAY_EPOCH_UNIX_S = 1_700_000_000.0
 
-    def __init__(self, path: Path, encode: Callable[[Estimate], object | None],
-                 system_id: int = 1, component_id: int = 191):
+
+def replay_unix_time(time_s: float) -> float:
+    return time_s if time_s > 1e9 else REPLAY_EPOCH_UNIX_S + time_s
+
+
+class _TlogConnection:
+    """Stands in for a mavutil connection: every packet goes to a .tlog with its timestamp."""
+
+    def __init__(self, file, system_id: int, component_id: int):
         from pymavlink.dialects.v20 import common as mavlink
+
+        self.file = file
+        self.stamp_us = 0
+        self.packets = 0
+        self.mav = mavlink.MAVLink(self, srcSystem=system_id, srcComponent=component_id)
+
+    def write(self, buf: bytes) -> None:
+        self.file.write(self.stamp_us.to_bytes(8, "big") + bytes(buf))
+        self.packets += 1
+
+    def close(self) -> None:
+        pass
+
+
+class TlogWriter:
+    """Writes what the daemon would have sent for each estimate, encoded by the daemon's own
+    MAVLink link (mean_nav.nav.mavlink_io.MavlinkLink: GPS_INPUT policy, 50 ms limit,
+    fix_type 0 without a fix), into a MAVLink telemetry log (.tlog: 8-byte big-endian
+    Unix microseconds + packet)."""
+
+    def __init__(self, path: Path, output: str = "gps_input", system_id: int = 1):
+        from ..nav.mavlink_io import MavlinkConfig, MavlinkLink
 
         self.path = path
         self.tmp = path.with_suffix(path.suffix + ".partial")
         self.file = self.tmp.open("wb")
-        self.mav = mavlink.MAVLink(None, srcSystem=system_id, srcComponent=component_id)
-        self.encode = encode
-        self.count = 0
+        conn = _TlogConnection(self.file, system_id, 191)
+        self.conn = conn
+
+        class ReplayLink(MavlinkLink):
+            def _connect(self) -> None:  # no socket: packets go to the tlog
+                self._conn = conn
+
+        self.link = ReplayLink(MavlinkConfig(connection="tlog", system_id=system_id, output=output))
+
+    @property
+    def count(self) -> int:
+        return self.conn.packets
 
     def write(self, estimate: Estimate) -> None:
-        msg = self.encode(estimate)
-        if msg is None:
-            return
-        packet = msg.pack(self.mav)
-        stamp_us = int(round(estimate.time_s * 1e6))
-        self.file.write(stamp_us.to_bytes(8, "big") + packet)
-        self.count += 1
+        unix_s = replay_unix_time(estimate.time_s)
+        self.conn.stamp_us = int(round(unix_s * 1e6))
+        self.link.send_estimate(estimate, capture_unix_s=unix_s, now=estimate.time_s)
 
     def close(self) -> None:
         self.file.close()
@@ -102,7 +137,7 @@ def without_gnss(tel: Telemetry) -> Telemetry:
 
 
 def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: MapCoverage | None = None,
-           tlog_encoder: Callable[[Estimate], object | None] | None = None, start: int = 0,
+           tlog: bool = False, start: int = 0,
            stop: int | None = None, progress: bool = True, extra_summary: dict | None = None) -> dict:
     """Run `localizer` over the flight's frames, write the outputs, return the summary."""
     from tqdm import tqdm
@@ -110,7 +145,7 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "estimates.csv"
     partial = out_dir / "estimates.csv.partial"
-    tlog = TlogWriter(out_dir / "gps_input.tlog", tlog_encoder) if tlog_encoder else None
+    tlog = TlogWriter(out_dir / "gps_input.tlog") if tlog else None
     problems: Counter[str] = Counter()
     first_problems: list[str] = []
     stopped = ""
@@ -152,7 +187,7 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                            error_m=err, in_map=in_map)
                 writer.writerow({k: _fmt(row[k]) for k in CSV_FIELDS})
                 f.flush()
-                if tlog is not None and processed:
+                if tlog is not None:
                     tlog.write(est)
                 if est.has_fix:
                     fixes += 1
@@ -210,16 +245,9 @@ def build_localizer(model: Path, cache: Path, camera, config: Path | None, initi
     from ..nav.localizer import Localizer, LocalizerConfig
 
     embedder = load_embedder(model, backend=backend, threads=threads)
-    tile_cache = TileCache.open(cache)
+    tile_cache = TileCache.load(cache)
     cfg = load_config(config, LocalizerConfig) if config else LocalizerConfig()
     return Localizer(embedder, tile_cache, camera, cfg, initial_lonlat=initial_lonlat)
-
-
-def gps_input_encoder():
-    """E's GPS_INPUT encoder (the daemon's), adapted to take only the estimate."""
-    from ..nav import mavlink_io
-
-    return mavlink_io.gps_input_message
 
 
 def initial_prior(flight: Flight) -> tuple[float, float] | None:
@@ -253,7 +281,7 @@ def run(args) -> int:
     localizer = build_localizer(args.model, args.cache, flight.camera, args.config, prior,
                                 args.backend, args.threads)
     start, stop = parse_frames(args.frames, len(flight))
-    summary = replay(flight, localizer, out, coverage, gps_input_encoder() if args.tlog else None, start, stop,
+    summary = replay(flight, localizer, out, coverage, args.tlog, start, stop,
                      extra_summary={"flight": str(args.flight), "model": str(args.model), "cache": str(args.cache),
                                     "prior": args.prior})
     print_summary(summary, out)
