@@ -193,7 +193,7 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                     fixes += 1
                     if math.isfinite(err):
                         errors.append(err)
-                bar.set_postfix(fixes=fixes, median_err=f"{np.median(errors):.1f}m" if errors else "-")
+                bar.set_postfix(fixes=fixes, median_err=f"{np.median(errors):.1f}m" if errors else "-", refresh=False)
         except BaseException as exc:
             stopped = stopped or f"replay stopped: {type(exc).__name__}: {exc}"
             raise
