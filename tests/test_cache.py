@@ -407,3 +407,19 @@ def test_cli_reports_bad_input_as_one_line(tmp_path, built):
     assert len(r.stderr.strip().splitlines()) == 1
     r = mean_nav("cache", "search", built, "--tile-id", 10**6)
     assert r.returncode == 1 and "--tile-id" in r.stderr
+
+
+def test_cache_benchmark_runs_and_reports_consistent_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    r = mean_nav("bench", "cache", "--tiles", 2500, "--dim", 32, "--folder", tmp_path / "gen", "--queries", 20,
+                 "--exact-queries", 2, "--nprobe", 4, 50, "--rerank", 50, "--factory", "IVF50,Flat",
+                 "--plot", tmp_path / "bench.png", "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["tiles"] == 2500 and res["exact_top1_is_query_tile"] >= 0.9
+    # 2 km radius on a 100 m lattice: about pi * 20^2 tiles (fewer near the 5 km area's edge)
+    assert 600 < res["near"]["tiles_in_radius_median"] <= 1257
+    assert res["approx"][-1]["recall_at_10"] >= res["approx"][0]["recall_at_10"]
+    assert res["approx"][-1]["recall_at_10"] == 1.0  # nprobe 50 of 50 lists: exhaustive
+    assert res["bytes_per_tile"]["disk_embeddings"] == 64.0
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
