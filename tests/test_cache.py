@@ -1,10 +1,11 @@
 """Tile cache: build, resume, shard + merge, search (exact, near, approximate), bad input."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
+from mean_nav.cli import main
 from mean_nav.deploy.embedder import Embedder, Preprocessing
 from mean_nav.errors import MeanNavError
 from mean_nav.geo.cache import TileCache, build_cache, exact_topk, merge_caches
@@ -331,6 +333,9 @@ def test_cache_of_another_model_is_refused(built):
     c = TileCache.load(built, verify=False)
     with pytest.raises(MeanNavError, match="rebuild the cache with this model"):
         c.check_model(ColourGradientEmbedder(model_hash="other-model"))
+    with pytest.raises(MeanNavError, match="preprocessing"):
+        c.check_model(ColourGradientEmbedder(img_size=24))
+    c.check_model(ColourGradientEmbedder())  # the model it was built with is accepted
 
 
 def test_query_with_wrong_dimension_is_refused(cache):
@@ -377,7 +382,11 @@ def tiny_onnx_model(path, img_size=16, dim=24):
 
 
 def mean_nav(*args):
-    return subprocess.run([sys.executable, "-m", "mean_nav.cli", *map(str, args)], capture_output=True, text=True)
+    """Run the `mean-nav` CLI in this process (faster than a subprocess); stdout, stderr, exit code."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_builds_with_onnxruntime_shards_merges_and_searches(map_path, tmp_path):

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -380,6 +380,34 @@ def _faiss():
     return faiss
 
 
+_FP16_SCAN_OK: bool | None = None
+
+
+def _faiss_fp16_scan_works() -> bool:
+    """Whether this faiss build's fp16 scan can be fed numpy rows (checked once against numpy).
+
+    The scan fills the index's code vector directly; a faiss release that changes that
+    container falls back to numpy instead of failing.
+    """
+    global _FP16_SCAN_OK
+    if _FP16_SCAN_OK is None:
+        faiss = _faiss()
+        _FP16_SCAN_OK = False
+        if faiss is not None:
+            try:
+                rows = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float16)
+                q = np.ones((1, 16), np.float32)
+                scanner = faiss.IndexScalarQuantizer(16, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                faiss.copy_array_to_vector(rows.view(np.uint8).ravel(), scanner.codes)
+                scanner.ntotal = len(rows)
+                s, i = scanner.search(q, 5)
+                expect = rows.astype(np.float32) @ q[0]
+                _FP16_SCAN_OK = bool(np.allclose(s[0], expect[i[0]], atol=1e-4))
+            except Exception as exc:  # any API difference: use numpy
+                log.debug("faiss fp16 scan unavailable (%s); exact search uses numpy", exc)
+    return _FP16_SCAN_OK
+
+
 def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int, use_faiss: bool | None = None,
                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of float32 queries [Q, D] against float16 rows [N, D].
@@ -395,9 +423,9 @@ def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int, use_faiss: b
     nq = len(queries)
     if k <= 0:
         return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    faiss = _faiss() if use_faiss in (None, True) else None
+    faiss = _faiss() if use_faiss in (None, True) and _faiss_fp16_scan_works() else None
     if use_faiss and faiss is None:
-        raise MeanNavError("faiss is not installed; install the [faiss] extra (pip install faiss-cpu)")
+        raise MeanNavError("faiss (with a working fp16 scan) is not installed; pip install faiss-cpu")
     best_s = np.full((nq, 0), -np.inf, np.float32)
     best_i = np.zeros((nq, 0), np.int64)
     if faiss is not None:
@@ -519,11 +547,18 @@ class TileCache:
         return len(self.tiles)
 
     def check_model(self, embedder: Embedder) -> None:
-        """Refuse an embedder other than the one the cache was built with."""
+        """Refuse an embedder other than the one the cache was built with (weights, dim, preprocessing)."""
         if embedder.model_hash != self.model_hash:
             raise MeanNavError(
                 f"{self.folder}: cache was built with model {self.model_hash}, but the loaded model is "
                 f"{embedder.model_hash}; rebuild the cache with this model or load the model it was built with")
+        if int(embedder.dim) != self.dim:
+            raise MeanNavError(f"{self.folder}: cache holds {self.dim}-d descriptors, the model gives "
+                               f"{embedder.dim}-d; rebuild the cache with this model")
+        built = self.meta["model"].get("preprocessing")
+        if built is not None and json.loads(json.dumps(asdict(embedder.preprocessing))) != built:
+            raise MeanNavError(f"{self.folder}: cache was built with preprocessing {built}, the model uses "
+                               f"{asdict(embedder.preprocessing)}; rebuild the cache with this model's settings")
 
     # -- queries
     def _query(self, query) -> np.ndarray:
