@@ -81,10 +81,17 @@ def write_onnx_atomic(model_proto, path: Path) -> None:
     os.close(fd)
     try:
         onnx.save(model_proto, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def set_metadata(model_proto, info: DeployInfo) -> None:

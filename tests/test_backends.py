@@ -1,0 +1,224 @@
+"""Backends behind one Embedder, load_embedder's choices, image sets, and `mean-nav bench backends`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mean_nav.cli import main as cli_main
+from mean_nav.deploy.backends import OnnxRuntimeEmbedder, load_embedder, read_onnx_info
+from mean_nav.deploy.images import (geotiff_pairs, load_images, read_list_file, retrieval_metrics,
+                                    synthetic_aerial_images)
+from mean_nav.errors import MeanNavError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAP = DATA / "orthophotos" / "test_tiled.tif"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A tiny Lite0 checkpoint and its FP32 ONNX export."""
+    torch = pytest.importorskip("torch")
+    from mean_nav.deploy.export import export_onnx
+    from mean_nav.model import ModelConfig, build_model
+    from mean_nav.model.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("models")
+    cfg = ModelConfig(backbone="efficientnet_lite0", img_size=SIZE, pretrained="package", num_classes=5)
+    model = build_model(cfg).eval()
+    save_checkpoint(d / "m.pt", model, cfg)
+    export_onnx(model, cfg, d / "m.onnx", check_images=synthetic_aerial_images(2, SIZE), threads=1)
+    return d / "m.pt", d / "m.onnx"
+
+
+def _plain_onnx(path: Path) -> Path:
+    """A valid ONNX that is not a MEAN export (no mean_nav metadata)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    return path
+
+
+def test_torch_and_onnxruntime_backends_give_the_same_descriptors(model_files):
+    ckpt, onnx_path = model_files
+    images = synthetic_aerial_images(3, 80, seed=5) + [np.full((30, 50, 3), 90, np.uint8)]  # sizes differ
+    t = load_embedder(ckpt)
+    o = load_embedder(onnx_path, threads=1)
+    assert (t.name, o.name) == ("torch", "onnxruntime")
+    assert t.model_hash == o.model_hash and t.dim == o.dim == 1280
+    assert t.preprocessing == o.preprocessing
+    a, b = t.embed(images), o.embed(images)
+    assert a.shape == b.shape == (4, 1280) and a.dtype == b.dtype == np.float32
+    assert np.min(np.sum(a * b, axis=1)) > 0.9999
+    assert o.embed([]).shape == (0, 1280)
+
+
+def test_runtime_backends_do_not_import_torch(model_files):
+    _, onnx_path = model_files
+    code = (
+        "import sys, numpy as np\n"
+        "from mean_nav.deploy.backends import load_embedder\n"
+        "import mean_nav.deploy.tensorrt_backend\n"
+        f"e = load_embedder({str(onnx_path)!r}, threads=1)\n"
+        f"d = e.embed([np.zeros(({SIZE}, {SIZE}, 3), np.uint8)])\n"
+        "assert d.shape == (1, 1280)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_onnx_without_mean_nav_metadata_is_refused(tmp_path):
+    plain = _plain_onnx(tmp_path / "plain.onnx")
+    with pytest.raises(MeanNavError, match="not a MEAN deploy graph"):
+        load_embedder(plain)
+    with pytest.raises(MeanNavError, match="not a MEAN deploy graph"):
+        read_onnx_info(plain)
+
+
+def test_load_embedder_rejects_bad_paths_and_backends(model_files, tmp_path):
+    ckpt, onnx_path = model_files
+    with pytest.raises(MeanNavError, match="not found"):
+        load_embedder(tmp_path / "nope.onnx")
+    weird = tmp_path / "m.bin"
+    weird.write_bytes(b"x")
+    with pytest.raises(MeanNavError, match="unknown model file type"):
+        load_embedder(weird)
+    with pytest.raises(MeanNavError, match="needs the training checkpoint"):
+        load_embedder(onnx_path, backend="torch")
+    with pytest.raises(MeanNavError, match="runs on the torch backend"):
+        load_embedder(ckpt, backend="onnxruntime")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(MeanNavError):
+        load_embedder(broken)
+
+
+def test_auto_backend_falls_back_to_onnxruntime_without_tensorrt(model_files):
+    from mean_nav.deploy.tensorrt_backend import runtime_unavailable_reason
+
+    reason = runtime_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a CUDA device are present: the fallback is not exercised here")
+    _, onnx_path = model_files
+    assert isinstance(load_embedder(onnx_path, backend="auto"), OnnxRuntimeEmbedder)
+    with pytest.raises(MeanNavError, match="no usable TensorRT engine"):
+        load_embedder(onnx_path, backend="tensorrt")
+
+
+# ----------------------------------------------------------------------------- image sets
+
+
+def test_image_sources_folder_list_file_and_errors(tmp_path):
+    import cv2
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    cv2.imwrite(str(folder / "a.png"), np.zeros((10, 12, 3), np.uint8))
+    cv2.imwrite(str(folder / "sub" / "b.jpg"), np.full((8, 8, 3), 200, np.uint8))
+    imgs = load_images(folder, None, 32)
+    assert [i.shape for i in imgs] == [(10, 12, 3), (8, 8, 3)]
+    lst = tmp_path / "calib.txt"
+    lst.write_text("# comment\nimgs/sub/b.jpg\n\nimgs/a.png  # trailing comment\n")
+    assert [p.name for p in read_list_file(lst)] == ["b.jpg", "a.png"]
+    lst.write_text("imgs/a.png\nimgs/missing.png\n")
+    with pytest.raises(MeanNavError, match=r"calib.txt:2: listed image 'imgs/missing.png' not found"):
+        load_images(lst, None, 32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MeanNavError, match="folder has no images"):
+        load_images(empty, None, 32)
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(MeanNavError, match="bad.png: cannot decode"):
+        load_images(folder, None, 32)
+
+
+def test_geotiff_tiles_and_pairs_come_from_the_surveyed_footprint():
+    if not MAP.is_file():
+        pytest.skip(f"shared data absent: {MAP}")
+    tiles = load_images(MAP, 5, 64, seed=3)
+    assert len(tiles) == 5 and all(t.shape == (64, 64, 3) for t in tiles)
+    assert all(t.std() > 3 for t in tiles)  # real texture, not nodata
+    manila = DATA / "orthophotos" / "5b90f92da0d7280005fab355_4310.tif"
+    pairs = geotiff_pairs(manila, 8, 64, seed=1)
+    # the Manila map is partly black nodata: no query or gallery tile may come from there
+    assert all((g.reshape(-1, 3).max(axis=1) > 0).mean() > 0.99 for g in pairs.gallery)
+    assert len(pairs.queries) == len(pairs.gallery) == 8
+
+
+def test_retrieval_metrics_follow_the_university1652_convention():
+    q = np.eye(3, dtype=np.float32)
+    g = np.eye(3, dtype=np.float32)[[1, 0, 2]]     # gallery 0 is class 1, gallery 1 is class 0
+    m = retrieval_metrics(q, np.array([0, 1, 2]), g, np.array([1, 0, 2]))
+    assert m["R@1"] == 100.0 and m["AP"] == 100.0
+    # the match at 0-based rank 1: P_1 = 1/2, P_old = (1-1)/1 = 0, AP = (0 + 1/2)/2 = 0.25, R@1 = 0
+    g2 = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32)
+    q2 = np.array([[0.6, 0.8, 0]], np.float32)
+    m2 = retrieval_metrics(q2, np.array([0]), g2, np.array([1, 0, 2]))
+    assert m2["R@1"] == 0.0 and m2["AP"] == pytest.approx(25.0)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_mac_count_of_a_known_graph(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mean_nav.bench import onnx_macs_per_image
+
+    w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")      # conv 3->8, k3, pad 1
+    dw = numpy_helper.from_array(np.zeros((8, 1, 3, 3), np.float32), "dw")    # depthwise 8, k3, stride 2
+    m = numpy_helper.from_array(np.zeros((8, 5), np.float32), "m")            # matmul 8->5
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "dw"], ["d"], group=8, strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["d"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "m"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=[w, dw, m])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    expected = 8 * 16 * 16 * 27 + 8 * 8 * 8 * 9 + 5 * 8
+    assert onnx_macs_per_image(path) == expected
+
+
+def test_bench_backends_cli_writes_json_with_efficiency(model_files, tmp_path, capsys):
+    _, onnx_path = model_files
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "backends", str(onnx_path), "--batch", "2", "--repeats", "3", "--threads", "1",
+                     "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    assert r["backend"] == "onnxruntime" and r["precision"] == "fp32"
+    assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
+    assert r["images_per_s"] > 0
+    assert r["macs_per_image"] > 1e7                 # Lite0 at 64 px is ~31 MMAC
+    assert 0 < r["gemm_fraction_batchN"] < 5
+    assert data["gemm"]["best_macs_per_s"] > 1e8
+    assert "GEMM" in capsys.readouterr().out
+
+
+def test_bench_siblings_are_found_next_to_the_fp32_onnx(tmp_path):
+    from mean_nav.bench import expand_models
+
+    base = tmp_path / "m.onnx"
+    for name in ("m.onnx", "m.int8-cpu.onnx", "m.fp16.onnx", "other.int8-qdq.onnx"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in expand_models([str(base)], siblings=True)] == ["m.onnx", "m.int8-cpu.onnx", "m.fp16.onnx"]
+    assert [p.name for p in expand_models([str(base)], siblings=False)] == ["m.onnx"]
+    with pytest.raises(MeanNavError, match="not found"):
+        expand_models([str(tmp_path / "x.onnx")], siblings=True)

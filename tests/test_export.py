@@ -1,0 +1,128 @@
+"""ONNX export of the MEAN deploy graph: metadata, agreement with PyTorch, input layouts, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from mean_nav.cli import main as cli_main  # noqa: E402
+from mean_nav.deploy.backends import OnnxRuntimeEmbedder, TorchEmbedder, read_onnx_info  # noqa: E402
+from mean_nav.deploy.export import export_onnx  # noqa: E402
+from mean_nav.deploy.images import load_images  # noqa: E402
+from mean_nav.errors import MeanNavError  # noqa: E402
+from mean_nav.model import ModelConfig, build_model  # noqa: E402
+from mean_nav.model.checkpoint import deploy_hash, save_checkpoint  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAP = DATA / "orthophotos" / "test_tiled.tif"
+SIZE = 64
+
+
+def _images(n=6):
+    if MAP.is_file():
+        return load_images(MAP, n, SIZE)
+    print(f"shared data absent ({MAP}); checking on procedural images")
+    return load_images(None, n, SIZE)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    torch.set_num_threads(1)
+    cfg = ModelConfig(backbone="efficientnet_lite0", img_size=SIZE, pretrained="package", num_classes=7)
+    return build_model(cfg).eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def exported(lite0, tmp_path_factory):
+    model, cfg = lite0
+    out = tmp_path_factory.mktemp("export") / "m.onnx"
+    report = export_onnx(model, cfg, out, check_images=_images(), threads=1)
+    return out, report
+
+
+def test_export_records_model_identity_in_onnx_metadata(lite0, exported):
+    model, cfg = lite0
+    out, report = exported
+    info = read_onnx_info(out)
+    assert info.model_hash == deploy_hash(model)
+    assert info.backbone == "efficientnet_lite0"
+    assert info.embed_dim == model.embed_dim == 1280
+    assert info.preprocessing.img_size == SIZE
+    assert info.precision == "fp32" and info.input_layout == "float_nchw"
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["mean_nav.input"] == "float_nchw"
+    assert report.min_cosine >= 0.9999
+
+
+def test_onnxruntime_matches_pytorch_with_dynamic_batch(lite0, exported):
+    model, cfg = lite0
+    out, _ = exported
+    images = _images(5)
+    ref = TorchEmbedder(model, cfg).embed(images)
+    emb = OnnxRuntimeEmbedder(out, threads=1)
+    # batch sizes 1, 2 and 5 through the same session: the batch axis is dynamic
+    for bs in (1, 2, 5):
+        got = emb.embed(images, batch_size=bs)
+        assert got.shape == (5, 1280)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        assert np.min(np.sum(ref * got, axis=1)) > 0.9999
+    raw = emb.session.run(None, {emb.input_name: np.zeros((3, 3, SIZE, SIZE), np.float32)})[0]
+    np.testing.assert_allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-5)  # the graph itself L2-normalises
+
+
+def test_uint8_nhwc_graph_does_the_preprocessing_itself(lite0, exported, tmp_path):
+    model, cfg = lite0
+    f32, u8 = exported[0], tmp_path / "u.onnx"
+    export_onnx(model, cfg, u8, input_layout="uint8_nhwc", check_images=_images(), threads=1)
+    sess = ort.InferenceSession(str(u8), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [SIZE, SIZE, 3]
+    images = _images(4)
+    a = OnnxRuntimeEmbedder(f32, threads=1).embed(images)
+    b = OnnxRuntimeEmbedder(u8, threads=1).embed(images)
+    assert np.min(np.sum(a * b, axis=1)) > 0.99999
+
+
+def test_export_failing_the_check_leaves_no_file(lite0, tmp_path):
+    model, cfg = lite0
+    out = tmp_path / "m.onnx"
+    with pytest.raises(MeanNavError, match="disagrees with PyTorch"):
+        export_onnx(model, cfg, out, check_images=_images(2), threads=1, min_cosine=1.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_cli_from_checkpoint_keeps_its_hash(lite0, tmp_path, capsys):
+    model, cfg = lite0
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, cfg)
+    out = tmp_path / "exported" / "m.onnx"
+    assert cli_main(["export", str(ckpt), "-o", str(out), "--check-count", "3", "--threads", "1"]) == 0
+    assert read_onnx_info(out).model_hash == deploy_hash(model)
+    assert "cosine min" in capsys.readouterr().out
+
+
+def test_export_cli_from_imagenet_without_checkpoint(tmp_path):
+    out = tmp_path / "lite0.onnx"
+    assert cli_main(["export", "--from-imagenet", "--backbone", "efficientnet_lite0", "--img-size", "32",
+                     "-o", str(out), "--check-count", "2", "--threads", "1"]) == 0
+    info = read_onnx_info(out)
+    assert info.preprocessing.img_size == 32 and info.backbone == "efficientnet_lite0"
+
+
+def test_export_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["export", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["export"]) == 1
+    assert "either a checkpoint or --from-imagenet" in capsys.readouterr().err
+    bad = tmp_path / "notimages"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    assert cli_main(["export", "--from-imagenet", "--img-size", "32", "-o", str(tmp_path / "x.onnx"),
+                     "--images", str(bad)]) == 1
+    assert "cannot decode as an image" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

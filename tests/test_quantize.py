@@ -1,0 +1,157 @@
+"""`mean-nav quantize`: Q/DQ INT8 in TensorRT form, CPU INT8 choice, FP16, reports, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+from onnx import numpy_helper  # noqa: E402
+
+from mean_nav.cli import main as cli_main  # noqa: E402
+from mean_nav.deploy.backends import OnnxRuntimeEmbedder, read_onnx_info  # noqa: E402
+from mean_nav.deploy.images import load_images, synthetic_aerial_images  # noqa: E402
+from mean_nav.deploy.quantize import quantize_model  # noqa: E402
+from mean_nav.errors import MeanNavError  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAP = DATA / "orthophotos" / "test_tiled.tif"
+SIZE = 64
+# A 64 px ImageNet Lite0 whose LayerNorm'd descriptor moves to cosine ~0.96 under +-1 grey
+# level of input noise: quantization error is large relative to that, so these tests pin
+# the structure and bookkeeping, and accuracy bars that this model can meet.
+TEST_MIN_COSINE = 0.2
+
+
+def _calibration(n=8):
+    if MAP.is_file():
+        return load_images(MAP, n, SIZE)
+    print(f"shared data absent ({MAP}); calibrating on procedural images")
+    return load_images(None, n, SIZE)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    from mean_nav.deploy.export import export_onnx
+    from mean_nav.model import ModelConfig, build_model
+
+    torch.set_num_threads(1)
+    cfg = ModelConfig(backbone="efficientnet_lite0", img_size=SIZE, pretrained="package", num_classes=5)
+    out = tmp_path_factory.mktemp("q") / "lite0.onnx"
+    export_onnx(build_model(cfg).eval(), cfg, out, check_images=synthetic_aerial_images(2, SIZE), threads=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_onnx):
+    check = synthetic_aerial_images(6, SIZE, seed=99)
+    report = quantize_model(fp32_onnx, _calibration(), check, threads=1, latency_repeats=2,
+                            min_cosine=TEST_MIN_COSINE, cpu_candidates=["dynamic-matmul", "static-u8s8"])
+    return fp32_onnx, report
+
+
+def test_all_variants_written_with_the_fp32_identity(quantized):
+    src, report = quantized
+    base = read_onnx_info(src)
+    files = {v.precision: Path(v.path) for v in report.variants}
+    assert set(files) == {"int8-qdq", "int8-cpu", "fp16"}
+    for precision, path in files.items():
+        assert path.parent == src.parent and path.name == f"lite0.{precision}.onnx"
+        info = read_onnx_info(path)
+        assert info.precision == precision
+        assert (info.model_hash, info.embed_dim, info.preprocessing) == (base.model_hash, base.embed_dim,
+                                                                         base.preprocessing)
+    saved = json.loads((src.parent / "lite0.quantize.json").read_text())
+    assert saved["model_hash"] == base.model_hash and len(saved["variants"]) == 3
+    # no temp folders or candidates left behind
+    assert sorted(p.name for p in src.parent.iterdir()) == sorted(
+        ["lite0.onnx", "lite0.quantize.json"] + [f"lite0.{p}.onnx" for p in files])
+
+
+def test_qdq_variant_is_in_tensorrt_explicit_quantization_form(quantized):
+    src, report = quantized
+    path = next(Path(v.path) for v in report.variants if v.precision == "int8-qdq")
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q_nodes, "no QuantizeLinear nodes"
+    for q in q_nodes:  # symmetric signed int8 activations: zero point 0 of type int8
+        zp = init[q.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:  # every Conv reads dequantized activations and per-channel int8 weights
+        x_dq, w_dq = producers[conv.input[0]], producers[conv.input[1]]
+        assert x_dq.op_type == w_dq.op_type == "DequantizeLinear"
+        weight, w_scale = init[w_dq.input[0]], init[w_dq.input[1]]
+        assert weight.dtype == np.int8
+        assert w_scale.size == weight.shape[0]       # one scale per output channel
+    assert not [n for n in model.graph.node if n.op_type.startswith("QLinear")]
+
+
+def test_fp16_variant_keeps_float32_io_and_layernorm(quantized):
+    src, report = quantized
+    v = next(v for v in report.variants if v.precision == "fp16")
+    model = onnx.load(v.path)
+    io_types = {t.type.tensor_type.elem_type for t in list(model.graph.input) + list(model.graph.output)}
+    assert io_types == {onnx.TensorProto.FLOAT}
+    weights = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)]
+    conv_w = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights if t.name in conv_w)
+    ln = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    ln_w = {t.name: t.data_type for t in model.graph.initializer}
+    assert ln and all(ln_w[n.input[1]] == onnx.TensorProto.FLOAT for n in ln)
+    assert v.cosine_min > 0.999   # float16 is nearly lossless even for this sensitive descriptor
+
+
+def test_cpu_variant_is_the_fastest_candidate_that_meets_the_bar(quantized):
+    _, report = quantized
+    ran = [c for c in report.cpu_candidates if np.isfinite(c.latency_ms)]
+    ok = [c for c in ran if c.cosine_min >= TEST_MIN_COSINE]
+    assert report.cpu_choice == min(ok, key=lambda c: c.latency_ms).name
+    skipped = [c for c in report.cpu_candidates if c.name == "dynamic-matmul"]
+    assert skipped and "no MatMul" in skipped[0].note   # Lite0 is all convolutions
+    cpu = next(v for v in report.variants if v.precision == "int8-cpu")
+    model = onnx.load(cpu.path)
+    assert any(n.op_type in ("QLinearConv", "ConvInteger") for n in model.graph.node)
+    assert "int8-cpu" in report.table() and report.cpu_choice in report.table()
+
+
+def test_int8_descriptors_still_follow_fp32(quantized):
+    src, report = quantized
+    images = load_images(MAP, 6, SIZE, seed=11) if MAP.is_file() else synthetic_aerial_images(6, SIZE, seed=11)
+    ref = OnnxRuntimeEmbedder(src, threads=1).embed(images)
+    for v in report.variants:
+        got = OnnxRuntimeEmbedder(v.path, threads=1).embed(images)
+        same = np.sum(ref * got, axis=1)
+        others = ref @ got.T
+        # each quantized descriptor is closer to its own image's FP32 descriptor than to any other's
+        assert np.all(same >= others.max(axis=1) - 1e-6), v.precision
+
+
+def test_drifting_variant_is_an_error_and_writes_nothing(fp32_onnx, tmp_path):
+    with pytest.raises(MeanNavError, match="drift from FP32"):
+        quantize_model(fp32_onnx, _calibration(2), synthetic_aerial_images(2, SIZE), out_dir=tmp_path,
+                       threads=1, latency_repeats=1, variants=("fp16",), min_cosine=1.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_clear_errors(fp32_onnx, tmp_path, capsys):
+    with pytest.raises(MeanNavError, match="calibration set is empty"):
+        quantize_model(fp32_onnx, [], synthetic_aerial_images(2, SIZE), out_dir=tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["quantize", str(fp32_onnx), "--calibration", str(empty)]) == 1
+    assert "folder has no images" in capsys.readouterr().err
+    fp16 = fp32_onnx.parent / "lite0.fp16.onnx"
+    if fp16.is_file():
+        assert cli_main(["quantize", str(fp16), "-o", str(tmp_path)]) == 1
+        assert "already fp16" in capsys.readouterr().err
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])).SerializeToString())
+    assert cli_main(["quantize", str(plain)]) == 1
+    assert "not a MEAN deploy graph" in capsys.readouterr().err
