@@ -432,3 +432,18 @@ def test_cache_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     assert res["approx"][-1]["recall_at_10"] == 1.0  # nprobe 50 of 50 lists: exhaustive
     assert res["bytes_per_tile"]["disk_embeddings"] == 64.0
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_a_shard_over_nodata_is_an_empty_cache_that_merges_as_nothing(tmp_path):
+    rgb = synthetic_map(seed=7)
+    rgb[:180] = 0  # northern part black: shard 0 of 2 (northern tile rows) has no ground
+    path = write_geotiff(tmp_path / "m.tif", rgb)
+    s0 = TileCache.load(build_cache([path], tmp_path / "s0", ColourGradientEmbedder(), shard=(0, 2), **BUILD))
+    s1 = TileCache.load(build_cache([path], tmp_path / "s1", ColourGradientEmbedder(), shard=(1, 2), **BUILD))
+    assert len(s0) == 0 and len(s1) > 0
+    assert s0.search(np.ones(64, np.float32) / 8.0) == [] and "tiles          0" in s0.describe()
+    merged = TileCache.load(merge_caches([s0.folder, s1.folder], tmp_path / "m", progress=False))
+    assert len(merged) == len(s1) and np.array_equal(np.asarray(merged.embeddings), np.asarray(s1.embeddings))
+    with pytest.raises(MeanNavError, match="no tile has at least the minimum valid fraction"):
+        black = write_geotiff(tmp_path / "black.tif", np.zeros((64, 64, 3), np.uint8))
+        build_cache([black], tmp_path / "b", ColourGradientEmbedder(), **BUILD)

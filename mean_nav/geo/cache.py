@@ -244,10 +244,10 @@ def _assemble(out: Path, grid: TileGrid, blocks: list[Block], model: dict, setti
               tile_range, shard) -> None:
     """Concatenate the per-block results into the final files; meta.json last."""
     work = out / WORK
-    results = []
+    results = []  # small per-block arrays; embeddings are streamed block by block below
     for block in blocks:
         with np.load(work / f"block-{block.index:06d}.npz") as z:
-            results.append({k: z[k] for k in z.files})
+            results.append({k: z[k] for k in ("i", "j", "valid_fraction", "part")})
     n = sum(len(r["i"]) for r in results)
     if n == 0 and shard is None:  # an empty shard (all nodata) is fine: it merges as nothing
         raise MeanNavError(f"{out}: no tile has at least the minimum valid fraction of map data; "
@@ -256,8 +256,9 @@ def _assemble(out: Path, grid: TileGrid, blocks: list[Block], model: dict, setti
     tmp = out / (EMBEDDINGS + ".tmp.npy")
     emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
     pos = 0
-    for r in results:
-        emb[pos:pos + len(r["i"])] = r["embeddings"]
+    for block, r in zip(blocks, results):
+        with np.load(work / f"block-{block.index:06d}.npz") as z:
+            emb[pos:pos + len(r["i"])] = z["embeddings"]
         pos += len(r["i"])
     emb.flush()
     del emb
