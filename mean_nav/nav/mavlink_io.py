@@ -219,7 +219,8 @@ class MavlinkLink:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=3.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=3.0)
         if self._conn is not None:
             self._conn.close()
 

@@ -1,0 +1,305 @@
+"""`mean-nav run --config nav.yaml`: the onboard daemon.
+
+camera (newest frame) + MAVLink telemetry -> Localizer -> GPS_INPUT / GLOBAL_POSITION_SENSOR,
+with a 1 Hz HEARTBEAT that tells the truth about the pipeline:
+
+  state        system_status   when
+  starting     STANDBY         start-up, before camera and telemetry are both seen
+  searching    STANDBY         pipeline healthy, no visual fix in the last fix_timeout_s
+  tracking     ACTIVE          a gated visual fix within fix_timeout_s
+  broken       CRITICAL        camera lost, no telemetry, or the localizer failing
+
+State changes go out as STATUSTEXT (rate-limited) and into the log. Every processed
+frame is logged as one JSON line (capture-to-send latency included; ArduPilot's
+GPS1_DELAY_MS compensates at most 250 ms). The daemon stops cleanly on SIGTERM/SIGINT
+and exits with a message only for what it cannot run without (config, camera model,
+model, tile cache, a model that does not match the cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+from ..config import load_config
+from ..errors import MeanNavError
+from .camera import Frame, FrameSource, LatestFrameGrabber, open_source
+from .camera_model import CameraModel
+from .estimate import Estimate, FixQuality
+from .localizer import Localizer, LocalizerConfig
+from .mavlink_io import MAV, MavlinkConfig, MavlinkLink
+
+log = logging.getLogger("mean_nav.daemon")
+
+
+@dataclass
+class CameraConfig:
+    uri: str = "csi://0"                 # csi://N, v4l2:///dev/videoN, rtsp://..., video file, image folder
+    calibration: str = "camera.yaml"     # CameraModel YAML (mean-nav calibrate-camera)
+    width: int = 1280                    # capture mode for csi:// and v4l2://
+    height: int = 720
+    fps: int = 30
+    folder_fps: float = 2.0              # image folders without frames.csv
+    loop: bool = False                   # replay a file source forever (bench tests)
+    reopen_max_s: float = 10.0           # back-off limit when reopening a lost camera
+
+
+@dataclass
+class ModelConfig:
+    path: str = "model.onnx"             # .onnx (TensorRT engine beside it is used when present), .engine, .pt
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class CacheConfig:
+    path: str = "cache"
+    verify_checksums: bool = True
+
+
+@dataclass
+class NavConfig:
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    mavlink: MavlinkConfig = field(default_factory=MavlinkConfig)
+    localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
+    initial_lat: float | None = None     # optional prior: narrows the first search
+    initial_lon: float | None = None
+    max_rate_hz: float = 5.0             # frames processed per second at most
+    fix_timeout_s: float = 5.0           # ACTIVE while the last fix is younger than this
+    telemetry_timeout_s: float = 2.0     # no attitude this long: broken
+    startup_grace_s: float = 5.0         # before this, missing camera/telemetry is "starting"
+    max_latency_s: float = 0.25          # warn above (ArduPilot compensates at most 250 ms)
+    frame_log: str | None = None         # JSON lines, one per processed frame
+    summary_interval_s: float = 10.0
+
+
+def resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_nav_config(path: str | Path) -> NavConfig:
+    cfg = load_config(path, NavConfig)
+    if (cfg.initial_lat is None) != (cfg.initial_lon is None):
+        raise MeanNavError(f"{path}: set both initial_lat and initial_lon, or neither")
+    if cfg.max_rate_hz <= 0:
+        raise MeanNavError(f"{path}: field 'max_rate_hz' must be positive")
+    return cfg
+
+
+STATUS = {"starting": MAV.MAV_STATE_STANDBY, "searching": MAV.MAV_STATE_STANDBY,
+          "tracking": MAV.MAV_STATE_ACTIVE, "broken": MAV.MAV_STATE_CRITICAL}
+SEVERITY = {"starting": MAV.MAV_SEVERITY_INFO, "searching": MAV.MAV_SEVERITY_WARNING,
+            "tracking": MAV.MAV_SEVERITY_INFO, "broken": MAV.MAV_SEVERITY_CRITICAL}
+
+
+class NavDaemon:
+    """The onboard loop. Parts may be injected (tests, the ROS node); otherwise built from cfg."""
+
+    def __init__(self, cfg: NavConfig, config_dir: Path = Path("."), embedder=None, cache=None,
+                 camera: CameraModel | None = None, source: FrameSource | None = None,
+                 link: MavlinkLink | None = None):
+        self.cfg = cfg
+        self.camera = camera or CameraModel.from_yaml(resolve(config_dir, cfg.camera.calibration))
+        if embedder is None:
+            from ..deploy.backends import load_embedder
+            embedder = load_embedder(resolve(config_dir, cfg.model.path), cfg.model.backend, cfg.model.threads)
+        if cache is None:
+            from ..geo.cache import TileCache
+            cache = TileCache.load(resolve(config_dir, cfg.cache.path), expect_model_hash=embedder.model_hash,
+                                   verify=cfg.cache.verify_checksums)
+        initial = None if cfg.initial_lat is None else (cfg.initial_lon, cfg.initial_lat)
+        self.localizer = Localizer(embedder, cache, self.camera, cfg.localizer, initial_lonlat=initial)
+        if source is None:
+            uri = cfg.camera.uri
+            if "://" not in uri and not uri.isdigit():
+                uri = str(resolve(config_dir, uri))
+            source = open_source(uri, cfg.camera.width, cfg.camera.height, cfg.camera.fps, realtime=True,
+                                 loop=cfg.camera.loop, folder_fps=cfg.camera.folder_fps)
+        self.source = source
+        self.link = link or MavlinkLink(cfg.mavlink)
+        self.on_estimate: list[Callable[[Estimate, Frame], None]] = []
+        self.state = "starting"
+        self.state_detail = ""
+        self.stop_event = threading.Event()
+        self.epoch_minus_monotonic = time.time() - time.monotonic()
+        self.stats = {"frames": 0, "fixes": 0, "sent": 0, "errors": 0, "latency_s": []}
+        self._frame_log = None
+
+    # --- control ----------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self, duration_s: float | None = None) -> int:
+        """Run until stopped, the duration passes, or a file source ends. Returns 0."""
+        handlers = self._install_signal_handlers()
+        grabber = LatestFrameGrabber(self.source, reopen_max_s=self.cfg.camera.reopen_max_s)
+        if self.cfg.frame_log:
+            Path(self.cfg.frame_log).parent.mkdir(parents=True, exist_ok=True)
+            self._frame_log = open(self.cfg.frame_log, "a", buffering=1, encoding="utf-8")
+        self.link.start()
+        grabber.start()
+        started = time.monotonic()
+        log.info("running: camera %s, output %s on %s", self.source.uri, self.cfg.mavlink.output,
+                 self.cfg.mavlink.connection)
+        next_heartbeat = 0.0
+        next_summary = started + self.cfg.summary_interval_s
+        last_index = -1
+        last_processed = -math.inf
+        last_fix = -math.inf
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if duration_s is not None and now - started >= duration_s:
+                    break
+                self._update_state(now, started, grabber, last_fix)
+                if now >= next_heartbeat:
+                    self.link.send_heartbeat(STATUS[self.state])
+                    next_heartbeat = now + 1.0
+                self.link.flush_statustext(now)
+                if now >= next_summary:
+                    self._log_summary()
+                    next_summary = now + self.cfg.summary_interval_s
+                wait = max(0.0, min(0.05, next_heartbeat - now))
+                frame = grabber.latest(newer_than=last_index, timeout_s=wait)
+                if frame is None:
+                    if grabber.state == "ended":
+                        log.info("camera source ended")
+                        break
+                    continue
+                last_index = frame.index
+                if now - last_processed < 1.0 / self.cfg.max_rate_hz:
+                    continue
+                last_processed = now
+                est = self._process(frame)
+                if est.fix == FixQuality.FIX:
+                    last_fix = time.monotonic()
+        finally:
+            grabber.stop()
+            self.link.send_heartbeat(MAV.MAV_STATE_POWEROFF if self.stop_event.is_set() else STATUS[self.state])
+            self.link.close()
+            if self._frame_log:
+                self._frame_log.close()
+            self._restore_signal_handlers(handlers)
+            self._log_summary()
+        return 0
+
+    # --- per frame --------------------------------------------------------------------
+    def _process(self, frame: Frame) -> Estimate:
+        telemetry = self.link.telemetry_at(frame.time_s)
+        try:
+            est = self.localizer.process(frame.image if not frame.problem else None, telemetry, frame.time_s)
+        except Exception as exc:   # a bug or a broken model must not stop the heartbeat
+            self.stats["errors"] += 1
+            log.exception("localizer failed on frame %d", frame.index)
+            est = Estimate(time_s=frame.time_s, fix=FixQuality.NONE, reason=f"internal error: {exc}")
+        processing_s = est.latency_s if math.isfinite(est.latency_s) else 0.0
+        sent = self.link.send_estimate(est, frame.time_s + self.epoch_minus_monotonic, processing_s)
+        latency = time.monotonic() - frame.time_s
+        est.latency_s = latency
+        self.stats["frames"] += 1
+        self.stats["fixes"] += est.fix == FixQuality.FIX
+        self.stats["sent"] += sent
+        self.stats["latency_s"].append(latency)
+        if latency > self.cfg.max_latency_s and est.fix == FixQuality.FIX:
+            log.warning("capture-to-send latency %.0f ms exceeds %.0f ms (GPS1_DELAY_MS cannot compensate)",
+                        latency * 1000, self.cfg.max_latency_s * 1000)
+        record = {"frame": frame.index, "capture_s": round(frame.time_s, 4), "recorded_s": frame.source_time_s,
+                  "fix": int(est.fix), "sent": bool(sent), "lat": _num(est.lat, 8), "lon": _num(est.lon, 8),
+                  "sigma_h_m": _num(est.sigma_h_m, 2), "vn": round(est.vn, 2), "ve": round(est.ve, 2),
+                  "tile": est.tile_id, "inliers": est.inliers, "processing_ms": round(processing_s * 1000, 1),
+                  "latency_ms": round(latency * 1000, 1), "reason": est.reason or frame.problem}
+        line = json.dumps(record)
+        log.debug("frame %s", line)
+        if self._frame_log:
+            self._frame_log.write(line + "\n")
+        for callback in self.on_estimate:
+            try:
+                callback(est, frame)
+            except Exception:
+                log.exception("estimate callback failed")
+        return est
+
+    # --- health -----------------------------------------------------------------------
+    def _update_state(self, now: float, started: float, grabber: LatestFrameGrabber, last_fix: float) -> None:
+        in_grace = now - started < self.cfg.startup_grace_s
+        telemetry = self.link.telemetry.at(now)
+        telemetry_ok = telemetry is not None and now - telemetry.time_s < self.cfg.telemetry_timeout_s
+        if grabber.state == "reconnecting" and not in_grace:
+            state, detail = "broken", "camera lost, reconnecting"
+        elif not telemetry_ok and not in_grace:
+            state, detail = "broken", "no attitude from the vehicle"
+        elif self.stats["errors"] and self.stats["frames"] and self.stats["errors"] >= self.stats["frames"] // 2 + 1:
+            state, detail = "broken", "localizer failing"
+        elif now - last_fix < self.cfg.fix_timeout_s:
+            state, detail = "tracking", "visual fix"
+        elif grabber.state in ("starting",) or not telemetry_ok:
+            state, detail = "starting", "waiting for camera and telemetry"
+        else:
+            state, detail = "searching", "no visual fix"
+        if state != self.state or (state == "broken" and detail != self.state_detail):
+            log.log(logging.WARNING if state in ("broken", "searching") else logging.INFO,
+                    "state %s -> %s (%s)", self.state, state, detail)
+            self.link.send_statustext(SEVERITY[state], f"MNAV: {state}: {detail}", now)
+            self.state, self.state_detail = state, detail
+
+    def _log_summary(self) -> None:
+        s = self.stats
+        lat = np.array(s["latency_s"][-500:]) * 1000
+        log.info("frames %d, fixes %d, positions sent %d, errors %d, latency median %.0f ms p95 %.0f ms, state %s",
+                 s["frames"], s["fixes"], s["sent"], s["errors"], np.median(lat) if len(lat) else math.nan,
+                 np.percentile(lat, 95) if len(lat) else math.nan, self.state)
+
+    # --- signals ----------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
+        return previous
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("signal %d: stopping", signum)
+        self.stop_event.set()
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
+
+
+def _num(value: float, digits: int):
+    return round(float(value), digits) if math.isfinite(value) else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="nav.yaml (see mean_nav/nav/nav.example.yaml)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--check", action="store_true",
+                        help="load config, camera, model and cache, then exit (pre-flight check)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config_path = Path(args.config)
+    cfg = load_nav_config(config_path)
+    daemon = NavDaemon(cfg, config_dir=config_path.resolve().parent)
+    if args.check:
+        loc = daemon.localizer
+        print(f"ok: camera {daemon.camera.width}x{daemon.camera.height}, model {loc.embedder.model_hash} "
+              f"({loc.embedder.name}, {loc.embedder.precision}), cache {len(loc.cache)} tiles at "
+              f"{loc.gsd_m:g} m/px, MAVLink {cfg.mavlink.connection} -> {cfg.mavlink.output}")
+        daemon.link.close()
+        return 0
+    return daemon.run(args.duration)
