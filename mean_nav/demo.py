@@ -36,16 +36,16 @@ MAX_ASSET_BYTES = 10 * 1024 * 1024
 @dataclass
 class DemoConfig:
     world_seed: int = 2024          # the demo model never trained on this world
-    world_px: int = 1600            # 400 m x 400 m at 0.25 m/px
+    world_px: int = 1200            # 300 m x 300 m at 0.25 m/px
     world_gsd_m: float = 0.25
     cache_gsd_m: float = 0.25       # tiles: 60 m at 0.25 m/px, 20 m stride
     tile_size_m: float = 60.0
     stride_m: float = 20.0
     altitude_m: float = 60.0
     speed_ms: float = 10.0
-    fps: float = 2.0
+    fps: float = 1.0
     duration_s: float | None = None  # None: one lap of the planned route
-    leave_map_m: float = 150.0
+    leave_map_m: float = 120.0
     camera_px: tuple[int, int] = (640, 480)
     hfov_deg: float = 70.0
     flight_seed: int = 7
@@ -74,7 +74,7 @@ def rebuild_model(work: Path, threads: int = 2) -> Path:
         print("+", " ".join(cmd), flush=True)
         if subprocess.call(cmd) != 0:
             raise MeanNavError(f"demo --rebuild-model: `{' '.join(cmd[2:4])}` failed; see its output above")
-    onnx_path = shrink_for_asset(run_dir / "model.onnx", run_dir / "model_fp16.onnx")
+    onnx_path = shrink_for_asset(run_dir / "model.onnx")
     ASSET.parent.mkdir(parents=True, exist_ok=True)
     tmp = ASSET.with_suffix(".onnx.tmp")
     shutil.copyfile(onnx_path, tmp)
@@ -83,12 +83,15 @@ def rebuild_model(work: Path, threads: int = 2) -> Path:
     return ASSET
 
 
-def shrink_for_asset(onnx_path: Path, fp16_path: Path) -> Path:
-    """The exported model if it fits the 10 MiB asset budget, else its FP16 variant."""
+def shrink_for_asset(onnx_path: Path) -> Path:
+    """The exported model if it fits the 10 MiB asset budget, else its FP16 variant
+    (`mean-nav quantize --variants fp16`: float16 weights, float32 inputs and outputs)."""
     if onnx_path.stat().st_size <= MAX_ASSET_BYTES:
         return onnx_path
-    cmd = [sys.executable, "-m", "mean_nav.cli", "quantize", str(onnx_path), "--fp16", "-o", str(fp16_path)]
+    cmd = [sys.executable, "-m", "mean_nav.cli", "quantize", str(onnx_path), "--variants", "fp16",
+           "-o", str(onnx_path.parent)]
     print("+", " ".join(cmd), flush=True)
+    fp16_path = onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
     if subprocess.call(cmd) != 0 or not fp16_path.is_file():
         raise MeanNavError(f"{onnx_path}: too big for the asset ({onnx_path.stat().st_size / 2**20:.1f} MiB) "
                            "and the FP16 conversion failed")
