@@ -1,0 +1,208 @@
+"""MAVLink I/O over UDP loopback with a pymavlink peer acting as the autopilot."""
+import calendar
+import math
+import socket
+import threading
+import time
+
+import pytest
+
+from mean_nav.nav.estimate import Estimate, FixQuality
+from mean_nav.nav.gps_time import gps_week_and_ms
+from mean_nav.nav.mavlink_io import (MAV, MavlinkConfig, MavlinkLink, TelemetryHistory, dop_for_accuracy,
+                                     mavutil, satellites_for_accuracy)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pair():
+    """(link under test, autopilot-side peer) over UDP loopback."""
+    port = free_udp_port()
+    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=7, source_component=1,
+                                      dialect="common")
+    link = MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", statustext_interval_s=0.5))
+    yield link, peer
+    link.close()
+    peer.close()
+
+
+def recv(peer, kind, timeout=2.0, cond=lambda m: True):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = peer.recv_match(type=kind, blocking=True, timeout=0.1)
+        if msg is not None and cond(msg):
+            return msg
+    return None
+
+
+def fix_estimate(**kw):
+    base = dict(time_s=1.0, fix=FixQuality.FIX, lat=51.8401685, lon=4.9866870, alt_m=70.5, vn=4.0, ve=-1.0,
+                vd=0.2, sigma_h_m=2.4, sigma_v_m=3.0, sigma_speed_ms=0.4)
+    base.update(kw)
+    return Estimate(**base)
+
+
+def test_gps_time_counts_leap_seconds():
+    new_year_2017 = calendar.timegm((2017, 1, 1, 0, 0, 0))   # GPS week 1930 started then (GPS time)
+    assert gps_week_and_ms(new_year_2017) == (1930, 18_000)
+    # one second earlier only 17 leap seconds applied: 17 - 1 = 16 s into week 1930
+    assert gps_week_and_ms(new_year_2017 - 1.0) == (1930, 16_000)
+    assert gps_week_and_ms(new_year_2017 - 20.0) == (1929, 604_800_000 - 3000)
+    assert gps_week_and_ms(calendar.timegm((2024, 6, 1, 12, 0, 0)) + 0.25)[1] % 1000 == 250
+
+
+def test_gps_input_carries_a_gated_fix_with_policy_fields(pair):
+    link, peer = pair
+    unix = calendar.timegm((2026, 3, 1, 10, 0, 0)) + 0.5
+    assert link.send_estimate(fix_estimate(), unix)
+    msg = recv(peer, "GPS_INPUT")
+    assert msg is not None
+    assert msg.fix_type == 3 and msg.gps_id == 0
+    assert msg.lat == round(51.8401685e7) and msg.lon == round(4.9866870e7)
+    assert msg.alt == pytest.approx(70.5)
+    assert msg.horiz_accuracy == pytest.approx(2.4) and msg.vert_accuracy == pytest.approx(3.0)
+    assert msg.speed_accuracy == pytest.approx(0.4, abs=1e-6)
+    assert (msg.vn, msg.ve) == (pytest.approx(4.0), pytest.approx(-1.0))
+    assert msg.ignore_flags == 0        # velocity is a real filter estimate, never ignored
+    assert msg.hdop == pytest.approx(dop_for_accuracy(2.4))
+    assert msg.satellites_visible == satellites_for_accuracy(2.4) == 10
+    assert (msg.time_week, msg.time_week_ms) == gps_week_and_ms(unix)
+    assert msg.time_usec == int(unix * 1e6)
+
+
+def test_without_a_fix_no_position_is_sent(pair):
+    link, peer = pair
+    coasting = fix_estimate(fix=FixQuality.COASTING, reason="fix gated out")
+    assert not link.send_estimate(coasting, time.time())
+    msg = recv(peer, "GPS_INPUT")
+    assert msg is not None and msg.fix_type == 0
+    assert msg.lat == 0 and msg.lon == 0                 # the coasting prediction is not leaked
+    link.cfg.send_no_fix = False
+    time.sleep(0.06)
+    link.send_estimate(coasting, time.time())
+    assert recv(peer, "GPS_INPUT", timeout=0.3) is None
+
+
+def test_samples_closer_than_50_ms_are_dropped(pair):
+    link, peer = pair
+    now = time.monotonic()
+    assert link.send_estimate(fix_estimate(), time.time(), now=now)
+    assert not link.send_estimate(fix_estimate(), time.time(), now=now + 0.03)
+    assert link.send_estimate(fix_estimate(), time.time(), now=now + 0.06)
+    assert link.positions_sent == 2
+
+
+def test_px4_output_uses_global_position_sensor(pair):
+    link, peer = pair
+    link.cfg.output = "global_position_sensor"
+    assert link.send_estimate(fix_estimate(), time.time(), processing_s=0.12)
+    msg = recv(peer, "GLOBAL_POSITION_SENSOR")
+    assert msg is not None
+    assert msg.source == MAV.GLOBAL_POSITION_SRC_VISION
+    assert msg.eph == pytest.approx(2.4) and msg.processing_time == 120_000
+    assert msg.lat == round(51.8401685e7)
+    time.sleep(0.06)
+    assert not link.send_estimate(fix_estimate(fix=FixQuality.NONE), time.time())
+    assert recv(peer, "GLOBAL_POSITION_SENSOR", timeout=0.3) is None
+
+
+def test_heartbeat_identifies_an_onboard_controller(pair):
+    link, peer = pair
+    link.send_heartbeat(MAV.MAV_STATE_ACTIVE)
+    msg = recv(peer, "HEARTBEAT")
+    assert msg is not None
+    assert (msg.type, msg.autopilot, msg.system_status) == (18, 8, MAV.MAV_STATE_ACTIVE)
+    assert msg.get_srcComponent() == 191
+
+
+def test_statustext_is_rate_limited_and_keeps_the_newest(pair):
+    link, peer = pair
+    t = 100.0
+    assert link.send_statustext(MAV.MAV_SEVERITY_INFO, "MNAV: first", now=t)
+    assert not link.send_statustext(MAV.MAV_SEVERITY_WARNING, "MNAV: second", now=t + 0.1)
+    assert not link.send_statustext(MAV.MAV_SEVERITY_CRITICAL, "MNAV: third", now=t + 0.2)
+    assert link.flush_statustext(now=t + 0.6)
+    texts = []
+    for _ in range(2):
+        msg = recv(peer, "STATUSTEXT")
+        texts.append((msg.severity, msg.text))
+    assert texts == [(MAV.MAV_SEVERITY_INFO, "MNAV: first"), (MAV.MAV_SEVERITY_CRITICAL, "MNAV: third")]
+
+
+def test_reads_telemetry_and_requests_rates_with_acknowledgement(pair):
+    link, peer = pair
+    link.start()
+    link.send_heartbeat(MAV.MAV_STATE_STANDBY)          # lets the udpin peer learn our address
+    assert recv(peer, "HEARTBEAT") is not None
+    requested = []
+    stop = threading.Event()
+
+    def autopilot():
+        while not stop.is_set():
+            peer.mav.heartbeat_send(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_ARDUPILOTMEGA, 0, 0, 4)
+            peer.mav.attitude_send(int(time.monotonic() * 1000) % 2**32, 0.1, -0.05, 3.0, 0, 0, 0)
+            peer.mav.global_position_int_send(0, int(51.84e7), int(4.98e7), 70_500, 60_250, 400, -100, 20, 9000)
+            peer.mav.distance_sensor_send(0, 20, 10000, 5830, 0, 0, 25, 0)   # cm, facing down
+            msg = peer.recv_match(type="COMMAND_LONG", blocking=True, timeout=0.05)
+            if msg is not None and msg.command == MAV.MAV_CMD_SET_MESSAGE_INTERVAL:
+                requested.append((int(msg.param1), msg.param2))
+                peer.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
+
+    thread = threading.Thread(target=autopilot, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5.0
+        while len(link.rate_acks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tel = link.telemetry_at(time.monotonic())
+    finally:
+        stop.set()
+        thread.join()
+    assert link.vehicle_system == 7
+    assert dict(requested)[MAV.MAVLINK_MSG_ID_ATTITUDE] == pytest.approx(1e6 / 50)
+    assert set(link.rate_acks.values()) == {MAV.MAV_RESULT_ACCEPTED} and len(link.rate_acks) == 3
+    assert tel is not None
+    assert (tel.roll, tel.pitch, tel.yaw) == (pytest.approx(0.1), pytest.approx(-0.05), pytest.approx(3.0))
+    assert tel.rel_alt_m == pytest.approx(60.25) and tel.alt_amsl_m == pytest.approx(70.5)
+    assert tel.vn == pytest.approx(4.0) and tel.ve == pytest.approx(-1.0)
+    assert tel.range_m == pytest.approx(58.3)
+    assert tel.height_above_ground_m == pytest.approx(58.3)   # rangefinder preferred
+    assert link.link_up
+
+
+def test_attitude_is_interpolated_at_the_frame_time_across_the_yaw_wrap():
+    h = TelemetryHistory()
+    h.add_attitude(10.0, 0.0, 0.1, math.pi - 0.1)
+    h.add_attitude(10.1, 0.2, 0.1, -math.pi + 0.1)
+    tel = h.at(10.05)
+    assert tel.time_s == 10.05
+    assert tel.roll == pytest.approx(0.1)
+    assert abs(math.remainder(tel.yaw - math.pi, 2 * math.pi)) < 1e-9   # through +-pi, not through 0
+    late = h.at(12.0)
+    assert late.time_s == 10.1            # not interpolated: the age shows it is stale
+    assert math.isnan(late.rel_alt_m)     # no position received at all
+
+
+def test_signed_messages_verify_only_with_the_right_key():
+    port = free_udp_port()
+    key = bytes(range(32))
+    good = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", dialect="common")
+    good.setup_signing(key, sign_outgoing=False)
+    link = MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", signing_key_hex=key.hex()))
+    try:
+        link.send_heartbeat(MAV.MAV_STATE_STANDBY)
+        msg = recv(good, "HEARTBEAT")
+        assert msg is not None and msg.get_signed()
+        good.setup_signing(bytes(32), sign_outgoing=False)      # wrong key: rejected
+        link.send_heartbeat(MAV.MAV_STATE_STANDBY)
+        assert recv(good, "HEARTBEAT", timeout=0.5) is None
+    finally:
+        link.close()
+        good.close()
+    with pytest.raises(Exception, match="signing_key_hex"):
+        MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", signing_key_hex="abcd"))
