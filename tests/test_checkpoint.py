@@ -225,3 +225,32 @@ def test_build_model_loads_convnext_tiny_official_release_layout(tmp_path):
         lite_like = tmp_path / "lite.pth"
         torch.save({"_conv_stem.weight": torch.zeros(1)}, lite_like)
         build_model(ModelConfig(backbone="convnext_tiny", pretrained=str(lite_like)))
+
+
+def write_safetensors_by_hand(path, state):
+    """Minimal writer following the published layout (header length, JSON header, bytes)."""
+    import json
+    import struct
+
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in state.items():
+        raw = tensor.contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_timm_safetensors_file_loads_without_the_safetensors_package(source_backbone, tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_safetensors_by_hand(path, to_timm_keys(source_backbone.state_dict()))
+    target = ConvNeXt(**TINY).eval()
+    assert load_convnext_imagenet(target, path)["format"] == "timm"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(target(x), source_backbone(x))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(MeanNavError, match="cut.safetensors: not a valid .safetensors file"):
+        load_convnext_imagenet(ConvNeXt(**TINY), cut)

@@ -16,11 +16,14 @@ formats convert to it explicitly: the official ConvNeXt release
 """
 from __future__ import annotations
 
+import json
 import re
+import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -294,15 +297,54 @@ def load_convnext_imagenet(model: ConvNeXt, path: str | Path) -> dict[str, objec
 
 
 def read_weights_file(path: Path) -> object:
-    """torch.load(weights_only=True) with one clear error for missing, truncated or foreign files."""
+    """torch.load(weights_only=True) (or a .safetensors reader) with one clear error for
+    missing, truncated or foreign files."""
     if not path.is_file():
         raise MeanNavError(f"{path}: weights file not found; check the path (nothing is downloaded)")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or pickled-object files
         raise MeanNavError(f"{path}: cannot be read as a PyTorch weights file with weights_only=True "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                            f"the file may be truncated or not a state dict") from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32),
+    "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
+    "BOOL": (np.bool_, torch.bool),
+}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file (timm/Hugging Face weights) without the safetensors package.
+
+    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} (plus optional "__metadata__"), then the raw little-endian tensor bytes.
+    """
+    data = path.read_bytes()
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_len])
+        base = 8 + header_len
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            np_dtype, torch_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            if base + end > len(data):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            array = np.frombuffer(data, dtype=np.dtype(np_dtype).newbyteorder("<"), count=(end - start)
+                                  // np.dtype(np_dtype).itemsize, offset=base + start)
+            tensor = torch.from_numpy(array.astype(np_dtype, copy=True)).reshape(entry["shape"])
+            out[name] = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor
+        return out
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise MeanNavError(f"{path}: not a valid .safetensors file ({exc}); the file may be truncated") from None
 
 
 def native_to_official(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
