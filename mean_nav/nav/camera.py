@@ -260,7 +260,7 @@ def open_source(uri: str, width: int = 1280, height: int = 720, fps: int = 30,
         path = Path(parsed.path if parsed.scheme == "file" else uri)
         if path.is_dir():
             return ImageFolderSource(path, realtime=realtime, fps=folder_fps, loop=loop)
-        if path.suffix.lower() in VIDEO_SUFFIXES or path.is_file():
+        if path.is_file():
             return VideoFileSource(path, realtime=realtime, loop=loop)
         raise MeanNavError(f"camera.uri {uri!r}: no such file or folder; check the path")
     raise MeanNavError(f"camera.uri {uri!r}: unknown scheme {parsed.scheme!r}; use csi://, v4l2://, rtsp://, "
