@@ -137,3 +137,36 @@ def test_tlog_holds_the_daemons_gps_input_for_every_frame_on_the_frame_clock(fli
     assert fixed and all(abs(m.lat * 1e-7 - lat) < 1e-6 and abs(m.lon * 1e-7 - lon) < 1e-6
                          for m, lat, lon in zip(fixed, cols["lat"][fix], cols["lon"][fix]))
     assert all(m.horiz_accuracy == pytest.approx(2.0) for m in fixed)  # the reported sigma, not a constant
+
+
+def test_replay_command_runs_the_real_localizer_and_prints_where_the_report_is(tmp_path, capsys):
+    """CLI path: shipped demo model, a cache of a small procedural world, a short simulated flight."""
+    from mean_nav.cli import main
+    from mean_nav.data.world import generate_world
+    from mean_nav.demo import ASSET
+    from mean_nav.deploy.backends import load_embedder
+    from mean_nav.geo.cache import build_cache
+
+    world = generate_world(tmp_path / "world.tif", seed=11, size_px=560, gsd_m=0.25)
+    build_cache([world], tmp_path / "cache", load_embedder(ASSET, threads=2), gsd_m=0.25, tile_size_m=60,
+                stride_m=20, progress=False)
+    cfg = SimulationConfig(width=320, height=240, fps=1.0, duration_s=8, seed=3, map_gsd_m=0.25)
+    simulate_flight([world], tmp_path / "flight", cfg, progress=False)
+    out = tmp_path / "out"
+    code = main(["replay", str(tmp_path / "flight"), "--model", str(ASSET), "--cache", str(tmp_path / "cache"),
+                 "-o", str(out), "--tlog"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "horizontal error" in printed and str(out / "summary.json") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 8 and summary["prior"] == "gnss"
+    assert summary["fixes"] >= 4 and summary["error_m"]["median"] < 10
+    assert (out / "gps_input.tlog").stat().st_size > 0
+
+
+def test_replay_command_on_an_incomplete_folder_is_one_clear_error(tmp_path, capsys):
+    from mean_nav.cli import main
+
+    (tmp_path / "flight").mkdir()
+    code = main(["replay", str(tmp_path / "flight"), "--model", "m.onnx", "--cache", "c"])
+    err = capsys.readouterr().err
+    assert code == 1 and "camera.yaml" in err and len(err.strip().splitlines()) == 1

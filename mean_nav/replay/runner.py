@@ -47,7 +47,7 @@ class LocalizerLike(Protocol):
 class MapCoverage:
     """Whether a lat/lon is over valid map pixels (and the map for plotting)."""
 
-    def __init__(self, map_paths: list[Path], max_side_px: int = 1600):
+    def __init__(self, map_paths: list[Path], max_side_px: int = 1000):
         from ..geo.raster import read_metric_raster, union_bounds, area_crs
 
         crs = area_crs(map_paths)
