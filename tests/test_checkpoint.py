@@ -254,3 +254,15 @@ def test_timm_safetensors_file_loads_without_the_safetensors_package(source_back
     cut.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(MeanNavError, match="cut.safetensors: not a valid .safetensors file"):
         load_convnext_imagenet(ConvNeXt(**TINY), cut)
+
+
+def test_model_info_reads_a_checkpoint_config_and_prints_its_deploy_hash(trained, capsys):
+    import json
+
+    from mean_nav.cli import main
+
+    model, cfg, _, path = trained
+    assert main(["model-info", "--checkpoint", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["deploy_hash"] == deploy_hash(model)
+    assert info["embed_dim"] == 320 and info["model_config"]["num_classes"] == cfg.num_classes
