@@ -78,7 +78,8 @@ def calibrate(images: list[Path], board: tuple[int, int], square_m: float,
             raise MeanNavError(f"{path}: image size {grey.shape[1]}x{grey.shape[0]} differs from the first "
                                f"image ({size[0]}x{size[1]}); calibrate one camera mode at a time")
         found, corners = cv2.findChessboardCorners(
-            grey, (cols, rows), cv2.CALIB_CB_ADAPTIVE_THRESH | cv2.CALIB_CB_NORMALIZE_IMAGE)
+            grey, (cols, rows),
+            cv2.CALIB_CB_ADAPTIVE_THRESH | cv2.CALIB_CB_NORMALIZE_IMAGE | cv2.CALIB_CB_FAST_CHECK)
         if not found:
             log.info("%s: chessboard not found, skipped", path)
             rejected.append(path)
