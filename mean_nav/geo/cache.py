@@ -413,9 +413,10 @@ def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int, use_faiss: b
                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of float32 queries [Q, D] against float16 rows [N, D].
 
-    Streams the (memory-mapped) rows in chunks so memory stays flat. With faiss, each chunk
-    is scanned by its fp16 scalar-quantizer kernel (exact: fp16 decodes losslessly to fp32,
-    SIMD), which runs near memory speed; numpy converts each chunk to fp32 and uses BLAS.
+    Streams the (memory-mapped) rows in chunks so memory stays flat. For a few queries each
+    chunk is scanned by faiss's fp16 scalar-quantizer kernel (exact: fp16 decodes losslessly
+    to fp32), which runs near memory speed; otherwise (or without faiss) numpy converts each
+    chunk to fp32 and uses BLAS. use_faiss=True/False forces one path.
     Returns (scores [Q, k'], ids [Q, k']) sorted by decreasing score, k' = min(k, N).
     """
     n, dim = embeddings.shape
@@ -424,7 +425,10 @@ def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int, use_faiss: b
     nq = len(queries)
     if k <= 0:
         return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    faiss = _faiss() if use_faiss in (None, True) and _faiss_fp16_scan_works() else None
+    # one or a few queries: memory-bound, faiss's fp16 kernel wins; many queries: BLAS sgemm
+    # on fp32-converted chunks is compute-efficient and faster
+    wanted = use_faiss if use_faiss is not None else nq <= 8
+    faiss = _faiss() if wanted and _faiss_fp16_scan_works() else None
     if use_faiss and faiss is None:
         raise MeanNavError("faiss (with a working fp16 scan) is not installed; pip install faiss-cpu")
     best_s = np.full((nq, 0), -np.inf, np.float32)
