@@ -205,6 +205,7 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                 tlog.close()
             extra = dict(extra_summary or {})
             extra.update(problems=dict(problems), first_problems=first_problems, stopped_early=stopped or None,
+                         telemetry_source=flight.telemetry.source, telemetry_notes=list(flight.telemetry.notes),
                          gps_input_messages=tlog.count if tlog else None)
             summary = write_report(csv_path, out_dir, coverage.raster if coverage else None, extra)
     return summary
