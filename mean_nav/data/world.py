@@ -38,7 +38,8 @@ def generate_world(path: str | Path, seed: int = 0, size_px: int = 2048, gsd_m: 
 
 def write_geotiff(path: str | Path, image: np.ndarray, gsd_m: float,
                   centre_lonlat: tuple[float, float]) -> Path:
-    """Georeference an RGB image north-up around `centre_lonlat` and write it atomically."""
+    """Georeference an RGB image north-up around `centre_lonlat` (to within half a pixel)
+    and write it atomically."""
     import rasterio
     from affine import Affine
 
@@ -48,7 +49,10 @@ def write_geotiff(path: str | Path, image: np.ndarray, gsd_m: float,
     crs = utm_crs_for(lon, lat)
     cx, cy = from_lonlat(crs, lon, lat)
     h, w = image.shape[:2]
-    transform = Affine(gsd_m, 0, float(cx) - w / 2 * gsd_m, 0, -gsd_m, float(cy) + h / 2 * gsd_m)
+    # corners on multiples of the GSD: rasters read back at that GSD line up pixel for pixel
+    left = round((float(cx) - w / 2 * gsd_m) / gsd_m) * gsd_m
+    top = round((float(cy) + h / 2 * gsd_m) / gsd_m) * gsd_m
+    transform = Affine(gsd_m, 0, left, 0, -gsd_m, top)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent)
