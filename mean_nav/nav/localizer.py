@@ -58,8 +58,8 @@ class LocalizerConfig:
     min_valid_fraction: float = 0.5     # rectified view pixels the camera actually saw
     min_frame_contrast: float = 4.0     # grey-level std below this: black, blank or covered lens
     # measurement noise beyond the fit itself (per axis, 1 sigma)
-    attitude_sigma_deg: float = 0.5     # roll/pitch error moves the nadir by height * angle
-    position_floor_m: float = 0.5       # terrain relief, map registration, camera/telemetry sync
+    attitude_sigma_deg: float = 0.3     # roll/pitch error moves the nadir by height * angle
+    position_floor_m: float = 0.4       # terrain relief, map registration, camera/telemetry sync
     vertical_sigma_m: float = 3.0       # altitude comes from the autopilot, not from vision
     feature_cache_tiles: int = 128      # map-region features kept in memory (per tile id)
     refine: RefineConfig = field(default_factory=RefineConfig)

@@ -1,0 +1,142 @@
+"""The localizer on flights simulated over a real orthophoto, and on bad input."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mean_nav.errors import MeanNavError
+from mean_nav.nav.estimate import FixQuality
+from mean_nav.nav.localizer import Localizer, LocalizerConfig
+from mean_nav.nav.telemetry import Telemetry
+from nav_testing import SHARED_DATA, ThumbnailEmbedder, build_test_cache, require_shared_data, simulate
+
+MANILA = SHARED_DATA / "orthophotos" / "5b90f92da0d7280005fab355_4310.tif"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    require_shared_data()
+    from mean_nav.geo.cache import TileCache
+
+    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "gorinchem"))
+
+
+@pytest.fixture(scope="module")
+def flight(tmp_path_factory):
+    require_shared_data()
+    from mean_nav.replay.flight import Flight
+
+    return Flight(simulate(tmp_path_factory.mktemp("flight") / "f", duration_s=10.0, seed=3))
+
+
+def frames_of(flight, n=None):
+    return [f for f in flight.frames(0, n)]
+
+
+def run(localizer, frames):
+    return [localizer.process(f.image, f.telemetry, f.time_s) for f in frames]
+
+
+def errors_m(cache, estimates, frames):
+    out = []
+    for est, f in zip(estimates, frames):
+        tx, ty = cache.lonlat_to_xy(f.telemetry.lon, f.telemetry.lat)
+        ex, ey = cache.lonlat_to_xy(est.lon, est.lat)
+        out.append(math.hypot(ex - tx, ey - ty))
+    return np.array(out)
+
+
+def test_simulated_flight_gives_metre_level_fixes_within_their_sigma(cache, flight):
+    frames = frames_of(flight)
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+    estimates = run(loc, frames)
+    fixes = [(e, f) for e, f in zip(estimates, frames) if e.fix == FixQuality.FIX]
+    assert len(fixes) >= 0.8 * len(frames)
+    err = errors_m(cache, *zip(*fixes))
+    sigma = np.array([e.sigma_h_m for e, _ in fixes])
+    assert np.median(err) < 3.0
+    assert np.all(err < 3 * sigma), (err, sigma)
+    assert np.all(sigma < 10.0)
+    first_verified = next(e for e in estimates if e.inliers > 0)
+    assert first_verified.fix == FixQuality.NONE and "confirm" in first_verified.reason  # one match is not trusted
+    last = fixes[-1][0]
+    truth_speed = math.hypot(fixes[-1][1].telemetry.vn, fixes[-1][1].telemetry.ve)
+    assert abs(math.hypot(last.vn, last.ve) - truth_speed) < 2.0
+    assert all(math.isfinite(e.alt_m) and e.inliers >= 15 for e, _ in fixes)
+
+
+def test_flight_over_an_unmapped_place_never_gives_a_fix(cache, tmp_path):
+    require_shared_data()
+    from mean_nav.replay.flight import Flight
+
+    elsewhere = Flight(simulate(tmp_path / "manila", map_path=MANILA, duration_s=4.0, seed=1))
+    loc = Localizer(ThumbnailEmbedder(), cache, elsewhere.camera, LocalizerConfig())
+    estimates = run(loc, frames_of(elsewhere))
+    assert estimates and all(e.fix == FixQuality.NONE for e in estimates)
+    assert all(e.reason for e in estimates)
+
+
+def test_bad_frames_and_telemetry_give_no_fix_with_a_reason_and_keep_the_track(cache, flight):
+    frames = frames_of(flight, 8)
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(max_telemetry_age_s=0.2))
+    run(loc, frames[:5])
+    assert loc.filter.tracking
+    f = frames[5]
+    tel = f.telemetry
+    black = np.zeros_like(f.image)
+    stale = Telemetry(**{**tel.__dict__, "time_s": f.time_s - 1.0})
+    no_attitude = Telemetry(**{**tel.__dict__, "roll": math.nan})
+    too_low = Telemetry(**{**tel.__dict__, "rel_alt_m": 1.0, "range_m": math.nan})
+    cases = [
+        (black, tel, "black"), (None, tel, "no camera frame"), (f.image[:, :, 0], tel, "corrupt"),
+        (f.image[::2, ::2], tel, "camera model"), (f.image, None, "no telemetry"),
+        (f.image, stale, "stale telemetry"), (f.image, no_attitude, "attitude"), (f.image, too_low, "height"),
+    ]
+    for image, telemetry, words in cases:
+        est = loc.process(image, telemetry, f.time_s)
+        assert est.fix == FixQuality.COASTING, words     # the track survives, nothing is a fix
+        assert words in est.reason
+    assert loc.process(frames[6].image, frames[6].telemetry, frames[6].time_s).fix == FixQuality.FIX
+
+
+def test_replay_is_deterministic(cache, flight):
+    frames = frames_of(flight, 6)
+    runs = []
+    for _ in range(2):
+        loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+        runs.append([(e.fix, e.lat, e.lon, e.sigma_h_m, e.inliers) for e in run(loc, frames)])
+    assert runs[0] == runs[1]
+
+
+def test_a_model_that_does_not_match_the_cache_is_refused(cache, flight):
+    class OtherModel(ThumbnailEmbedder):
+        model_hash = "another-model"
+
+    class OtherDim(ThumbnailEmbedder):
+        dim = 128
+
+    with pytest.raises(MeanNavError, match="hash"):
+        Localizer(OtherModel(), cache, flight.camera)
+    with pytest.raises(MeanNavError, match="descriptor size"):
+        Localizer(OtherDim(), cache, flight.camera)
+
+
+def test_initial_position_narrows_the_first_search(cache, flight):
+    frames = frames_of(flight, 8)
+    t0 = frames[0].telemetry
+    far_away = (t0.lon + 0.05, t0.lat + 0.05)       # kilometres from the map: nothing to search
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(), initial_lonlat=far_away)
+    est = run(loc, frames[:3])
+    assert all(e.fix == FixQuality.NONE for e in est)
+    assert "no map tile" in est[0].reason
+    near = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(), initial_lonlat=(t0.lon, t0.lat))
+    assert any(e.fix == FixQuality.FIX for e in run(near, frames))
+
+
+def test_runtime_modules_do_not_import_torch():
+    code = ("import sys; import mean_nav.nav.localizer, mean_nav.nav.daemon, mean_nav.nav.mavlink_io, "
+            "mean_nav.nav.camera, mean_nav.nav.refine, mean_nav.nav.filter, mean_nav.nav.calibrate; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
