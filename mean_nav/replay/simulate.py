@@ -5,8 +5,11 @@ leaves it), with coordinated turns (bank = atan(v * turn rate / g)), pitch from
 acceleration and climb, light turbulence, and altitude changes between legs. Frames are
 rendered with perspective from the true attitude and height (`render_view`), then get a
 flight-wide illumination/colour change plus per-frame blur and sensor noise
-(`degrade_photometric`). telemetry.csv holds the true position; its attitude carries a
-small estimator error (`--attitude-error-deg`) as a real autopilot's would.
+(`degrade_photometric`) and a few occluding blobs (vehicles, birds: `add_occlusions`).
+Beyond the map edge the camera sees mirrored map imagery (`--outside mirror`): plausible
+ground that is not in any cache, so a fix there is a real false fix, not an easy reject
+of a black frame. telemetry.csv holds the true position; its attitude carries a small
+estimator error (`--attitude-error`) as a real autopilot's would.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ class SimulationConfig:
     hfov_deg: float = 70.0
     map_gsd_m: float = 0.25
     photometric_strength: float = 0.5
+    occlusion_strength: float = 0.3   # chance of each of up to 3 blobs per frame
+    outside: str = "mirror"           # ground beyond the map: "mirror" (mirrored map) or "black"
     attitude_error_deg: float = 0.3   # telemetry roll/pitch error (yaw gets 3x)
     turbulence_deg: float = 1.5       # true attitude wobble
     ground_amsl_m: float = 10.0       # terrain elevation (flat) for alt_m
@@ -177,11 +182,23 @@ def colour_shift(rng: np.random.Generator, strength: float):
     return apply
 
 
-def _degrade():
-    """B's photometric degradation (blur, noise, colour jitter)."""
-    from ..data.synthetic import degrade_photometric
+def _degradations():
+    """Photometric degradation and occlusions shared with the synthetic training pairs."""
+    from ..data.augment import add_occlusions, degrade_photometric
 
-    return degrade_photometric
+    return degrade_photometric, add_occlusions
+
+
+def ground_image(raster: MetricRaster, pad_m: float, outside: str) -> tuple[np.ndarray, int]:
+    """The map image padded by `pad_m` on every side with what the camera sees beyond the map
+    (mirrored map or black); returns (image, pad in pixels)."""
+    if outside not in ("mirror", "black"):
+        raise MeanNavError(f"simulate-flight --outside {outside!r}: use mirror or black")
+    pad = int(math.ceil(pad_m / raster.gsd_m))
+    if pad == 0:
+        return raster.image, 0
+    mode = cv2.BORDER_REFLECT_101 if outside == "mirror" else cv2.BORDER_CONSTANT
+    return cv2.copyMakeBorder(raster.image, pad, pad, pad, pad, mode, value=0), pad
 
 
 def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig, progress: bool = True) -> Path:
@@ -198,7 +215,11 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     route = plan_route(raster, cfg)
     traj = fly(route, cfg, rng)
     cam = CameraModel.from_fov(cfg.width, cfg.height, cfg.hfov_deg)
-    degrade = _degrade() if cfg.photometric_strength > 0 else None
+    degrade, occlude = _degradations()
+    # the camera footprint reaches about height * tan(diagonal half-FOV) beyond the nadir
+    reach_m = (cfg.altitude_m + cfg.altitude_change_m) * 1.5 + cfg.leave_map_m + cfg.margin_m
+    ground, pad = ground_image(raster, reach_m, cfg.outside)
+    shift_px = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1.0]])
     shift = colour_shift(rng, cfg.photometric_strength)
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -226,11 +247,10 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     t_frames = np.arange(0.5 / cfg.fps + 0.37 / cfg.telemetry_hz, traj.time_s[-1], 1.0 / cfg.fps)
     f = traj.sample(t_frames)
     for i in tqdm(range(len(t_frames)), desc="render frames", unit="frame", disable=not progress):
-        m = raster.map_from_ground(f["x"][i], f["y"][i])
-        view = render_view(raster.image, m, cam, f["roll"][i], f["pitch"][i], f["yaw"][i], f["height_m"][i])
-        view = shift(view)
-        if degrade is not None:
-            view = degrade(view, rng, cfg.photometric_strength)
+        m = shift_px @ raster.map_from_ground(f["x"][i], f["y"][i])
+        view = render_view(ground, m, cam, f["roll"][i], f["pitch"][i], f["yaw"][i], f["height_m"][i])
+        view = occlude(view, rng, cfg.occlusion_strength)
+        view = degrade(shift(view), rng, cfg.photometric_strength)
         cv2.imwrite(str(tmp / "frames" / f"{i:06d}.jpg"), cv2.cvtColor(view, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
     write_frames_csv(tmp / "frames.csv", range(len(t_frames)), cfg.start_time_s + t_frames)
@@ -278,6 +298,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-gsd", type=float, default=d.map_gsd_m, help="map resampling for rendering, m/px")
     parser.add_argument("--photometric", type=float, default=d.photometric_strength,
                         help="illumination/colour/blur/noise strength 0..1")
+    parser.add_argument("--occlusions", type=float, default=d.occlusion_strength,
+                        help="occluding blobs (vehicles, birds) strength 0..1")
+    parser.add_argument("--outside", choices=("mirror", "black"), default=d.outside,
+                        help="ground beyond the map: mirrored map imagery (default) or black")
     parser.add_argument("--attitude-error", type=float, default=d.attitude_error_deg,
                         help="telemetry roll/pitch error (1 sigma, degrees; yaw 3x)")
 
@@ -287,7 +311,8 @@ def config_from_args(args) -> SimulationConfig:
         altitude_m=args.altitude, altitude_change_m=args.altitude_change, speed_ms=args.speed, fps=args.fps,
         duration_s=args.duration, margin_m=args.margin, leave_map_m=args.leave_map, seed=args.seed,
         width=args.size[0], height=args.size[1], hfov_deg=args.hfov, map_gsd_m=args.map_gsd,
-        photometric_strength=args.photometric, attitude_error_deg=args.attitude_error)
+        photometric_strength=args.photometric, occlusion_strength=args.occlusions, outside=args.outside,
+        attitude_error_deg=args.attitude_error)
 
 
 def run(args) -> int:
