@@ -136,11 +136,6 @@ class Flight:
     def map_paths(self) -> list[Path]:
         return [Path(p) if Path(p).is_absolute() else self.root / p for p in (self.config.map or [])]
 
-    def truth(self) -> "TelemetryTrackView":
-        """Ground-truth lat/lon (GNSS) at every frame time, nan where the log has none."""
-        return TelemetryTrackView(self.frame_times, self.telemetry.column("lat", self.frame_times),
-                                  self.telemetry.column("lon", self.frame_times))
-
     def frames(self, start: int = 0, stop: int | None = None) -> Iterator[FlightFrame]:
         """Frames in time order with their telemetry. A missing image or telemetry becomes a
         FlightFrame with `problem` set; a video that ends early yields one last FlightFrame
@@ -187,13 +182,6 @@ class Flight:
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         finally:
             cap.release()
-
-
-@dataclass
-class TelemetryTrackView:
-    time_s: np.ndarray
-    lat: np.ndarray
-    lon: np.ndarray
 
 
 def read_frames_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
