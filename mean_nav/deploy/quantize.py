@@ -75,6 +75,7 @@ class QuantizeReport:
     cpu_choice_reason: str
     eval_description: str = ""
     fp32_retrieval: dict = field(default_factory=dict)
+    kept_float: list = field(default_factory=list)       # compute nodes left unquantized
 
     def table(self) -> str:
         rows = [("variant", "file", "cos min", "cos mean", "ms b1", "x FP32", "R@1", "AP")]
@@ -97,6 +98,8 @@ class QuantizeReport:
                          f"cosine min {c.cosine_min:.4f}{'  ' + c.note if c.note else ''}")
         if self.eval_description:
             lines.append(f"retrieval on {self.eval_description}")
+        if self.kept_float:
+            lines.append(f"kept in float: {', '.join(self.kept_float)}")
         return "\n".join(lines)
 
 
@@ -110,11 +113,13 @@ def _fmt(value, delta=None) -> str:
 
 
 class _quiet_root_logger:
-    """onnxruntime.quantization logs per-tensor INFO lines on the root logger; hide them."""
+    """onnxruntime's quantizer and float16 converter log per-tensor INFO lines (partly on the
+    root logger); hide those, keep their warnings."""
 
     @staticmethod
     def _drop(record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and record.levelno < logging.WARNING)
+        chatty = record.name == "root" or record.name.startswith("onnxruntime")
+        return not (chatty and record.levelno < logging.WARNING)
 
     def __enter__(self):
         for h in logging.getLogger().handlers:
@@ -175,6 +180,14 @@ def _has_ops(path: Path, op_types: tuple[str, ...]) -> bool:
     return any(n.op_type in op_types for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def _first_and_last_compute_nodes(path: Path) -> list[str]:
+    import onnx
+
+    names = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
+             if n.op_type in QUANTIZED_OPS]
+    return sorted({names[0], names[-1]}) if names else []
+
+
 def _stamp(path: Path, info: DeployInfo) -> None:
     """Record `info` (with its precision) in an ONNX file's metadata, atomically."""
     import onnx
@@ -198,7 +211,7 @@ def preprocess_for_quantization(src: Path, dst: Path) -> None:
 
 
 def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
-                   calibrate_method: str = "minmax") -> None:
+                   calibrate_method: str = "minmax", exclude: list[str] | None = None) -> None:
     """TensorRT-style Q/DQ: symmetric s8 activations, per-channel symmetric s8 weights."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -208,29 +221,30 @@ def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], inf
         str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+        nodes_to_exclude=exclude or [],
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
                        "QDQKeepRemovableActivations": True, "CalibMaxIntermediateOutputs": 8})
 
 
 def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
-                          op_types: list[str] | None = QUANTIZED_OPS) -> None:
+                          op_types: list[str] | None = QUANTIZED_OPS, exclude: list[str] | None = None) -> None:
     """u8 activations (asymmetric) x s8 per-channel weights, QOperator form (QLinearConv/QLinearMatMul)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(
         str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
         quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
         extra_options={"CalibMaxIntermediateOutputs": 8})
 
 
-def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str]) -> None:
+def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
     """Weights int8 offline, activations quantized on the fly per tensor (no calibration)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(prepared), str(out), op_types_to_quantize=op_types, per_channel=False,
-                     weight_type=QuantType.QInt8)
+                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [])
 
 
 def build_fp16(src: Path, out: Path) -> None:
@@ -270,10 +284,10 @@ def measure_latency_ms(path: Path, info: DeployInfo, threads: int | None, repeat
 
 
 CPU_CANDIDATES: dict[str, Callable] = {
-    # name -> builder(prepared, out, calibration, info)
-    "dynamic-matmul": lambda p, o, c, i: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm"]),
-    "dynamic-matmul-conv": lambda p, o, c, i: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm", "Conv"]),
-    "static-u8s8": lambda p, o, c, i: build_int8_cpu_static(p, o, c, i, QUANTIZED_OPS),
+    # name -> builder(prepared, out, calibration, info, nodes kept in float)
+    "dynamic-matmul": lambda p, o, c, i, x: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm"], x),
+    "dynamic-matmul-conv": lambda p, o, c, i, x: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm", "Conv"], x),
+    "static-u8s8": lambda p, o, c, i, x: build_int8_cpu_static(p, o, c, i, QUANTIZED_OPS, x),
 }
 
 
@@ -282,11 +296,13 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                    threads: int | None = None, cpu_candidates: list[str] | None = None,
                    calibrate_method: str = "minmax", min_cosine: float = MIN_COSINE,
                    latency_repeats: int = 5, variants: tuple[str, ...] = ("int8-qdq", "int8-cpu", "fp16"),
-                   ) -> QuantizeReport:
+                   keep_first_last: bool = False) -> QuantizeReport:
     """Write the INT8 Q/DQ, CPU INT8 and FP16 variants of an FP32 MEAN ONNX and compare them with it.
 
     Outputs appear only complete (written in a temp folder, renamed). A variant whose
     cosine against FP32 falls below `min_cosine` is an error (nothing of it is kept).
+    keep_first_last leaves the first and the last Conv/MatMul/Gemm in float (the usual
+    mixed-precision compromise: the stem sees raw pixels, the last layer feeds the descriptor).
     """
     src = Path(onnx_path)
     info = read_onnx_info(src)
@@ -319,7 +335,12 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quantize-") as tmp, _quiet_root_logger():
         tmp = Path(tmp)
         prepared = tmp / "prepared.onnx"
-        preprocess_for_quantization(src, prepared)
+        exclude: list[str] = []
+        if {"int8-qdq", "int8-cpu"} & set(variants):
+            preprocess_for_quantization(src, prepared)
+            exclude = _first_and_last_compute_nodes(prepared) if keep_first_last else []
+        if exclude:
+            log.info("kept in float: %s", ", ".join(exclude))
 
         def evaluate(name: str, precision: str, path: Path) -> VariantResult:
             _stamp(path, info.replace(precision=precision))
@@ -336,7 +357,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         if "int8-qdq" in variants:
             path = tmp / f"{stem}.int8-qdq.onnx"
             log.info("building INT8 Q/DQ (TensorRT form)")
-            build_int8_qdq(prepared, path, calibration, info, calibrate_method)
+            build_int8_qdq(prepared, path, calibration, info, calibrate_method, exclude)
             results.append(evaluate("int8-qdq", "int8-qdq", path))
             final["int8-qdq"] = path
         if "int8-cpu" in variants:
@@ -347,7 +368,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                     continue
                 log.info("building CPU INT8 candidate %s", name)
                 try:
-                    CPU_CANDIDATES[name](prepared, path, calibration, info)
+                    CPU_CANDIDATES[name](prepared, path, calibration, info, exclude)
                     candidates.append(evaluate(name, "int8-cpu", path))
                 except MeanNavError:
                     raise
@@ -397,7 +418,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         c.path = ""  # candidates lived in the temp folder
     report = QuantizeReport(str(src), info.model_hash, len(calibration), len(check_images), threads,
                             fp32_latency, results, candidates, choice, reason,
-                            eval_set.description if eval_set else "", fp32_retrieval)
+                            eval_set.description if eval_set else "", fp32_retrieval, exclude)
     _write_json_atomic(out_dir / f"{stem}.quantize.json", asdict(report))
     return report
 
@@ -429,6 +450,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-count", type=int, default=64, help="images used (default 64)")
     parser.add_argument("--calibrate-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                         help="activation range estimate for the Q/DQ variant (default minmax)")
+    parser.add_argument("--keep-first-last", action="store_true",
+                        help="leave the first and last Conv/MatMul in float (more accurate, a little slower)")
     parser.add_argument("--check-images", help="held-out images for the cosine check (default: the evaluation "
                         "set's images, else procedural images not used for calibration)")
     parser.add_argument("--check-count", type=int, default=32)
@@ -462,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
     report = quantize_model(args.onnx, calibration, check, out_dir=args.out_dir, eval_set=eval_set,
                             threads=args.threads, calibrate_method=args.calibrate_method,
                             cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
-                            min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats)
+                            min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats,
+                            keep_first_last=args.keep_first_last)
     print(report.table())
     for v in report.variants:
         print(f"wrote {v.path}")
