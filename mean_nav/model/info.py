@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="training locations (default 701)")
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default 384)")
     parser.add_argument("--efficientnet-features", choices=["conv_head", "blocks"], default=None,
-                        help="EfficientNet-Lite0 feature map: 1280-ch conv_head (default) or 320-ch blocks")
+                        help="EfficientNet-Lite0 feature map: 320-ch blocks (default) or 1280-ch conv_head")
     parser.add_argument("--config", type=Path, help="YAML with model fields (top level or under 'model:')")
     parser.add_argument("--checkpoint", type=Path, help="mean-nav checkpoint: take its config, print its deploy hash")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

