@@ -1,0 +1,203 @@
+"""End to end over UDP loopback: the daemon replays a flight simulated over a real
+orthophoto from an image folder in real time, a pymavlink peer plays the autopilot
+(streams ATTITUDE and GLOBAL_POSITION_INT, acknowledges rate requests, decodes what the
+daemon sends), and every GPS_INPUT is checked against the simulated truth."""
+import csv
+import json
+import math
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mean_nav.cli import main
+from mean_nav.nav.camera import ImageFolderSource
+from mean_nav.nav.daemon import NavConfig, NavDaemon
+from mean_nav.nav.localizer import LocalizerConfig
+from mean_nav.nav.mavlink_io import MAV, MavlinkConfig, mavutil
+from nav_testing import SHARED_DATA, ThumbnailEmbedder, build_test_cache, require_shared_data, simulate
+
+MANILA = SHARED_DATA / "orthophotos" / "5b90f92da0d7280005fab355_4310.tif"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TruthTrack:
+    """telemetry.csv of a simulated flight, interpolated at any recorded time."""
+
+    def __init__(self, path):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.cols = {k: np.array([float(r[k]) for r in rows]) for k in
+                     ("time_s", "lat", "lon", "alt_m", "rel_alt_m", "roll", "pitch", "yaw", "vn", "ve", "vd")}
+        self.cols["yaw"] = np.unwrap(self.cols["yaw"])
+
+    def __call__(self, t, name):
+        return float(np.interp(t, self.cols["time_s"], self.cols[name]))
+
+
+class Autopilot(threading.Thread):
+    """The vehicle side: streams the flight's telemetry on the daemon's clock, records replies."""
+
+    def __init__(self, port, truth, source, pause=None):
+        super().__init__(daemon=True)
+        self.conn = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=1, source_component=1,
+                                               dialect="common")
+        self.truth, self.source, self.pause = truth, source, pause
+        self.gps_inputs, self.heartbeats, self.statustexts, self.rate_requests = [], [], [], []
+        self.stop_event = threading.Event()
+
+    def recorded_now(self):
+        if self.source.started_at is None:
+            return self.truth.cols["time_s"][0]
+        return self.source.recorded_time_of(time.monotonic())
+
+    def run(self):
+        next_hb = next_att = next_pos = 0.0
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            t = self.recorded_now()
+            tr = self.truth
+            if now >= next_hb:
+                self.conn.mav.heartbeat_send(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_ARDUPILOTMEGA, 0, 0,
+                                             MAV.MAV_STATE_ACTIVE)
+                next_hb = now + 1.0
+            paused = self.pause is not None and self.pause[0] <= t <= self.pause[1]
+            if now >= next_att and not paused:
+                yaw = math.remainder(tr(t, "yaw"), 2 * math.pi)
+                self.conn.mav.attitude_send(int(t * 1000), tr(t, "roll"), tr(t, "pitch"), yaw, 0, 0, 0)
+                next_att = now + 0.02
+            if now >= next_pos and not paused:
+                self.conn.mav.global_position_int_send(
+                    int(t * 1000), 0, 0, int(tr(t, "alt_m") * 1000), int(tr(t, "rel_alt_m") * 1000),
+                    int(tr(t, "vn") * 100), int(tr(t, "ve") * 100), int(tr(t, "vd") * 100), 65535)
+                next_pos = now + 0.1
+            msg = self.conn.recv_match(blocking=True, timeout=0.005)
+            if msg is None:
+                continue
+            kind = msg.get_type()
+            if kind == "GPS_INPUT":
+                self.gps_inputs.append(msg)
+            elif kind == "HEARTBEAT":
+                self.heartbeats.append(msg)
+            elif kind == "STATUSTEXT":
+                self.statustexts.append(msg.text)
+            elif kind == "COMMAND_LONG":
+                self.rate_requests.append(int(msg.param1))
+                self.conn.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
+
+    def close(self):
+        self.stop_event.set()
+        self.join(timeout=5)
+        self.conn.close()
+
+
+def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0):
+    from mean_nav.nav.camera_model import CameraModel
+
+    port = free_udp_port()
+    truth = TruthTrack(flight_dir / "telemetry.csv")
+    source = ImageFolderSource(flight_dir, realtime=True)
+    autopilot = Autopilot(port, truth, source, pause)
+    autopilot.start()
+    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", statustext_interval_s=0.3),
+                    localizer=LocalizerConfig(max_telemetry_age_s=0.2), telemetry_timeout_s=0.6,
+                    startup_grace_s=1.0, frame_log=str(tmp_path / "frames.jsonl"))
+    daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache,
+                       camera=CameraModel.from_yaml(flight_dir / "camera.yaml"), source=source)
+    time.sleep(0.3)     # the vehicle is already streaming when the daemon starts
+    try:
+        assert daemon.run(duration_s=timeout_s) == 0
+    finally:
+        time.sleep(0.2)
+        autopilot.close()
+    return daemon, autopilot, truth, source
+
+
+def truth_error(msg, daemon, source, truth, cache):
+    capture = msg.time_usec / 1e6 - daemon.epoch_minus_monotonic
+    t = source.recorded_time_of(capture)
+    tx, ty = cache.lonlat_to_xy(truth(t, "lon"), truth(t, "lat"))
+    ex, ey = cache.lonlat_to_xy(msg.lon / 1e7, msg.lat / 1e7)
+    return t, math.hypot(ex - tx, ey - ty)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    require_shared_data()
+    from mean_nav.geo.cache import TileCache
+
+    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "gorinchem"))
+
+
+def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_outage(cache, tmp_path):
+    flight_dir = simulate(tmp_path / "flight", duration_s=14.0, seed=5)
+    t_start = TruthTrack(flight_dir / "telemetry.csv").cols["time_s"][0]
+    pause = (t_start + 6.0, t_start + 8.5)
+    daemon, ap, truth, source = fly(tmp_path, cache, flight_dir, pause=pause)
+
+    fixes = [m for m in ap.gps_inputs if m.fix_type == 3]
+    frames = daemon.stats["frames"]
+    assert frames >= 24
+    assert len(fixes) >= 0.6 * frames, (len(fixes), frames)
+    for msg in fixes:
+        t, err = truth_error(msg, daemon, source, truth, cache)
+        assert err < 3 * msg.horiz_accuracy, (t, err, msg.horiz_accuracy)
+        assert msg.horiz_accuracy < 10 and msg.satellites_visible >= 6
+        # no position from a frame without fresh attitude
+        assert not (pause[0] + 0.2 < t < pause[1]), t
+    assert any(m.fix_type == 0 for m in ap.gps_inputs)        # the outage was reported as "no fix"
+
+    ours = [h for h in ap.heartbeats if h.get_srcComponent() == 191]
+    assert ours and all(h.type == 18 and h.autopilot == 8 for h in ours)
+    assert all(h.get_srcSystem() == 1 for h in ours[1:])       # took the vehicle's system id
+    statuses = [h.system_status for h in ours]
+    assert statuses[0] == MAV.MAV_STATE_STANDBY
+    first_active = statuses.index(MAV.MAV_STATE_ACTIVE)
+    assert MAV.MAV_STATE_CRITICAL in statuses[first_active:]   # the telemetry outage
+    assert statuses[-1] != MAV.MAV_STATE_CRITICAL or statuses.count(MAV.MAV_STATE_ACTIVE) > 1
+    assert any("no attitude" in s for s in ap.statustexts)
+    assert any("tracking" in s for s in ap.statustexts)
+
+    assert sorted(set(ap.rate_requests)) == sorted([MAV.MAVLINK_MSG_ID_ATTITUDE, MAV.MAVLINK_MSG_ID_GLOBAL_POSITION_INT,
+                                                    MAV.MAVLINK_MSG_ID_DISTANCE_SENSOR])
+    assert set(daemon.link.rate_acks.values()) == {MAV.MAV_RESULT_ACCEPTED}
+
+    records = [json.loads(line) for line in (tmp_path / "frames.jsonl").read_text().splitlines()]
+    assert len(records) == frames
+    assert all(r["latency_ms"] > 0 for r in records)
+    assert np.median([r["latency_ms"] for r in records]) < 1000
+    assert any("stale telemetry" in r["reason"] for r in records)
+
+
+def test_daemon_over_an_unmapped_area_sends_no_3d_fix(cache, tmp_path):
+    flight_dir = simulate(tmp_path / "manila", map_path=MANILA, duration_s=5.0, seed=2)
+    daemon, ap, _, _ = fly(tmp_path, cache, flight_dir)
+    assert daemon.stats["frames"] >= 3     # lost-mode frames are slower: the newest frame wins
+    assert ap.gps_inputs and all(m.fix_type == 0 and m.lat == 0 for m in ap.gps_inputs)
+    ours = [h for h in ap.heartbeats if h.get_srcComponent() == 191]
+    assert ours and MAV.MAV_STATE_ACTIVE not in [h.system_status for h in ours]
+
+
+def test_invalid_config_exits_with_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "nav.yaml"
+    bad.write_text("camera:\n  uri: csi://0\nlocalizer:\n  top_k: many\n")
+    assert main(["run", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "localizer.top_k" in err and len(err.splitlines()) == 1
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("mavlink:\n  conection: udpout:127.0.0.1:14550\n")
+    assert main(["run", "--config", str(typo)]) == 1
+    assert "conection" in capsys.readouterr().err
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"camera:\n  calibration: {tmp_path / 'nope.yaml'}\n")
+    assert main(["run", "--config", str(missing)]) == 1
+    assert "nope.yaml" in capsys.readouterr().err
