@@ -140,3 +140,24 @@ def test_evaluate_names_a_missing_folder_and_an_undecodable_image(tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(MeanNavError, match="broken.jpg"):
         evaluate.run(_args(checkpoint=str(tmp_path / "m.pt"), root=str(tmp_path / "u1652")))
+
+
+def test_sues200_is_scored_per_altitude(tmp_path, capsys):
+    from mean_nav import evaluate
+
+    rng = np.random.default_rng(1)
+    for h in (150, 300):
+        for folder, n in (("query_drone", 2), ("gallery_satellite", 1), ("query_satellite", 1), ("gallery_drone", 2)):
+            for i in (1, 2):
+                d = tmp_path / "sues" / "Testing" / str(h) / folder / f"{i:04d}"
+                d.mkdir(parents=True)
+                for k in range(n):
+                    cv2.imwrite(str(d / f"{k}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    _tiny_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "r.json"
+    evaluate.run(_args(checkpoint=str(tmp_path / "m.pt"), dataset_kind="sues200", root=str(tmp_path / "sues"),
+                       json=str(out)))
+    sets = [(r["set"], r["direction"]) for r in json.loads(out.read_text())["results"]]
+    assert sets == [("sues200 150 m", "drone->satellite"), ("sues200 150 m", "satellite->drone"),
+                    ("sues200 300 m", "drone->satellite"), ("sues200 300 m", "satellite->drone")]
+    assert "gallery convention: family" in capsys.readouterr().out

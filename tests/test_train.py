@@ -98,3 +98,25 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert warmup_cosine(total, total, warm) == pytest.approx(0.0)
+
+
+def test_train_reads_a_university1652_folder(tmp_path):
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        for view, n in (("drone", 2), ("satellite", 1)):
+            d = tmp_path / "u" / "train" / view / f"{i:04d}"
+            d.mkdir(parents=True)
+            for k in range(n):
+                cv2.imwrite(str(d / f"{k}.jpg"), rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    cfg = {"model": {"backbone": "efficientnet_lite0", "img_size": 64, "efficientnet_features": "blocks"},
+           "data": {"kind": "university1652", "root": str(tmp_path / "u")},
+           "optim": {"epochs": 1, "batch_size": 4}, "threads": 1, "out_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 0
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["model_config"]["num_classes"] == 5
+    # 10 pairs of 5 locations in batches of 4 unique locations: 2 full batches
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
