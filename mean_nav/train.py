@@ -161,9 +161,10 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0][0]
     x = [r["step"] for r in steps]
+    marker = "." if len(steps) < 40 else None  # a short run would otherwise draw nothing visible
     for key in ("loss", "infonce", "ce", "cda"):
         if key in steps[0]:
-            ax.plot(x, [r[key] for r in steps], label=key, lw=1.5 if key == "loss" else 1)
+            ax.plot(x, [r[key] for r in steps], label=key, lw=1.5 if key == "loss" else 1, marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
@@ -175,6 +176,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax.plot(ep, [r["drone->satellite"]["R@1"] for r in evals], "o-", label="D->S R@1")
         ax.plot(ep, [r["drone->satellite"]["AP"] for r in evals], "s--", label="D->S AP")
         ax.set_xlabel("epoch (0 = before training)")
+        ax.set_xticks(ep)
         ax.set_ylabel("%")
         ax.set_title("held-out retrieval")
         ax.grid(alpha=0.3)
