@@ -29,47 +29,6 @@ log = logging.getLogger(__name__)
 VARIANT_SUFFIXES = ("int8-qdq", "int8-cpu", "fp16")
 
 
-# ----------------------------------------------------------------------------- machine GEMM rate
-
-
-def measure_gemm_rate(threads: int | None = None, n: int = 1024, seconds: float = 1.0) -> dict:
-    """Best float32 GEMM rate in multiply-accumulates/s: numpy's BLAS and (if present) torch.
-
-    The best of several n x n x n products is taken, each library at its own thread
-    setting (torch set to `threads`).
-    """
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    rates = {"numpy": _best_rate(lambda: a @ b, n, seconds)}
-    try:
-        import torch
-    except ImportError:
-        pass
-    else:
-        old = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        rates["torch"] = _best_rate(lambda: torch.mm(ta, tb), n, seconds)
-        torch.set_num_threads(old)
-    best = max(rates, key=rates.get)
-    return {"size": n, "macs_per_s": rates, "best": best, "best_macs_per_s": rates[best]}
-
-
-def _best_rate(fn, n: int, seconds: float) -> float:
-    fn()  # warm-up (thread pools, page faults)
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    runs = 0
-    while runs < 3 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return n ** 3 / best
-
-
 # ----------------------------------------------------------------------------- MACs of a graph
 
 
@@ -140,37 +99,19 @@ class BackendResult:
     providers: list = field(default_factory=list)
     latency_ms_p50: float = float("nan")
     latency_ms_p95: float = float("nan")
+    latency_ms_best: float = float("nan")
     batch: int = 1
-    images_per_s: float = float("nan")
+    images_per_s: float = float("nan")         # from the median batch time
+    images_per_s_best: float = float("nan")    # from the best batch time
     macs_per_image: int | None = None
     gemm_fraction_batch1: float | None = None
     gemm_fraction_batchN: float | None = None
 
 
-def time_embedder(emb, batch: int, repeats: int, warmup: int = 2, seed: int = 0) -> tuple[list[float], float]:
-    """(batch-1 latencies in s, images/s at `batch`) on random images at the model's size.
-
-    Timed through the backend's `_embed_batch`: preprocessing to the graph's input
-    included, image decoding and resizing not.
-    """
-    size = emb.preprocessing.img_size
-    rng = np.random.default_rng(seed)
-    one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    many = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    for _ in range(warmup):
-        emb._embed_batch(one)
-    lat = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        emb._embed_batch(one)
-        lat.append(time.perf_counter() - t0)
-    emb._embed_batch(many)
-    batch_times = []
-    for _ in range(max(3, repeats // max(1, batch // 2))):
-        t0 = time.perf_counter()
-        emb._embed_batch(many)
-        batch_times.append(time.perf_counter() - t0)
-    return lat, batch / float(np.median(batch_times))
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def expand_models(paths: list[str], siblings: bool) -> list[Path]:
@@ -192,40 +133,103 @@ def expand_models(paths: list[str], siblings: bool) -> list[Path]:
 
 
 def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, repeats: int = 20,
-                   threads: int | None = None, gemm: dict | None = None) -> tuple[list[BackendResult], dict]:
+                   threads: int | None = None, gemm_size: int = 1024) -> tuple[list[BackendResult], dict]:
+    """Time every model and the machine's GEMM rate in interleaved rounds.
+
+    Round-robin (model 1, model 2, ..., GEMM, repeat) so that load from other processes
+    hits every measurement alike; latency percentiles come from all rounds, while the
+    GEMM fractions use best-of-rounds times on both sides (interference only ever adds
+    time, so best-of is the consistent estimate of what the hardware does).
+    Timing goes through each backend's `_embed_batch`: preprocessing to the graph's input
+    included, image decoding and resizing not.
+    """
     from .deploy.backends import load_embedder
 
     threads = threads or os.cpu_count() or 1
-    gemm = gemm or measure_gemm_rate(threads)
-    rate = gemm["best_macs_per_s"]
+    gemm = _GemmProbe(threads, gemm_size)
+    embedders = [load_embedder(p, backend=backend, threads=threads) for p in models]
+    rng = np.random.default_rng(0)
+    inputs = []
+    for emb in embedders:
+        size = emb.preprocessing.img_size
+        one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        many = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        for _ in range(2):  # warm-up: allocations, kernel selection, engine lazy init
+            emb._embed_batch(one)
+        emb._embed_batch(many)
+        inputs.append((one, many))
+    single: list[list[float]] = [[] for _ in embedders]
+    batched: list[list[float]] = [[] for _ in embedders]
+    try:
+        for _ in tqdm(range(repeats), desc="batch 1 rounds", leave=False):
+            for i, emb in enumerate(embedders):
+                single[i].append(_timed(lambda: emb._embed_batch(inputs[i][0])))
+            gemm.sample()
+        for _ in tqdm(range(max(3, repeats // 4)), desc=f"batch {batch} rounds", leave=False):
+            for i, emb in enumerate(embedders):
+                batched[i].append(_timed(lambda: emb._embed_batch(inputs[i][1])))
+            gemm.sample()
+    finally:
+        for emb in embedders:
+            emb.close()
+    gemm_report = gemm.report()
+    rate = gemm_report["best_macs_per_s"]
     macs_by_hash: dict[str, int] = {}
     results = []
-    for path in tqdm(models, desc="backends", unit="model"):
-        emb = load_embedder(path, backend=backend, threads=threads)
-        try:
-            lat, ips = time_embedder(emb, batch, repeats)
-        finally:
-            emb.close()
-        r = BackendResult(str(path), emb.name, emb.precision, emb.model_hash, emb.preprocessing.img_size,
-                          list(getattr(emb, "providers", [])), 1000 * float(np.percentile(lat, 50)),
-                          1000 * float(np.percentile(lat, 95)), batch, ips)
+    for path, emb, lat, bt in zip(models, embedders, single, batched):
         if path.suffix == ".onnx" and emb.model_hash not in macs_by_hash:
             # the network's work does not depend on the precision: count it once per model
             macs = onnx_macs_per_image(path)
             if macs:
                 macs_by_hash[emb.model_hash] = macs
-        results.append(r)
+        results.append(BackendResult(
+            str(path), emb.name, emb.precision, emb.model_hash, emb.preprocessing.img_size,
+            list(getattr(emb, "providers", [])), 1000 * float(np.percentile(lat, 50)),
+            1000 * float(np.percentile(lat, 95)), 1000 * float(np.min(lat)), batch,
+            batch / float(np.median(bt)), batch / float(np.min(bt))))
     for r in results:
         r.macs_per_image = macs_by_hash.get(r.model_hash)
         if r.macs_per_image:
-            r.gemm_fraction_batch1 = r.macs_per_image / (r.latency_ms_p50 / 1000) / rate
-            r.gemm_fraction_batchN = r.macs_per_image * r.images_per_s / rate
-    return results, gemm
+            r.gemm_fraction_batch1 = r.macs_per_image / (r.latency_ms_best / 1000) / rate
+            r.gemm_fraction_batchN = r.macs_per_image * r.images_per_s_best / rate
+    return results, gemm_report
+
+
+class _GemmProbe:
+    """float32 n^3 GEMM with numpy's BLAS and torch (if installed), sampled between model runs."""
+
+    def __init__(self, threads: int, n: int):
+        rng = np.random.default_rng(0)
+        self.n = n
+        self.a = rng.standard_normal((n, n), dtype=np.float32)
+        self.b = rng.standard_normal((n, n), dtype=np.float32)
+        self.best = {"numpy": float("inf")}
+        self.fns = {"numpy": lambda: self.a @ self.b}
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            torch.set_num_threads(threads)
+            ta, tb = torch.from_numpy(self.a), torch.from_numpy(self.b)
+            self.fns["torch"] = lambda: torch.mm(ta, tb)
+            self.best["torch"] = float("inf")
+        for _ in range(2):
+            self.sample()
+
+    def sample(self) -> None:
+        for name, fn in self.fns.items():
+            self.best[name] = min(self.best[name], _timed(fn))
+
+    def report(self) -> dict:
+        rates = {k: self.n ** 3 / v for k, v in self.best.items()}
+        best = max(rates, key=rates.get)
+        return {"size": self.n, "macs_per_s": rates, "best": best, "best_macs_per_s": rates[best]}
 
 
 def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:
-    head = ("model", "backend", "precision", "p50 ms", "p95 ms", "img/s @N", "GMAC/img", "GEMM% b1", "GEMM% bN",
-            "x FP32")
+    head = ("model", "backend", "precision", "p50 ms", "p95 ms", "best ms", "img/s @N", "GMAC/img", "GEMM% b1",
+            "GEMM% bN", "x FP32")
     fp32: dict[str, BackendResult] = {}
     for r in results:
         if r.precision == "fp32":
@@ -234,16 +238,17 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:
     for r in results:
         base = fp32.get(r.model_hash)
         rows.append((Path(r.model).name, r.backend, r.precision, f"{r.latency_ms_p50:.1f}", f"{r.latency_ms_p95:.1f}",
-                     f"{r.images_per_s:.1f} @{r.batch}",
+                     f"{r.latency_ms_best:.1f}", f"{r.images_per_s:.1f} @{r.batch}",
                      f"{r.macs_per_image / 1e9:.2f}" if r.macs_per_image else "-",
                      f"{100 * r.gemm_fraction_batch1:.0f}%" if r.gemm_fraction_batch1 else "-",
                      f"{100 * r.gemm_fraction_batchN:.0f}%" if r.gemm_fraction_batchN else "-",
-                     f"{r.images_per_s / base.images_per_s:.2f}" if base else "-"))
+                     f"{r.images_per_s_best / base.images_per_s_best:.2f}" if base else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm["macs_per_s"].items())
     lines.append(f"float32 GEMM {gemm['size']}^3 on this machine: {rates} GMAC/s (best: {gemm['best']}); "
-                 f"{threads} thread(s); x FP32 = images/s at batch N relative to the same model's FP32")
+                 f"{threads} thread(s). GEMM% = backbone MACs/s over that rate and x FP32 = images/s at "
+                 f"batch N over the same model's FP32, both from best-of-rounds times")
     return "\n".join(lines)
 
 
@@ -280,8 +285,7 @@ def run(args: argparse.Namespace) -> int:
         raise MeanNavError("--batch and --repeats must be at least 1")
     threads = args.threads or os.cpu_count() or 1
     models = expand_models(args.models, siblings=not args.no_siblings)
-    gemm = measure_gemm_rate(threads)
-    results, gemm = bench_backends(models, args.backend, args.batch, args.repeats, threads, gemm)
+    results, gemm = bench_backends(models, args.backend, args.batch, args.repeats, threads)
     print(format_table(results, gemm, threads))
     if args.json:
         out = Path(args.json)
