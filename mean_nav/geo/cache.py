@@ -329,7 +329,9 @@ def merge_caches(inputs: Sequence[Path], out: Path, progress: bool = True) -> Pa
     emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, first.dim))
     pos = 0
     tiles = []
-    for c, mask in zip(caches, keep):
+    from tqdm import tqdm
+
+    for c, mask in tqdm(list(zip(caches, keep)), desc="merge", unit="cache", disable=not progress):
         idx = np.nonzero(mask)[0]
         for s in range(0, len(idx), 65536):
             chunk = idx[s:s + 65536]
