@@ -161,3 +161,26 @@ def test_sues200_is_scored_per_altitude(tmp_path, capsys):
     assert sets == [("sues200 150 m", "drone->satellite"), ("sues200 150 m", "satellite->drone"),
                     ("sues200 300 m", "drone->satellite"), ("sues200 300 m", "satellite->drone")]
     assert "gallery convention: family" in capsys.readouterr().out
+
+
+def test_synthetic_held_out_split_is_scored_from_a_training_config(tmp_path):
+    import yaml
+
+    from mean_nav import evaluate
+    from mean_nav.data.world import generate_world
+
+    world = generate_world(tmp_path / "w.tif", seed=9, size_px=320, gsd_m=0.5)
+    cfg = {"model": {"backbone": "efficientnet_lite0", "img_size": 64},
+           "data": {"kind": "synthetic", "synthetic": {
+               "maps": [str(world)], "gsd_m": 0.5, "stride_m": 30.0, "holdout_fraction": 0.5,
+               "view_px": 64, "camera_px": 128, "eval_views_per_location": 2}},
+           "out_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    _tiny_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "r.json"
+    evaluate.run(_args(checkpoint=str(tmp_path / "m.pt"), dataset_kind="synthetic", config=str(tmp_path / "c.yaml"),
+                       json=str(out)))
+    rows = json.loads(out.read_text())["results"]
+    d2s = next(r for r in rows if r["direction"] == "drone->satellite")
+    assert d2s["set"] == "synthetic held-out"
+    assert d2s["queries"] == 2 * d2s["gallery"] > 0
