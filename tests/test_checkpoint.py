@@ -211,20 +211,25 @@ def test_imagenet_checkpoint_for_another_width_reports_shape_mismatches(tmp_path
 def test_build_model_loads_convnext_tiny_official_release_layout(tmp_path):
     """Full-size key set of convnext_tiny_22k_1k_224.pth ("model" wrapper, head included)."""
     torch.manual_seed(3)
-    source = ConvNeXt()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ConvNeXt().state_dict().items()}
+    source_state = {k: torch.randn(shape) for k, shape in shapes.items()}  # cheaper than a real init
     path = tmp_path / "convnext_tiny_22k_1k_224.pth"
-    official = to_official_keys(source.state_dict())
+    official = to_official_keys(source_state)
     assert len(official) == 182  # 180 backbone tensors + ImageNet head, as in the release file
     torch.save({"model": official}, path)
     model = build_model(ModelConfig(backbone="convnext_tiny", num_classes=5, pretrained=str(path)))
-    for name, tensor in source.state_dict().items():
-        assert torch.equal(model.backbone.state_dict()[name], tensor), name
+    loaded = model.backbone.state_dict()
+    for name, tensor in source_state.items():
+        assert torch.equal(loaded[name], tensor), name
     with pytest.raises(MeanNavError, match="only for efficientnet_lite0"):
         build_model(ModelConfig(backbone="convnext_tiny", pretrained="package"))
-    with pytest.raises(MeanNavError, match="not a ConvNeXt checkpoint"):
-        lite_like = tmp_path / "lite.pth"
-        torch.save({"_conv_stem.weight": torch.zeros(1)}, lite_like)
-        build_model(ModelConfig(backbone="convnext_tiny", pretrained=str(lite_like)))
+    with pytest.raises(MeanNavError, match="model.pretrained: .*nothing.pth: file not found"):
+        build_model(ModelConfig(backbone="convnext_tiny", pretrained=str(tmp_path / "nothing.pth")))
+    lite_like = tmp_path / "lite.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1)}, lite_like)
+    with pytest.raises(MeanNavError, match="lite.pth: not a ConvNeXt checkpoint"):
+        load_convnext_imagenet(ConvNeXt(**TINY), lite_like)
 
 
 def write_safetensors_by_hand(path, state):

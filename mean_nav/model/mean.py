@@ -14,6 +14,7 @@ paper ties to C (DEG bottleneck C/4, DE hidden 2C) scale with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -227,19 +228,30 @@ class MEAN(nn.Module):
 
 def build_model(cfg: ModelConfig) -> MEAN:
     """MEAN with cfg.pretrained (ImageNet weights) loaded into the backbone, if set."""
+    if cfg.pretrained:
+        _check_pretrained_source(cfg)  # fail before spending seconds on initialisation
     model = MEAN(cfg)
     if cfg.pretrained:
         load_pretrained_backbone(model.backbone, cfg)
     return model
 
 
+def _check_pretrained_source(cfg: ModelConfig) -> None:
+    if cfg.pretrained == "package":
+        if cfg.backbone != "efficientnet_lite0":
+            raise MeanNavError("model.pretrained: 'package' is only for efficientnet_lite0; give the path of "
+                               "a ConvNeXt-Tiny ImageNet checkpoint (e.g. convnext_tiny_22k_1k_224.pth)")
+        return
+    if not Path(cfg.pretrained).is_file():
+        raise MeanNavError(f"model.pretrained: {cfg.pretrained}: file not found; give a local ImageNet "
+                           f"checkpoint (nothing is downloaded)")
+
+
 def load_pretrained_backbone(backbone: nn.Module, cfg: ModelConfig) -> dict:
     if cfg.backbone == "convnext_tiny":
         from .convnext import load_convnext_imagenet
 
-        if cfg.pretrained == "package":
-            raise MeanNavError("model.pretrained: 'package' is only for efficientnet_lite0; give the path of "
-                               "a ConvNeXt-Tiny ImageNet checkpoint (e.g. convnext_tiny_22k_1k_224.pth)")
+        _check_pretrained_source(cfg)
         return load_convnext_imagenet(backbone, cfg.pretrained)
     from .efficientnet import load_lite0_imagenet
 
