@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mean_nav.cli import main
+from mean_nav.errors import MeanNavError
 from mean_nav.nav.camera import ImageFolderSource
 from mean_nav.nav.daemon import NavConfig, NavDaemon
 from mean_nav.nav.localizer import LocalizerConfig
@@ -98,12 +99,43 @@ class Autopilot(threading.Thread):
         self.conn.close()
 
 
-def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0):
+class VanishingCamera(ImageFolderSource):
+    """A live camera replaying a flight folder that drops out after `vanish_after` frames
+    and cannot be reopened for `outage_s` seconds (a loose cable)."""
+
+    live = True
+
+    def __init__(self, folder, vanish_after, outage_s):
+        super().__init__(folder, realtime=True)
+        self.vanish_after, self.outage_s = vanish_after, outage_s
+        self.gone_at = None
+        self.opened_once = False
+
+    def open(self):
+        if self.gone_at is not None and time.monotonic() - self.gone_at < self.outage_s:
+            raise MeanNavError("camera fake://loose-cable: cannot open")
+        if not self.opened_once:
+            super().open()
+            self.opened_once = True
+
+    def read(self):
+        if self.gone_at is None and self._count == self.vanish_after:
+            self.gone_at = time.monotonic()
+            return None
+        if self.gone_at is not None and self._count == self.vanish_after:
+            # frames recorded during the outage are lost: skip them on the recorded clock
+            while self._pos < len(self._items) and self.recorded_time_of(time.monotonic()) > self._items[self._pos][1]:
+                self._pos += 1
+            self._count += 1
+        return super().read()
+
+
+def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0, source=None):
     from mean_nav.nav.camera_model import CameraModel
 
     port = free_udp_port()
     truth = TruthTrack(flight_dir / "telemetry.csv")
-    source = ImageFolderSource(flight_dir, realtime=True)
+    source = source or ImageFolderSource(flight_dir, realtime=True)
     autopilot = Autopilot(port, truth, source, pause)
     autopilot.start()
     cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", statustext_interval_s=0.3),
@@ -174,6 +206,22 @@ def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_o
     assert all(r["latency_ms"] > 0 for r in records)
     assert np.median([r["latency_ms"] for r in records]) < 1000
     assert any("stale telemetry" in r["reason"] for r in records)
+
+
+def test_camera_loss_is_reported_critical_and_tracking_resumes_when_it_returns(cache, tmp_path):
+    flight_dir = simulate(tmp_path / "flight", duration_s=9.0, seed=6)
+    camera = VanishingCamera(flight_dir, vanish_after=6, outage_s=2.0)
+    daemon, ap, truth, source = fly(tmp_path, cache, flight_dir, source=camera)
+    ours = [h.system_status for h in ap.heartbeats if h.get_srcComponent() == 191]
+    assert MAV.MAV_STATE_CRITICAL in ours
+    after_outage = ours[ours.index(MAV.MAV_STATE_CRITICAL):]
+    assert MAV.MAV_STATE_ACTIVE in after_outage                   # recovered without a restart
+    assert any("camera lost" in s for s in ap.statustexts)
+    fixes = [m for m in ap.gps_inputs if m.fix_type == 3]
+    capture = [m.time_usec / 1e6 - daemon.epoch_minus_monotonic for m in fixes]
+    assert max(capture) > camera.gone_at + camera.outage_s       # fixes again after the outage
+    for msg in fixes:
+        assert truth_error(msg, daemon, source, truth, cache)[1] < 3 * msg.horiz_accuracy
 
 
 def test_daemon_over_an_unmapped_area_sends_no_3d_fix(cache, tmp_path):

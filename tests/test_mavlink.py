@@ -206,3 +206,35 @@ def test_signed_messages_verify_only_with_the_right_key():
         good.close()
     with pytest.raises(Exception, match="signing_key_hex"):
         MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", signing_key_hex="abcd"))
+
+
+def test_link_loss_is_detected_and_rates_are_requested_again_when_it_returns():
+    port = free_udp_port()
+    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=3, source_component=1,
+                                      dialect="common")
+    link = MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", link_timeout_s=0.4)).start()
+    requests, up_states = [], []
+    try:
+        link.send_heartbeat(MAV.MAV_STATE_STANDBY)
+        assert recv(peer, "HEARTBEAT") is not None
+
+        def stream(seconds):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                peer.mav.heartbeat_send(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_PX4, 0, 0, 4)
+                peer.mav.attitude_send(0, 0.0, 0.0, 0.0, 0, 0, 0)
+                msg = peer.recv_match(type="COMMAND_LONG", blocking=True, timeout=0.03)
+                if msg is not None:
+                    requests.append(int(msg.param1))
+                    peer.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
+            up_states.append(link.link_up)
+
+        stream(1.0)
+        time.sleep(0.8)                      # the vehicle falls silent
+        up_states.append(link.link_up)
+        stream(1.0)
+    finally:
+        link.close()
+        peer.close()
+    assert up_states == [True, False, True]
+    assert len(requests) == 6 and requests[:3] == requests[3:]
