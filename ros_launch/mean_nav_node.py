@@ -8,8 +8,8 @@ Parameters: config (nav.yaml path), topic, frame_id, publish_without_fix.
 NavSatFix conventions: status -1 (STATUS_NO_FIX) unless the localizer has a gated visual
 fix (0, STATUS_FIX); position covariance in ENU m^2 from the reported accuracy;
 altitude above the WGS84 ellipsoid when the EGM96 geoid grid is installed for PROJ,
-otherwise the autopilot's AMSL altitude with its variance inflated by 50 m^2-scale
-geoid uncertainty. rclpy is imported only in this file.
+otherwise the autopilot's AMSL altitude with (50 m)^2 added to its variance for the
+unknown geoid height. rclpy is imported only in this file.
 """
 from __future__ import annotations
 

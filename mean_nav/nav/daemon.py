@@ -51,6 +51,7 @@ class CameraConfig:
     folder_fps: float = 2.0              # image folders without frames.csv
     loop: bool = False                   # replay a file source forever (bench tests)
     reopen_max_s: float = 10.0           # back-off limit when reopening a lost camera
+    capture_delay_s: float = 0.0         # exposure-to-grab delay of a live camera (measure it once)
 
 
 @dataclass
@@ -197,6 +198,9 @@ class NavDaemon:
 
     # --- per frame --------------------------------------------------------------------
     def _process(self, frame: Frame) -> Estimate:
+        if self.source.live and self.cfg.camera.capture_delay_s:
+            # the photo was taken before the grab returned: look up the attitude of that instant
+            frame.time_s -= self.cfg.camera.capture_delay_s
         telemetry = self.link.telemetry_at(frame.time_s)
         try:
             est = self.localizer.process(frame.image if not frame.problem else None, telemetry, frame.time_s)
