@@ -51,7 +51,7 @@ def test_export_records_model_identity_in_onnx_metadata(lite0, exported):
     info = read_onnx_info(out)
     assert info.model_hash == deploy_hash(model)
     assert info.backbone == "efficientnet_lite0"
-    assert info.embed_dim == model.embed_dim == 1280
+    assert info.embed_dim == model.embed_dim == model.backbone.num_features
     assert info.preprocessing.img_size == SIZE
     assert info.precision == "fp32" and info.input_layout == "float_nchw"
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -68,7 +68,7 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch(lite0, exported):
     # batch sizes 1, 2 and 5 through the same session: the batch axis is dynamic
     for bs in (1, 2, 5):
         got = emb.embed(images, batch_size=bs)
-        assert got.shape == (5, 1280)
+        assert got.shape == (5, model.embed_dim)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         assert np.min(np.sum(ref * got, axis=1)) > 0.9999
     raw = emb.session.run(None, {emb.input_name: np.zeros((3, 3, SIZE, SIZE), np.float32)})[0]
