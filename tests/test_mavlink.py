@@ -238,3 +238,12 @@ def test_link_loss_is_detected_and_rates_are_requested_again_when_it_returns():
         peer.close()
     assert up_states == [True, False, True]
     assert len(requests) == 6 and requests[:3] == requests[3:]
+
+
+def test_waiting_for_the_attitude_after_a_frame_allows_interpolation():
+    h = TelemetryHistory()
+    h.add_attitude(1.0, 0.0, 0.0, 0.0)
+    assert not h.wait_for_attitude_after(1.05, timeout_s=0.05)
+    threading.Timer(0.05, lambda: h.add_attitude(1.1, 0.2, 0.0, 0.0)).start()
+    assert h.wait_for_attitude_after(1.05, timeout_s=1.0)
+    assert h.at(1.05).roll == pytest.approx(0.1)

@@ -81,6 +81,7 @@ class NavConfig:
     telemetry_timeout_s: float = 2.0     # no attitude this long: broken
     startup_grace_s: float = 5.0         # before this, missing camera/telemetry is "starting"
     max_latency_s: float = 0.25          # warn above (ArduPilot compensates at most 250 ms)
+    attitude_wait_s: float = 0.1         # wait this long for the attitude sample after a frame
     frame_log: str | None = None         # JSON lines, one per processed frame
     summary_interval_s: float = 10.0
 
@@ -201,7 +202,7 @@ class NavDaemon:
         if self.source.live and self.cfg.camera.capture_delay_s:
             # the photo was taken before the grab returned: look up the attitude of that instant
             frame.time_s -= self.cfg.camera.capture_delay_s
-        telemetry = self.link.telemetry_at(frame.time_s)
+        telemetry = self.link.telemetry_at(frame.time_s, wait_s=self.cfg.attitude_wait_s)
         try:
             est = self.localizer.process(frame.image if not frame.problem else None, telemetry, frame.time_s)
         except Exception as exc:   # a bug or a broken model must not stop the heartbeat

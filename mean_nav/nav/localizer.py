@@ -185,7 +185,7 @@ class Localizer:
                 nearest = self.cache.tile_at(px, py) if hasattr(self.cache, "tile_at") else None
                 if nearest is not None:
                     candidates.append(_Candidate(float(self.cache.x[nearest]), float(self.cache.y[nearest]),
-                                                 -1, math.nan, ("tile", int(nearest))))
+                                                 int(nearest), math.nan, ("tile", int(nearest))))
                 else:
                     candidates.append(_Candidate(px, py, -1, math.nan, None))
             lon, lat = self.cache.xy_to_lonlat(px, py)

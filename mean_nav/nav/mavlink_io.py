@@ -113,6 +113,7 @@ class TelemetryHistory:
         self.range_m = math.nan
         self.range_time = -math.inf
         self._lock = threading.Lock()
+        self._new_attitude = threading.Condition(self._lock)
 
     def add_attitude(self, t: float, roll: float, pitch: float, yaw: float) -> None:
         with self._lock:
@@ -123,6 +124,18 @@ class TelemetryHistory:
             while self._times and self._times[0] < t - self.keep_s:
                 self._times.popleft()
                 self._attitudes.popleft()
+            self._new_attitude.notify_all()
+
+    def wait_for_attitude_after(self, t: float, timeout_s: float) -> bool:
+        """Wait until an attitude sample newer than t arrives (so t can be interpolated)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not (self._times and self._times[-1] >= t):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._new_attitude.wait(remaining)
+            return True
 
     def add_position(self, t: float, lat: float, lon: float, alt_amsl: float, rel_alt: float,
                      vn: float, ve: float, vd: float, heading: float) -> None:
@@ -322,7 +335,11 @@ class MavlinkLink:
             else:
                 log.info("mavlink: message %d at %g Hz accepted", msg_id, rate)
 
-    def telemetry_at(self, t: float) -> Telemetry | None:
+    def telemetry_at(self, t: float, wait_s: float = 0.0) -> Telemetry | None:
+        """Telemetry at host time t; waits up to wait_s for the attitude sample after t so the
+        attitude is interpolated rather than extrapolated from an older sample."""
+        if wait_s > 0:
+            self.telemetry.wait_for_attitude_after(t, wait_s)
         return self.telemetry.at(t, self.cfg.position_max_age_s, self.cfg.rangefinder_max_age_s)
 
     # --- sending ----------------------------------------------------------------------
