@@ -251,3 +251,38 @@ def test_invalid_config_exits_with_one_clear_line(tmp_path, capsys):
     missing.write_text(f"camera:\n  calibration: {tmp_path / 'nope.yaml'}\n")
     assert main(["run", "--config", str(missing)]) == 1
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path):
+    import os
+    import signal
+
+    import cv2
+
+    from mean_nav.nav.camera_model import CameraModel
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), np.full((120, 160, 3), 60 + 40 * i, np.uint8))
+    port = free_udp_port()
+    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", dialect="common")
+    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}"))
+    daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache, camera=CameraModel.from_fov(160, 120, 70),
+                       source=ImageFolderSource(frames, realtime=True, fps=5.0, loop=True))
+    previous = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert daemon.run(duration_s=20.0) == 0          # looping source: only the signal ends it
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 5.0
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+    statuses = []
+    while (msg := peer.recv_match(type="HEARTBEAT", blocking=True, timeout=0.2)) is not None:
+        statuses.append(msg.system_status)
+    peer.close()
+    assert statuses and statuses[-1] == MAV.MAV_STATE_POWEROFF
+    assert daemon.stats["frames"] >= 3
