@@ -83,8 +83,13 @@ def test_qdq_variant_is_in_tensorrt_explicit_quantization_form(quantized):
         zp = init[q.input[2]]
         assert zp.dtype == np.int8 and not zp.any()
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    assert convs
-    for conv in convs:  # every Conv reads dequantized activations and per-channel int8 weights
+    kept = set(report.kept_float)
+    assert len(kept) == 2 and kept <= {n.name for n in convs}   # first and last Conv stay float
+    for conv in convs:
+        if conv.name in kept:
+            assert conv.input[1] in init and init[conv.input[1]].dtype == np.float32
+            continue
+        # every other Conv reads dequantized activations and per-channel int8 weights
         x_dq, w_dq = producers[conv.input[0]], producers[conv.input[1]]
         assert x_dq.op_type == w_dq.op_type == "DequantizeLinear"
         weight, w_scale = init[w_dq.input[0]], init[w_dq.input[1]]

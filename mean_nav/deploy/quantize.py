@@ -14,6 +14,11 @@ Three artefacts from one command, all carrying the FP32 model's identity in meta
 - `<stem>.fp16.onnx`: float16 weights and compute, float32 inputs/outputs; LayerNorm
   stays float32 because its variance overflows float16.
 
+By default the first and the last Conv/MatMul stay float (the stem sees raw pixels, the
+last layer feeds the descriptor) and activation ranges come from the 99.999th percentile
+of the calibration histograms rather than min/max: both measured more accurate on
+EfficientNet-Lite0 at 384 px for little speed.
+
 Each variant is compared with FP32 on held-out images (cosine per descriptor, min/mean)
 and, given an evaluation set, on retrieval (R@1 / AP and their change).
 """
@@ -76,6 +81,7 @@ class QuantizeReport:
     eval_description: str = ""
     fp32_retrieval: dict = field(default_factory=dict)
     kept_float: list = field(default_factory=list)       # compute nodes left unquantized
+    calibrate_method: str = ""
 
     def table(self) -> str:
         rows = [("variant", "file", "cos min", "cos mean", "ms b1", "x FP32", "R@1", "AP")]
@@ -210,13 +216,19 @@ def preprocess_for_quantization(src: Path, dst: Path) -> None:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
+def _calibration_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[name]
+
+
 def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
                    calibrate_method: str = "minmax", exclude: list[str] | None = None) -> None:
     """TensorRT-style Q/DQ: symmetric s8 activations, per-channel symmetric s8 weights."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[calibrate_method]
+    method = _calibration_method(calibrate_method)
     quantize_static(
         str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
@@ -228,7 +240,8 @@ def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], inf
 
 
 def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
-                          op_types: list[str] | None = QUANTIZED_OPS, exclude: list[str] | None = None) -> None:
+                          op_types: list[str] | None = QUANTIZED_OPS, exclude: list[str] | None = None,
+                          calibrate_method: str = "minmax") -> None:
     """u8 activations (asymmetric) x s8 per-channel weights, QOperator form (QLinearConv/QLinearMatMul)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -236,7 +249,7 @@ def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarra
         str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
         quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
-        extra_options={"CalibMaxIntermediateOutputs": 8})
+        calibrate_method=_calibration_method(calibrate_method), extra_options={"CalibMaxIntermediateOutputs": 8})
 
 
 def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
@@ -284,10 +297,10 @@ def measure_latency_ms(path: Path, info: DeployInfo, threads: int | None, repeat
 
 
 CPU_CANDIDATES: dict[str, Callable] = {
-    # name -> builder(prepared, out, calibration, info, nodes kept in float)
-    "dynamic-matmul": lambda p, o, c, i, x: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm"], x),
-    "dynamic-matmul-conv": lambda p, o, c, i, x: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm", "Conv"], x),
-    "static-u8s8": lambda p, o, c, i, x: build_int8_cpu_static(p, o, c, i, QUANTIZED_OPS, x),
+    # name -> builder(prepared, out, calibration, info, nodes kept in float, calibration method)
+    "dynamic-matmul": lambda p, o, c, i, x, m: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm"], x),
+    "dynamic-matmul-conv": lambda p, o, c, i, x, m: build_int8_cpu_dynamic(p, o, ["MatMul", "Gemm", "Conv"], x),
+    "static-u8s8": lambda p, o, c, i, x, m: build_int8_cpu_static(p, o, c, i, QUANTIZED_OPS, x, m),
 }
 # ConvInteger (dynamic Conv) measured 0.69x FP32 on ConvNeXt-Tiny 384 (onnxruntime 1.31, 2 cores):
 # it stays available by name but is not tried by default
@@ -297,9 +310,9 @@ DEFAULT_CPU_CANDIDATES = ["dynamic-matmul", "static-u8s8"]
 def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_images: list[np.ndarray],
                    out_dir: str | Path | None = None, eval_set: RetrievalSet | None = None,
                    threads: int | None = None, cpu_candidates: list[str] | None = None,
-                   calibrate_method: str = "minmax", min_cosine: float = MIN_COSINE,
+                   calibrate_method: str = "percentile", min_cosine: float = MIN_COSINE,
                    latency_repeats: int = 5, variants: tuple[str, ...] = ("int8-qdq", "int8-cpu", "fp16"),
-                   keep_first_last: bool = False) -> QuantizeReport:
+                   keep_first_last: bool = True) -> QuantizeReport:
     """Write the INT8 Q/DQ, CPU INT8 and FP16 variants of an FP32 MEAN ONNX and compare them with it.
 
     Outputs appear only complete (written in a temp folder, renamed). A variant whose
@@ -371,7 +384,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                     continue
                 log.info("building CPU INT8 candidate %s", name)
                 try:
-                    CPU_CANDIDATES[name](prepared, path, calibration, info, exclude)
+                    CPU_CANDIDATES[name](prepared, path, calibration, info, exclude, calibrate_method)
                     candidates.append(evaluate(name, "int8-cpu", path))
                 except MeanNavError:
                     raise
@@ -421,7 +434,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         c.path = ""  # candidates lived in the temp folder
     report = QuantizeReport(str(src), info.model_hash, len(calibration), len(check_images), threads,
                             fp32_latency, results, candidates, choice, reason,
-                            eval_set.description if eval_set else "", fp32_retrieval, exclude)
+                            eval_set.description if eval_set else "", fp32_retrieval, exclude, calibrate_method)
     _write_json_atomic(out_dir / f"{stem}.quantize.json", asdict(report))
     return report
 
@@ -451,10 +464,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", help="calibration images: a folder, a list file (see calibration/) "
                         "or a GeoTIFF to cut tiles from (default: procedural aerial-like images)")
     parser.add_argument("--calibration-count", type=int, default=64, help="images used (default 64)")
-    parser.add_argument("--calibrate-method", choices=("minmax", "percentile", "entropy"), default="minmax",
-                        help="activation range estimate for the Q/DQ variant (default minmax)")
-    parser.add_argument("--keep-first-last", action="store_true",
-                        help="leave the first and last Conv/MatMul in float (more accurate, a little slower)")
+    parser.add_argument("--calibrate-method", choices=("minmax", "percentile", "entropy"), default="percentile",
+                        help="activation range estimate for the static INT8 variants (default percentile, 99.999%%: "
+                        "measured more accurate than minmax on Lite0 at 384)")
+    parser.add_argument("--quantize-first-last", action="store_true",
+                        help="also quantize the first and last Conv/MatMul (kept float by default: the stem sees "
+                        "raw pixels and the last layer feeds the descriptor; a little faster, less accurate)")
     parser.add_argument("--check-images", help="held-out images for the cosine check (default: the evaluation "
                         "set's images, else procedural images not used for calibration)")
     parser.add_argument("--check-count", type=int, default=32)
@@ -490,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
                             threads=args.threads, calibrate_method=args.calibrate_method,
                             cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
                             min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats,
-                            keep_first_last=args.keep_first_last)
+                            keep_first_last=not args.quantize_first_last)
     print(report.table())
     for v in report.variants:
         print(f"wrote {v.path}")
