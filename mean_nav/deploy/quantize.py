@@ -402,6 +402,8 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                     raise MeanNavError(f"{src}: no CPU INT8 candidate could be built: "
                                        + "; ".join(f"{c.name} {c.note}" for c in candidates))
                 reason = f"no candidate reached cosine {min_cosine}; kept the most accurate"
+            if best.speedup_vs_fp32 < 1.0:
+                reason += "; NOTE: slower than FP32 on this CPU, prefer the FP32 model for onnxruntime here"
             choice = best.name
             chosen = VariantResult(**{**asdict(best), "name": f"int8-cpu ({best.name})"})
             path = tmp / f"{stem}.int8-cpu.onnx"
@@ -422,8 +424,9 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         if bad:
             raise MeanNavError(
                 f"{src}: {bad[0].name} descriptors drift from FP32 (cosine min {bad[0].cosine_min:.4f} < "
-                f"{min_cosine}); nothing written. Use more/representative --calibration images or "
-                "--calibrate-method percentile")
+                f"{min_cosine}); nothing written. Use more representative --calibration images, "
+                "--calibrate-method entropy, or accept the drift explicitly with a lower --min-cosine "
+                "after checking the R@1 change with --eval")
         for key, path in final.items():
             dest = out_dir / path.name
             os.replace(path, dest)
