@@ -221,7 +221,7 @@ class NavDaemon:
             log.warning("capture-to-send latency %.0f ms exceeds %.0f ms (GPS1_DELAY_MS cannot compensate)",
                         latency * 1000, self.cfg.max_latency_s * 1000)
         record = {"frame": frame.index, "capture_s": round(frame.time_s, 4), "recorded_s": frame.source_time_s,
-                  "fix": int(est.fix), "sent": bool(sent), "lat": _num(est.lat, 8), "lon": _num(est.lon, 8),
+                  "fix": int(est.fix), "position_sent": bool(sent), "lat": _num(est.lat, 8), "lon": _num(est.lon, 8),
                   "sigma_h_m": _num(est.sigma_h_m, 2), "vn": round(est.vn, 2), "ve": round(est.ve, 2),
                   "tile": est.tile_id, "inliers": est.inliers, "processing_ms": round(processing_s * 1000, 1),
                   "latency_ms": round(latency * 1000, 1), "reason": est.reason or frame.problem}

@@ -130,6 +130,8 @@ class TelemetryHistory:
         """Wait until an attitude sample newer than t arrives (so t can be interpolated)."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
+            if not self._times or self._times[-1] < t - 1.0:
+                return False      # no attitude stream at all: nothing worth waiting for
             while not (self._times and self._times[-1] >= t):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
