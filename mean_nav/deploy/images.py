@@ -8,7 +8,8 @@ A *source* is one of:
     every command also works on a fresh clone without data.
 
 Evaluation pairs (query, gallery) come from a GeoTIFF (a perturbed "drone" view of the
-same ground as each north-up tile) or a University-1652-layout folder. No torch here.
+same ground as each north-up tile), the held-out split of a synthetic training config
+(mean_nav.data.synthetic) or a University-1652-layout folder. No torch here.
 """
 from __future__ import annotations
 
@@ -270,14 +271,39 @@ def university1652_pairs(root: str | Path, limit: int | None = None,
                         f"University-1652 {query}->{gallery}, {len(q_imgs)} queries, {len(g_imgs)} gallery")
 
 
+def synthetic_holdout_set(config_path: str | Path, seed: int = 12345) -> RetrievalSet:
+    """The held-out synthetic drone->satellite set of a training config (mean_nav.data.synthetic).
+
+    Exactly the set `mean-nav train`/`evaluate` score on: held-out ground only, drone views
+    rendered and rectified with noisy attitude, one satellite tile per location.
+    """
+    from ..config import from_dict, load_yaml
+    from ..data.synthetic import SyntheticConfig, SyntheticPairSource
+
+    config_path = Path(config_path)
+    data = load_yaml(config_path).get("data", {})
+    if data.get("kind", "synthetic") != "synthetic" or "synthetic" not in data:
+        raise MeanNavError(f"{config_path}: data.kind is not 'synthetic'; give a synthetic training config, "
+                           "a GeoTIFF or a University-1652 folder as the evaluation set")
+    cfg = from_dict(SyntheticConfig, data["synthetic"], source=str(config_path), prefix="data.synthetic.")
+    holdout = SyntheticPairSource(cfg, "holdout", base_dir=config_path.resolve().parent)
+    drones, d_labels, sats, s_labels = holdout.evaluation_set(seed)
+    return RetrievalSet(drones, d_labels, sats, s_labels,
+                        f"synthetic held-out set of {config_path} ({len(drones)} drone views, {len(sats)} tiles)")
+
+
 def load_retrieval_set(source: str | Path, count: int, size: int, seed: int = 0) -> RetrievalSet:
-    """A GeoTIFF (synthetic pairs) or a University-1652-layout folder."""
+    """A GeoTIFF (synthetic pairs), a synthetic training config (.yaml: its held-out set) or a
+    University-1652-layout folder."""
     source = Path(source)
+    if source.is_file() and source.suffix.lower() in (".yaml", ".yml"):
+        return synthetic_holdout_set(source)
     if source.is_file() and _is_georeferenced_tiff(source):
         return geotiff_pairs(source, count, size, seed)
     if source.is_dir():
         return university1652_pairs(source, limit=count)
-    raise MeanNavError(f"{source}: evaluation set must be a GeoTIFF or a University-1652-layout folder")
+    raise MeanNavError(f"{source}: evaluation set must be a GeoTIFF, a synthetic training config (.yaml) "
+                       "or a University-1652-layout folder")
 
 
 def retrieval_metrics(query_desc: np.ndarray, query_labels: np.ndarray,

@@ -477,7 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "set's images, else procedural images not used for calibration)")
     parser.add_argument("--check-count", type=int, default=32)
     parser.add_argument("--eval", dest="eval_set", help="retrieval evaluation: a GeoTIFF (synthetic drone/tile "
-                        "pairs) or a University-1652-layout folder")
+                        "pairs), a synthetic training config .yaml (its held-out set) or a University-1652 folder")
     parser.add_argument("--eval-count", type=int, default=100, help="pairs / classes evaluated (default 100)")
     parser.add_argument("--variants", default="int8-qdq,int8-cpu,fp16", help="comma list of variants to build")
     parser.add_argument("--cpu-candidates", default=",".join(DEFAULT_CPU_CANDIDATES),
