@@ -222,3 +222,24 @@ def test_bench_siblings_are_found_next_to_the_fp32_onnx(tmp_path):
     assert [p.name for p in expand_models([str(base)], siblings=False)] == ["m.onnx"]
     with pytest.raises(MeanNavError, match="not found"):
         expand_models([str(tmp_path / "x.onnx")], siblings=True)
+
+
+def test_synthetic_training_config_gives_its_held_out_pairs(tmp_path):
+    if not MAP.is_file():
+        pytest.skip(f"shared data absent: {MAP}")
+    from mean_nav.deploy.images import load_retrieval_set
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        "data:\n  kind: synthetic\n  synthetic:\n"
+        f"    maps: [{MAP}]\n    holdout_maps: [{MAP.name}]\n"
+        "    tile_m: 60.0\n    stride_m: 60.0\n    holdout_stride_m: 90.0\n"
+        "    view_px: 64\n    eval_views_per_location: 2\n")
+    rs = load_retrieval_set(cfg, 0, 64)
+    assert len(rs.gallery) >= 2 and len(rs.queries) == 2 * len(rs.gallery)
+    assert set(rs.query_labels) == set(rs.gallery_labels)
+    assert all(q.shape == (64, 64, 3) for q in rs.queries)
+    bad = tmp_path / "u1652.yaml"
+    bad.write_text("data:\n  kind: university1652\n")
+    with pytest.raises(MeanNavError, match="not 'synthetic'"):
+        load_retrieval_set(bad, 0, 64)
