@@ -224,7 +224,7 @@ def test_bench_siblings_are_found_next_to_the_fp32_onnx(tmp_path):
         expand_models([str(tmp_path / "x.onnx")], siblings=True)
 
 
-def test_synthetic_training_config_gives_its_held_out_pairs(tmp_path):
+def test_synthetic_training_config_gives_held_out_pairs_and_calibration_images(tmp_path):
     if not MAP.is_file():
         pytest.skip(f"shared data absent: {MAP}")
     from mean_nav.deploy.images import load_retrieval_set
@@ -239,6 +239,10 @@ def test_synthetic_training_config_gives_its_held_out_pairs(tmp_path):
     assert len(rs.gallery) >= 2 and len(rs.queries) == 2 * len(rs.gallery)
     assert set(rs.query_labels) == set(rs.gallery_labels)
     assert all(q.shape == (64, 64, 3) for q in rs.queries)
+    train_cfg = tmp_path / "train_all.yaml"
+    train_cfg.write_text(cfg.read_text().replace(f"    holdout_maps: [{MAP.name}]\n", ""))
+    calib = load_images(train_cfg, 5, 64, seed=2)   # calibration on the training split
+    assert len(calib) == 5 and all(c.shape == (64, 64, 3) and c.std() > 3 for c in calib)
     bad = tmp_path / "u1652.yaml"
     bad.write_text("data:\n  kind: university1652\n")
     with pytest.raises(MeanNavError, match="not 'synthetic'"):

@@ -4,6 +4,7 @@ A *source* is one of:
   - a folder of images (searched recursively, sorted by path),
   - a list file (`.txt`/`.lst`: one image path a line, relative to the list file, `#` comments),
   - a GeoTIFF orthophoto (`.tif`/`.tiff`): square tiles cut at its native resolution,
+  - a synthetic training config (`.yaml`): tiles and drone views of its training split,
   - nothing: procedural aerial-like images (roads, fields, buildings, texture), so
     every command also works on a fresh clone without data.
 
@@ -157,6 +158,8 @@ def load_images(source: str | Path | None, count: int | None, size: int, seed: i
     if source is None:
         return synthetic_aerial_images(count or 16, size, seed)
     source = Path(source)
+    if source.is_file() and source.suffix.lower() in (".yaml", ".yml"):
+        return synthetic_training_images(source, count or 64, seed)
     if source.is_dir():
         files = list_image_files(source)
         what = f"{source}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -271,22 +274,38 @@ def university1652_pairs(root: str | Path, limit: int | None = None,
                         f"University-1652 {query}->{gallery}, {len(q_imgs)} queries, {len(g_imgs)} gallery")
 
 
+def _synthetic_source(config_path: Path, split: str):
+    from ..config import from_dict, load_yaml
+    from ..data.synthetic import SyntheticConfig, SyntheticPairSource
+
+    data = load_yaml(config_path).get("data", {})
+    if data.get("kind", "synthetic") != "synthetic" or "synthetic" not in data:
+        raise MeanNavError(f"{config_path}: data.kind is not 'synthetic'; give a synthetic training config, "
+                           "a GeoTIFF, a folder or a list file")
+    cfg = from_dict(SyntheticConfig, data["synthetic"], source=str(config_path), prefix="data.synthetic.")
+    return SyntheticPairSource(cfg, split, base_dir=config_path.resolve().parent)
+
+
+def synthetic_training_images(config_path: str | Path, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Satellite tiles and drone views of a synthetic training config's *training* split
+    (alternating), e.g. to calibrate INT8 on exactly what the network was trained on."""
+    source = _synthetic_source(Path(config_path), "train")
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(source), size=min(len(source), (count + 1) // 2), replace=False)
+    images = []
+    for i in sorted(int(p) for p in picks):
+        images += [source.satellite(i), source.drone(i, rng)]
+    return images[:count]
+
+
 def synthetic_holdout_set(config_path: str | Path, seed: int = 12345) -> RetrievalSet:
     """The held-out synthetic drone->satellite set of a training config (mean_nav.data.synthetic).
 
     Exactly the set `mean-nav train`/`evaluate` score on: held-out ground only, drone views
     rendered and rectified with noisy attitude, one satellite tile per location.
     """
-    from ..config import from_dict, load_yaml
-    from ..data.synthetic import SyntheticConfig, SyntheticPairSource
-
     config_path = Path(config_path)
-    data = load_yaml(config_path).get("data", {})
-    if data.get("kind", "synthetic") != "synthetic" or "synthetic" not in data:
-        raise MeanNavError(f"{config_path}: data.kind is not 'synthetic'; give a synthetic training config, "
-                           "a GeoTIFF or a University-1652 folder as the evaluation set")
-    cfg = from_dict(SyntheticConfig, data["synthetic"], source=str(config_path), prefix="data.synthetic.")
-    holdout = SyntheticPairSource(cfg, "holdout", base_dir=config_path.resolve().parent)
+    holdout = _synthetic_source(config_path, "holdout")
     drones, d_labels, sats, s_labels = holdout.evaluation_set(seed)
     return RetrievalSet(drones, d_labels, sats, s_labels,
                         f"synthetic held-out set of {config_path} ({len(drones)} drone views, {len(sats)} tiles)")
