@@ -464,8 +464,9 @@ def _write_json_atomic(path: Path, data) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("onnx", help="FP32 ONNX from `mean-nav export`")
     parser.add_argument("-o", "--out-dir", help="folder for the variants (default: next to the input)")
-    parser.add_argument("--calibration", help="calibration images: a folder, a list file (see calibration/), a synthetic training config .yaml "
-                        "or a GeoTIFF to cut tiles from (default: procedural aerial-like images)")
+    parser.add_argument("--calibration", help="calibration images: a folder, a list file (see calibration/), "
+                        "a GeoTIFF to cut tiles from, or a synthetic training config .yaml (its training split); "
+                        "default: procedural aerial-like images")
     parser.add_argument("--calibration-count", type=int, default=64, help="images used (default 64)")
     parser.add_argument("--calibrate-method", choices=("minmax", "percentile", "entropy"), default="percentile",
                         help="activation range estimate for the static INT8 variants (default percentile, 99.999%%: "
