@@ -379,7 +379,8 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         if "int8-cpu" in variants:
             for name in tqdm(cpu_candidates, desc="CPU INT8 candidates", leave=False):
                 path = tmp / f"candidate-{name}.onnx"
-                if name.startswith("dynamic-matmul") and "Conv" not in name and not _has_ops(prepared, ("MatMul", "Gemm")):
+                if name == "dynamic-matmul" and not _has_ops(prepared, ("MatMul", "Gemm")):
+                    # it would return the FP32 graph unchanged (e.g. EfficientNet: convolutions only)
                     candidates.append(VariantResult(name, "int8-cpu", "", note="skipped: the graph has no MatMul/Gemm"))
                     continue
                 log.info("building CPU INT8 candidate %s", name)
