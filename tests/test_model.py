@@ -248,6 +248,10 @@ def test_model_info_cli_prints_json_for_lite0(capsys):
     assert with_head["embed_dim"] == 1280
     # the only extra test-time work is the 1x1 320->1280 head conv on the 12x12 map
     assert with_head["deploy_macs_per_image"] - info["deploy_macs_per_image"] == 12 * 12 * 320 * 1280
+    # either way, backbone + left-out ImageNet parts = the package's 4,652,008 + our gap LayerNorm
+    for report in (info, with_head):
+        assert (report["parameters"]["backbone"] + report["imagenet_head_unused"]
+                == 4_652_008 + 2 * report["embed_dim"])
 
 
 def test_model_info_cli_reports_bad_config_field_in_one_line(tmp_path, capsys):

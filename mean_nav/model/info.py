@@ -166,6 +166,18 @@ def parameter_rows(model: MEAN) -> list[tuple[str, str, int]]:
     return rows
 
 
+def imagenet_head_params(cfg: ModelConfig, embed_dim: int) -> int:
+    """Parameters of the ImageNet checkpoint that MEAN leaves out (the paper counts them)."""
+    if cfg.backbone == "efficientnet_lite0":
+        from .efficientnet import HEAD_CHANNELS, LITE0_STAGES
+
+        unused = HEAD_CHANNELS * IMAGENET_CLASSES + IMAGENET_CLASSES       # _fc
+        if cfg.efficientnet_features == "blocks":                          # _conv_head + _bn1
+            unused += LITE0_STAGES[-1][5] * HEAD_CHANNELS + 2 * HEAD_CHANNELS
+        return unused
+    return embed_dim * IMAGENET_CLASSES + IMAGENET_CLASSES
+
+
 def model_info(cfg: ModelConfig) -> dict:
     """Parameter and MAC report for `cfg` (built on the meta device: no weights loaded)."""
     with torch.device("meta"):
@@ -175,7 +187,7 @@ def model_info(cfg: ModelConfig) -> dict:
     training = count_macs(model, image)
     rows = parameter_rows(model)
     total = _params(model)
-    imagenet_head = model.embed_dim * IMAGENET_CLASSES + IMAGENET_CLASSES
+    imagenet_head = imagenet_head_params(cfg, model.embed_dim)
     top_level_deploy = defaultdict(int)  # in execution order; ConvNeXt stages listed one by one
     for name, macs in deploy.by_module.items():
         parts = name.split(".")
@@ -215,7 +227,9 @@ def format_report(info: dict) -> str:
     lines += [
         f"{'total (MEAN module)':<22}{info['parameters_total']:>14,}",
         f"{'+ loss logit scale':<22}{info['loss_logit_scale']:>14,}  learnable InfoNCE scale (in MEANLoss)",
-        f"{'+ ImageNet head':<22}{info['imagenet_head_unused']:>14,}  unused 1000-class classifier (the paper's count)",
+        f"{'+ ImageNet head':<22}{info['imagenet_head_unused']:>14,}  unused ImageNet classifier"
+        + (" and head conv" if cfg["backbone"] == "efficientnet_lite0" and cfg["efficientnet_features"] == "blocks"
+           else "") + " (the paper counts it)",
         f"{'total with it':<22}{info['parameters_total_with_imagenet_head']:>14,}",
         "",
         f"test-time graph (backbone -> gap -> L2), per {cfg['img_size']}x{cfg['img_size']} image:",
