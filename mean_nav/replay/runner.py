@@ -5,8 +5,9 @@ flight's own clock, so two replays give the same estimates. GNSS from the flight
 the localizer at most once, as the initial prior (`--prior gnss`); every Telemetry handed
 to the localizer has lat/lon set to nan. Outputs, in --out:
 
-  estimates.csv   one row per frame, written and flushed as it is computed (an interrupted
-                  replay keeps `estimates.csv.partial` with every finished row)
+  estimates.csv   one row per frame, written and flushed as it is computed, so a replay that
+                  stops (error, Ctrl-C) keeps every finished row and still gets its summary; a
+                  killed process leaves `estimates.csv.partial` with the same rows
   summary.json    error median/p95/max, fix rate, false-fix rate, time to first fix,
                   latency, fixes outside the map, problems met (see report.py)
   track.png, error.png
@@ -168,8 +169,7 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                 in_map = coverage.contains(truth_lat, truth_lon) if coverage else math.nan
                 if frame.problem or frame.image is None or frame.telemetry is None:
                     reason = frame.problem or "no image or telemetry"
-                    kind = reason.split(" at t=")[0] if "t=" in reason else reason
-                    problems[kind] += 1
+                    problems[problem_kind(reason)] += 1
                     if len(first_problems) < 10:
                         first_problems.append(f"frame {frame.frame_id}: {reason}")
                     est = Estimate(time_s=frame.time_s, fix=FixQuality.NONE, reason=reason)
@@ -209,6 +209,15 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                          gps_input_messages=tlog.count if tlog else None)
             summary = write_report(csv_path, out_dir, coverage.raster if coverage else None, extra)
     return summary
+
+
+def problem_kind(reason: str) -> str:
+    """Group per-frame problems for the summary."""
+    for key, kind in (("video ended", "video ended early"), ("gap", "telemetry gap"),
+                      ("no telemetry", "no telemetry at frame time"), ("missing or unreadable", "frame image missing")):
+        if key in reason:
+            return kind
+    return reason
 
 
 def _fmt(v):
