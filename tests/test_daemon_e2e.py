@@ -129,7 +129,10 @@ class VanishingCamera(ImageFolderSource):
             while self._pos < len(self._items) and self.recorded_time_of(time.monotonic()) > self._items[self._pos][1]:
                 self._pos += 1
             self._count += 1
-        return super().read()
+        frame = super().read()
+        if frame is None:
+            self.live = False     # the recording is over: let the daemon finish
+        return frame
 
 
 def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0, source=None):
