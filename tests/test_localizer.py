@@ -140,3 +140,28 @@ def test_runtime_modules_do_not_import_torch():
             "mean_nav.nav.camera, mean_nav.nav.refine, mean_nav.nav.filter, mean_nav.nav.calibrate; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_network_runs_when_lost_but_not_while_the_prediction_verifies(cache, flight):
+    class CountingEmbedder(ThumbnailEmbedder):
+        calls = 0
+
+        def _embed_batch(self, batch):
+            CountingEmbedder.calls += 1
+            return super()._embed_batch(batch)
+
+    frames = frames_of(flight, 14)
+    loc = Localizer(CountingEmbedder(), cache, flight.camera, LocalizerConfig())
+    k = 0
+    while loc.process(frames[k].image, frames[k].telemetry, frames[k].time_s).fix != FixQuality.FIX:
+        k += 1
+    k += 1
+    before = CountingEmbedder.calls
+    assert before >= 2                          # start-up: global retrieval on every frame
+    tracked = run(loc, frames[k:])
+    assert len(tracked) >= 4 and all(e.fix == FixQuality.FIX for e in tracked)
+    assert CountingEmbedder.calls - before < len(tracked)   # verified at the prediction instead
+    always = Localizer(CountingEmbedder(), cache, flight.camera, LocalizerConfig(always_retrieve=True))
+    start = CountingEmbedder.calls
+    run(always, frames)
+    assert CountingEmbedder.calls - start == len(frames)
