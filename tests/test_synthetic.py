@@ -1,6 +1,7 @@
 """Synthetic cross-view pairs: held-out split by ground, drone views that match their tile."""
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 
@@ -53,7 +54,11 @@ def test_clean_rectified_view_reproduces_the_satellite_tile(world):
                    height_m=(60.0, 60.0))
     src = SyntheticPairSource(cfg, "train")
     for i in range(0, len(src), 3):
-        assert ncc(src.drone(i, np.random.default_rng(i)), src.satellite(i)) > 0.9
+        drone = src.drone(i, np.random.default_rng(i))  # random yaw, undone by rectification
+        sat = src.satellite(i)
+        (dx, dy), _ = cv2.phaseCorrelate(sat.mean(axis=2), drone.astype(np.float64).mean(axis=2))
+        assert abs(dx) < 0.6 and abs(dy) < 0.6  # pixels: the same ground, same place, north-up
+        assert ncc(drone, sat) > 0.75  # resampling twice blurs fine crop rows a little
 
 
 def test_noisy_drone_views_still_match_their_own_tile_best(world):
