@@ -262,3 +262,32 @@ def test_model_info_cli_reports_bad_config_field_in_one_line(tmp_path, capsys):
     assert main(["model-info", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "train.yaml" in err and "num_clases" in err and len(err.strip().splitlines()) == 1
+
+
+def test_probe_recall_counts_a_query_as_found_only_when_its_own_tile_ranks_first():
+    from mean_nav.model.probe import recall_at
+
+    gallery = np.eye(3, dtype=np.float32)
+    queries = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0.8, 0.6]], np.float32)  # query 1 and 2 tie-break
+    got = recall_at(queries, gallery, ks=(1, 2))
+    # query 0 -> tile 0 first; query 1: own tile 1 (0.8) first; query 2: own tile 2 (0.6) second
+    assert got == {"R@1": pytest.approx(2 / 3), "R@2": 1.0}
+
+
+def test_probe_set_pairs_each_real_tile_with_a_changed_view_of_the_same_place(tmp_path):
+    ortho = DATA / "orthophotos"
+    if not ortho.is_dir():
+        pytest.skip(f"real data not found at {ortho}")
+    import shutil
+
+    from mean_nav.model.probe import make_probe_set
+
+    shutil.copy(ortho / "OSBS_029.tif", tmp_path / "OSBS_029.tif")
+    tiles, queries = make_probe_set(tmp_path, tile_px=100, out_px=32, max_rotation_deg=20, seed=0)
+    assert tiles.shape == queries.shape == (9, 32, 32, 3) and tiles.dtype == np.uint8
+    flat_t = tiles.reshape(len(tiles), -1).astype(np.float32)
+    flat_q = queries.reshape(len(queries), -1).astype(np.float32)
+    assert not np.array_equal(flat_t, flat_q)
+    # a view correlates with its own tile more than with the average other tile
+    corr = np.corrcoef(flat_q, flat_t)[: len(tiles), len(tiles):]
+    assert np.mean(np.diag(corr)) > np.mean(corr[~np.eye(len(tiles), dtype=bool)]) + 0.1

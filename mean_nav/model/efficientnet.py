@@ -9,14 +9,15 @@ wrong still runs but shifts every activation.
 
 Feature map for MEAN: by default ("blocks") the 320-channel output of the last MBConv
 block at stride 32; "conv_head" selects the 1280-channel map after the 1x1 head conv
-(BN + ReLU6) that ImageNet training pooled into its classifier. Measured on real
-orthophotos with the ImageNet weights (`python -m mean_nav.model.probe`, tiles re-found
-from rotated/rescaled/re-exposed views), the 320-channel descriptor retrieves better
-(R@1 93.1% vs 88.2% at +-20 deg, 84.6% vs 80.9% at +-45 deg, 246 tiles): the signed
-linear-bottleneck features keep more spatial detail than the ReLU6-clipped, class-tuned
-head. It is also 4x smaller in the tile cache, skips a 59 MMAC conv at 384 px, and keeps
-MEAN's training branches small (PEE/CEA scale with the channel count: 1280 channels
-would make them 5x the backbone).
+(BN + ReLU6) that ImageNet training pooled into its classifier. Measured on the real
+orthophotos in shared/data with the ImageNet weights (`python -m mean_nav.model.probe`:
+tiles re-found from rotated, rescaled, shifted, re-exposed views), the 320-channel
+descriptor retrieves better every time: R@1 94.5 vs 93.9% (165 tiles, +-20 deg),
+84.8 vs 83.0% (+-45 deg), 86.4 vs 82.6% (287 tiles of 150 px, +-30 deg); plausibly
+because the signed linear-bottleneck features keep local detail that the ReLU6-clipped,
+class-tuned head discards. It is also 4x smaller in the tile cache, skips a 59 MMAC conv
+at 384 px, and keeps MEAN's training branches small (PEE/CEA scale with the channel
+count: at 1280 channels they would be 5x the backbone).
 
 Input normalisation: the TensorFlow lite models were trained on (x - 127) / 128, i.e.
 mean 0.498, std 0.502 per channel (see `LITE0_MEAN` / `LITE0_STD`).
