@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     prep = preprocessing_for(model_cfg)
     deploy_hash = load_checkpoint(args.checkpoint).get("deploy_hash")
-    print(f"gallery convention: {args.gallery_convention} ({CONVENTION_HELP[args.gallery_convention]})")
+    print(f"gallery convention: {args.gallery_convention} - {CONVENTION_HELP[args.gallery_convention]}")
     print("R@1% is CMC[round(0.01 * gallery size)], the reference code's index")
 
     rows = []
