@@ -273,24 +273,29 @@ def build_fp16(src: Path, out: Path) -> None:
     write_onnx_atomic(fp16, out)
 
 
-def measure_latency_ms(path: Path, info: DeployInfo, threads: int | None, repeats: int = 5,
-                       batch: int = 1) -> float:
-    """Best-of-`repeats` wall time of one batch on onnxruntime's CPU provider (after a warm-up).
+def interleaved_latency_ms(paths: list[Path], info: DeployInfo, threads: int | None, repeats: int = 5,
+                           batch: int = 1) -> list[float]:
+    """Best-of-`repeats` batch time of each model on onnxruntime's CPU provider, timed round-robin.
 
-    The minimum, not the median: on a shared machine other processes only ever add time,
-    so the fastest run is the best estimate of what the graph itself costs.
+    Round-robin so that load from other processes hits every model alike, and the
+    minimum because interference only ever adds time: the fastest run is the best
+    estimate of what a graph itself costs.
     """
-    emb = OnnxRuntimeEmbedder(path, threads=threads, providers=["CPUExecutionProvider"])
     size = info.preprocessing.img_size
     x = prepare_input(np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8), info)
-    feed = {emb.input_name: x}
-    emb.session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        emb.session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.min(times))
+    sessions = []
+    for path in paths:
+        emb = OnnxRuntimeEmbedder(path, threads=threads, providers=["CPUExecutionProvider"])
+        feed = {emb.input_name: x}
+        emb.session.run(None, feed)  # warm-up
+        sessions.append((emb.session, feed))
+    best = [float("inf")] * len(paths)
+    for _ in tqdm(range(repeats), desc="timing", leave=False):
+        for i, (sess, feed) in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [1000.0 * b for b in best]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -341,7 +346,6 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
 
     fp32 = OnnxRuntimeEmbedder(src, threads=threads, providers=["CPUExecutionProvider"])
     reference = fp32.embed(check_images, batch_size=8)
-    fp32_latency = measure_latency_ms(src, info, threads, latency_repeats)
     fp32_retrieval = _retrieval(fp32, eval_set) if eval_set else {}
     del fp32
 
@@ -363,8 +367,6 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
             emb = OnnxRuntimeEmbedder(path, threads=threads, providers=["CPUExecutionProvider"])
             cos = cosine_per_row(reference, emb.embed(check_images, batch_size=8))
             r = VariantResult(name, precision, str(path), float(cos.min()), float(cos.mean()))
-            r.latency_ms = measure_latency_ms(path, info, threads, latency_repeats)
-            r.speedup_vs_fp32 = fp32_latency / r.latency_ms
             if eval_set is not None:
                 r.retrieval = _retrieval(emb, eval_set, fp32_retrieval)
             return r
@@ -390,7 +392,24 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                 except MeanNavError:
                     raise
                 except Exception as exc:  # a candidate the installed onnxruntime cannot build or run
-                    candidates.append(VariantResult(name, "int8-cpu", str(path), note=f"failed: {str(exc)[:120]}"))
+                    candidates.append(VariantResult(name, "int8-cpu", "", note=f"failed: {str(exc)[:120]}"))
+        if "fp16" in variants:
+            path = tmp / f"{stem}.fp16.onnx"
+            log.info("building FP16")
+            build_fp16(src, path)
+            r = evaluate("fp16", "fp16", path)
+            r.note = "onnxruntime's CPU runs float16 through casts: latency here says nothing about a GPU"
+            results.append(r)
+            final["fp16"] = path
+
+        # one interleaved timing pass over FP32 and everything built, so all see the same load
+        timed = [r for r in results + candidates if r.path]
+        latencies = interleaved_latency_ms([src] + [Path(r.path) for r in timed], info, threads, latency_repeats)
+        fp32_latency = latencies[0]
+        for r, ms in zip(timed, latencies[1:]):
+            r.latency_ms, r.speedup_vs_fp32 = ms, fp32_latency / ms
+
+        if "int8-cpu" in variants:
             good = [c for c in candidates if c.cosine_min >= min_cosine]
             if good:
                 best = min(good, key=lambda c: c.latency_ms)
@@ -412,14 +431,6 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
             chosen.path = str(path)
             results.append(chosen)
             final["int8-cpu"] = path
-        if "fp16" in variants:
-            path = tmp / f"{stem}.fp16.onnx"
-            log.info("building FP16")
-            build_fp16(src, path)
-            r = evaluate("fp16", "fp16", path)
-            r.note = "onnxruntime's CPU runs float16 through casts: latency here says nothing about a GPU"
-            results.append(r)
-            final["fp16"] = path
 
         bad = [r for r in results if not r.cosine_min >= min_cosine]
         if bad:
