@@ -291,3 +291,25 @@ def test_probe_set_pairs_each_real_tile_with_a_changed_view_of_the_same_place(tm
     # a view correlates with its own tile more than with the average other tile
     corr = np.corrcoef(flat_q, flat_t)[: len(tiles), len(tiles):]
     assert np.mean(np.diag(corr)) > np.mean(corr[~np.eye(len(tiles), dtype=bool)]) + 0.1
+
+
+def test_dec_head_applies_relu_only_to_its_pointwise_branch():
+    from mean_nav.model.mean import DilatedClassifierHead
+
+    torch.manual_seed(0)
+    head = DilatedClassifierHead(num_classes=3, branch_channels=2).eval()
+    with torch.no_grad():
+        head.bn.running_mean.zero_()
+        head.bn.running_var.fill_(1.0 - head.bn.eps)   # BN = identity in eval
+        for conv in head.branches:
+            conv.weight.fill_(-1.0)                     # negative outputs must survive
+            conv.bias.zero_()
+        head.pointwise[0].weight.fill_(-1.0)            # ... but not here
+        head.pointwise[0].bias.zero_()
+        vector = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        _, feature = head(vector)
+    # by hand, dilation 1: each output sums 3 taps of the zero-padded signal, mean over 4 positions
+    padded = [0, 1, 2, 3, 4, 0]
+    dil1 = -sum(sum(padded[i:i + 3]) for i in range(4)) / 4
+    assert feature[0, 0].item() == pytest.approx(dil1)
+    assert feature[0, 6:].abs().max().item() == 0.0    # ReLU(-x) = 0 on the 1x1 branch

@@ -117,17 +117,19 @@ class DilatedEmbeddingGenerator(nn.Module):
 
 
 class DilatedClassifierHead(nn.Module):
-    """DEC: a C-d vector read as a 1-channel 1-D signal; dilated Conv1d branches (+ a 1x1)
-    -> ReLU -> concat -> mean over the signal -> BN -> (feature) -> Dropout -> Linear."""
+    """DEC: a C-d vector read as a 1-channel 1-D signal; dilated Conv1d branches and a 1x1
+    Conv1d + ReLU branch -> concat -> mean over the signal -> BN -> (feature) -> Dropout -> Linear.
+
+    Only the 1x1 branch has a ReLU (as in the spec and the reference); `feature` is taken
+    after the BN, before the dropout (the losses do not use it; it is for inspection)."""
 
     def __init__(self, num_classes: int, dilations=(1, 2, 3), branch_channels: int = 128, dropout: float = 0.5):
         super().__init__()
         self.branches = nn.ModuleList(
-            [nn.Conv1d(1, branch_channels, 3, padding=d, dilation=d) for d in dilations]
-            + [nn.Conv1d(1, branch_channels, 1)]
+            nn.Conv1d(1, branch_channels, 3, padding=d, dilation=d) for d in dilations
         )
-        self.feature_dim = branch_channels * len(self.branches)
-        self.act = nn.ReLU(inplace=True)
+        self.pointwise = nn.Sequential(nn.Conv1d(1, branch_channels, 1), nn.ReLU(inplace=True))
+        self.feature_dim = branch_channels * (len(self.branches) + 1)
         self.bn = nn.BatchNorm1d(self.feature_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -136,8 +138,8 @@ class DilatedClassifierHead(nn.Module):
 
     def forward(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         signal = vector.unsqueeze(1)                                    # [B,1,C]
-        y = torch.cat([branch(signal) for branch in self.branches], 1)  # [B,512,C]
-        feature = self.bn(self.act(y).mean(-1))                         # [B,512]
+        parts = [branch(signal) for branch in self.branches] + [self.pointwise(signal)]
+        feature = self.bn(torch.cat(parts, 1).mean(-1))                 # [B,512]
         return self.classifier(self.dropout(feature)), feature
 
 
