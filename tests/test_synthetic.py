@@ -105,3 +105,5 @@ def test_bad_synthetic_configs_name_the_field(world, tmp_path):
         SyntheticPairSource(base_cfg(world, holdout_maps=["nope.tif"]), "train")
     with pytest.raises(MeanNavError, match="no train locations"):
         SyntheticPairSource(base_cfg(world, tile_m=400.0), "train")
+    with pytest.raises(MeanNavError, match="no held-out locations"):
+        SyntheticPairSource.both_splits(base_cfg(world, holdout_fraction=0.1))  # strip narrower than a tile

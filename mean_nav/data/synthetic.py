@@ -132,10 +132,14 @@ class SyntheticPairSource:
                     base_dir: Path | None = None) -> tuple["SyntheticPairSource", "SyntheticPairSource"]:
         """Train and held-out sources sharing one read of the maps."""
         train = cls(cfg, "train", out_dir, base_dir)
+        if not cfg.holdout_maps and cfg.holdout_fraction == 0:
+            return train, None
         try:
             holdout = cls(cfg, "holdout", rasters=train.rasters)
         except MeanNavError:
-            holdout = None
+            raise MeanNavError(f"data.synthetic: no held-out locations in holdout_maps {cfg.holdout_maps} or "
+                               f"the eastern {cfg.holdout_fraction:.0%} of the maps at tile_m={cfg.tile_m} m; "
+                               "raise holdout_fraction or hold out a larger map") from None
         return train, holdout
 
     # --- locations ----------------------------------------------------------------------
@@ -149,18 +153,19 @@ class SyntheticPairSource:
             left, bottom, right, top = r.bounds
             whole_map_held_out = self.names[i] in cfg.holdout_maps
             boundary = right - cfg.holdout_fraction * (right - left)
-            xs = np.arange(left + margin, right - margin + 1e-6, stride)
             ys = np.arange(top - margin, bottom + margin - 1e-6, -stride)
             if cfg.holdout_fraction > 0 and not whole_map_held_out:
-                # held out: tile east of the boundary; training: tile and jitter clear of it
-                held = xs - half >= boundary
-                train = xs + margin <= boundary
+                # held out: whole tiles east of the boundary; training: tile and jitter west of it
+                if self.split == "holdout":
+                    xs = np.arange(max(boundary + half, left + margin), right - margin + 1e-6, stride)
+                else:
+                    xs = np.arange(left + margin, boundary - margin + 1e-6, stride)
+            elif whole_map_held_out == (self.split == "holdout"):
+                xs = np.arange(left + margin, right - margin + 1e-6, stride)
             else:
-                held = np.full(len(xs), whole_map_held_out)
-                train = ~held
-            keep_x = held if self.split == "holdout" else train
+                xs = np.zeros(0)
             for y in ys:
-                for x in xs[keep_x]:
+                for x in xs:
                     if self._valid_fraction(r, x, y) >= cfg.min_valid_fraction:
                         out.append(Location(i, float(x), float(y)))
         return out
