@@ -207,7 +207,7 @@ def test_bench_backends_cli_writes_json_with_efficiency(model_files, tmp_path, c
     assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
     assert r["images_per_s"] > 0
     assert r["macs_per_image"] > 1e7                 # Lite0 at 64 px is ~31 MMAC
-    assert 0 < r["gemm_fraction_batchN"] < 5
+    assert 0 < r["gemm_fraction_batchN"] < 5 and 0 < r["gemm_fraction_batchN_cpu_time"] < 5
     assert data["gemm"]["best_macs_per_s"] > 1e8
     assert "GEMM" in capsys.readouterr().out
 
