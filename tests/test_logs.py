@@ -50,6 +50,8 @@ def test_tlog_reads_boot_clock_seconds_radians_and_relative_altitude_in_metres()
     assert 500 < offset.min() and offset.max() < 700
     # attitude really changes in a flight (turns), yet stays radians
     assert np.ptp(track.channels["roll"].values) > 0.5
+    # this log repeats a few stamps (link retransmissions): dropped and said so, not sorted in
+    assert any("did not increase" in note for note in track.notes)
 
 
 def test_tlog_gap_longer_than_limit_is_reported_not_interpolated():
