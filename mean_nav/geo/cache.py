@@ -433,6 +433,21 @@ def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int, use_faiss: b
     faiss = _faiss() if wanted and _faiss_fp16_scan_works() else None
     if use_faiss and faiss is None:
         raise MeanNavError("faiss (with a working fp16 scan) is not installed; pip install faiss-cpu")
+    if faiss is None:
+        return _topk_chunks(embeddings, queries, k, chunk, None)
+    # a few queries run on one thread anyway; waking an OpenMP team per chunk only costs
+    # (badly so on a busy CPU), so the scan runs single-threaded and restores the setting
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return _topk_chunks(embeddings, queries, k, chunk, faiss)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _topk_chunks(embeddings, queries, k, chunk, faiss):
+    n, dim = embeddings.shape
+    nq = len(queries)
     best_s = np.full((nq, 0), -np.inf, np.float32)
     best_i = np.zeros((nq, 0), np.int64)
     if faiss is not None:
@@ -598,11 +613,10 @@ class TileCache:
         ids = self.spatial.query_radius(x, y, radius_m)
         if len(ids) == 0:
             return []
-        scores = _scores_rows(self.embeddings[ids], q)
-        kk = min(k, len(ids))
-        top = np.argpartition(-scores, kk - 1)[:kk] if kk < len(ids) else np.arange(len(ids))
-        top = top[np.lexsort((ids[top], -scores[top]))]
-        return self._hits(ids[top], scores[top])
+        # gather the candidates' fp16 rows (contiguous runs: ids follow the tile grid) and
+        # scan them like the global search does
+        scores, top = exact_topk(self.embeddings[ids], q[None], k)
+        return self._hits(ids[top[0]], scores[0])
 
     def search_approx(self, query, k: int = 10) -> list[TileHit]:
         """Approximate top-k through the faiss index (re-ranked exactly); exact search without one."""
