@@ -126,3 +126,24 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
                      "--images", str(bad)]) == 1
     assert "cannot decode as an image" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_checkpoint_with_other_training_heads_exports_its_backbone(lite0, tmp_path):
+    from mean_nav.deploy.export import deploy_model_from_checkpoint
+    from mean_nav.model.checkpoint import load_checkpoint
+
+    model, cfg = lite0
+    ckpt_path = tmp_path / "old_heads.pt"
+    save_checkpoint(ckpt_path, model, cfg)
+    ckpt = load_checkpoint(ckpt_path)
+    # a MEAN version whose heads had other parameter names: the deploy graph is unaffected
+    ckpt["state_dict"] = {k.replace("heads.0.", "heads.0.renamed_"): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, ckpt_path)
+    loaded, _ = deploy_model_from_checkpoint(ckpt_path)
+    assert deploy_hash(loaded) == deploy_hash(model)
+    # a damaged backbone is still refused: its weights no longer give the stored deploy hash
+    key = next(k for k in ckpt["state_dict"] if k.startswith("backbone.") and k.endswith("weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(MeanNavError, match="deploy_hash"):
+        deploy_model_from_checkpoint(ckpt_path)

@@ -182,6 +182,42 @@ def _torch_export(graph, example, path: Path, input_name: str, opset: int) -> No
                           verbose=False)
 
 
+def deploy_model_from_checkpoint(path: Path):
+    """(MEAN, ModelConfig) from a checkpoint; only the backbone has to match this code.
+
+    The deploy graph is the backbone alone, so a checkpoint whose training heads come
+    from an older or newer MEAN version still exports: its backbone weights are loaded
+    strictly and must reproduce the checkpoint's stored deploy hash.
+    """
+    import torch
+
+    from ..model.checkpoint import config_from_checkpoint, deploy_hash, load_checkpoint, model_from_checkpoint
+    from ..model.mean import MEAN
+
+    try:
+        return model_from_checkpoint(path)
+    except MeanNavError as exc:
+        if "does not match the MEAN architecture" not in str(exc):
+            raise
+        first_error = str(exc)
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, str(path))
+    model = MEAN(cfg)
+    prefix = "backbone."
+    backbone_state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.backbone.load_state_dict(backbone_state, strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise MeanNavError(f"{first_error} (the backbone does not match either: {str(exc).splitlines()[0]})") from None
+    stored = ckpt.get("deploy_hash")
+    if stored is not None and stored != deploy_hash(model):
+        raise MeanNavError(f"{path}: backbone weights do not reproduce the stored deploy_hash {stored}; the file is damaged")
+    log.warning("%s: training heads differ from this MEAN version; exporting the deploy graph (backbone, "
+                "deploy hash %s) only", path, deploy_hash(model))
+    with torch.no_grad():
+        return model.eval(), cfg
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -209,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import ModelConfig, build_model
-    from ..model.checkpoint import model_from_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt = Path(args.checkpoint)
         if not ckpt.is_file():
             raise MeanNavError(f"{ckpt}: checkpoint not found; check the path")
-        model, cfg = model_from_checkpoint(ckpt)
+        model, cfg = deploy_model_from_checkpoint(ckpt)
         default_out = ckpt.with_suffix(".onnx")
     out = Path(args.output) if args.output else default_out
     images = load_images(args.images, args.check_count, cfg.img_size)
