@@ -169,17 +169,20 @@ def test_latlon_to_tile_pixel_and_back_is_exact_to_the_centimetre(real_cache):
     assert checked > 50
 
 
-def test_black_fill_outside_the_survey_is_never_tiled(real_cache):
-    path, cache = real_cache
+def test_black_fill_outside_the_survey_is_never_tiled(tmp_path):
+    path = DATA / "5b90f92da0d7280005fab355_4310.tif"
+    if not path.is_file():
+        print(f"skipping: {path} not found (CI has ../shared/data)")
+        pytest.skip(f"{path} not found")
     with rasterio.open(path) as src:
         black = float((src.read([1, 2, 3]) == 0).all(axis=0).mean())
-    if black < 0.05:
-        pytest.skip(f"{path.name} has no black fill outside its survey")
-    # 18% of the Manila map is black fill without a declared nodata value
+        bounds = src.bounds
+        src_crs = src.crs
+    assert black > 0.15  # Manila: black fill without a declared nodata value
+    cache = TileCache.load(build_cache([path], tmp_path / "c", MeanColourEmbedder(), gsd_m=0.5, tile_size_m=10.0,
+                                       stride_m=5.0, min_valid_fraction=0.8, progress=False))
     for t in range(len(cache)):
-        image = cache.tile_image(t)
-        assert (image == 0).all(axis=2).mean() <= 1.0 - cache.meta["min_valid_fraction"] + 1e-6
-    tile_area = len(cache) * cache.tile_size_m ** 2
-    with rasterio.open(path) as src:
-        left, bottom, right, top = transform_bounds(src.crs, cache.crs, *src.bounds)
-    assert tile_area < (right - left) * (top - bottom) * (1.0 - black)
+        assert (cache.tile_image(t) == 0).all(axis=2).mean() <= 0.2 + 1e-6
+    left, bottom, right, top = transform_bounds(src_crs, cache.crs, *bounds)
+    covered = len(cache) * cache.stride_m ** 2  # each tile stands for one stride cell
+    assert covered < (right - left) * (top - bottom) * (1.0 - black) * 1.05
