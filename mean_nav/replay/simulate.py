@@ -189,16 +189,39 @@ def _degradations():
     return degrade_photometric, add_occlusions
 
 
+def inner_valid_rect(valid: np.ndarray) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of a large axis-aligned rectangle with only valid pixels,
+    found by shaving the edge with the most invalid pixels (reprojected maps have slanted
+    nodata borders)."""
+    rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    while r1 - r0 > 2 and c1 - c0 > 2:
+        holes = ~valid[r0:r1, c0:c1]
+        if not holes.any():
+            break
+        edge = int(np.argmax([holes[0].sum(), holes[-1].sum(), holes[:, 0].sum(), holes[:, -1].sum()]))
+        r0, r1, c0, c1 = (r0 + (edge == 0), r1 - (edge == 1), c0 + (edge == 2), c1 - (edge == 3))
+    return r0, r1, c0, c1
+
+
 def ground_image(raster: MetricRaster, pad_m: float, outside: str) -> tuple[np.ndarray, int]:
     """The map image padded by `pad_m` on every side with what the camera sees beyond the map
-    (mirrored map or black); returns (image, pad in pixels)."""
+    (mirrored map or black); returns (image, pad in pixels). With "mirror" the map's own
+    nodata border is filled by the mirror too, so no black seams appear beyond the edge."""
     if outside not in ("mirror", "black"):
         raise MeanNavError(f"simulate-flight --outside {outside!r}: use mirror or black")
     pad = int(math.ceil(pad_m / raster.gsd_m))
-    if pad == 0:
-        return raster.image, 0
-    mode = cv2.BORDER_REFLECT_101 if outside == "mirror" else cv2.BORDER_CONSTANT
-    return cv2.copyMakeBorder(raster.image, pad, pad, pad, pad, mode, value=0), pad
+    if outside == "black":
+        return cv2.copyMakeBorder(raster.image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0), pad
+    h, w = raster.shape
+    r0, r1, c0, c1 = inner_valid_rect(raster.valid)
+    if (r1 - r0) * (c1 - c0) < 0.25 * raster.valid.sum():  # mostly nodata: mirror the whole raster
+        r0, r1, c0, c1 = 0, h, 0, w
+    ground = cv2.copyMakeBorder(raster.image[r0:r1, c0:c1], pad + r0, pad + h - r1, pad + c0, pad + w - c1,
+                                cv2.BORDER_REFLECT_101)
+    inside = ground[pad:pad + h, pad:pad + w]
+    inside[raster.valid] = raster.image[raster.valid]  # the map itself stays exactly as it is
+    return ground, pad
 
 
 def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig, progress: bool = True) -> Path:
