@@ -160,3 +160,23 @@ def test_bad_inputs_are_clear_errors(fp32_onnx, tmp_path, capsys):
     plain.write_bytes(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])).SerializeToString())
     assert cli_main(["quantize", str(plain)]) == 1
     assert "not a MEAN deploy graph" in capsys.readouterr().err
+
+
+def test_calibration_ranges_cover_every_batch(fp32_onnx, tmp_path):
+    """The extreme image sits in the first of 8 calibration batches: its range must survive."""
+    from mean_nav.deploy.backends import prepare_input
+    from mean_nav.deploy.embedder import to_batch_uint8
+    from mean_nav.deploy.quantize import build_int8_qdq, preprocess_for_quantization
+
+    info = read_onnx_info(fp32_onnx)
+    calibration = [np.full((SIZE, SIZE, 3), 255, np.uint8)] + synthetic_aerial_images(31, SIZE, seed=4)
+    prepared, out = tmp_path / "prepared.onnx", tmp_path / "q.onnx"
+    preprocess_for_quantization(fp32_onnx, prepared)
+    build_int8_qdq(prepared, out, calibration, info, calibrate_method="minmax", exclude=[])
+    model = onnx.load(str(out))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    # the stem's SAME padding (a Pad of the input) is what gets quantized first: same range as the input
+    stem_in = {"input"} | {n.output[0] for n in model.graph.node if n.op_type == "Pad" and n.input[0] == "input"}
+    (q_input,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in stem_in]
+    expected = np.abs(prepare_input(to_batch_uint8(calibration, SIZE), info)).max() / 127
+    assert float(init[q_input.input[1]]) == pytest.approx(expected, rel=1e-4)

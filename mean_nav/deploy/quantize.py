@@ -138,7 +138,12 @@ class _quiet_root_logger:
 
 
 class _CalibrationReader:
-    """onnxruntime CalibrationDataReader over in-memory images (batches of `batch_size`)."""
+    """onnxruntime CalibrationDataReader over in-memory images (batches of `batch_size`).
+
+    Supports `set_range` so that the calibrator consumes one batch at a time
+    (CalibStridedMinMax = 1): ranges and histograms are merged batch by batch instead of
+    holding every intermediate tensor of every image in memory at once.
+    """
 
     def __init__(self, images: list[np.ndarray], info: DeployInfo, input_name: str, batch_size: int = 4):
         from .embedder import to_batch_uint8
@@ -147,11 +152,18 @@ class _CalibrationReader:
                         for i in range(0, len(images), batch_size)]
         self.input_name = input_name
         self.bar = tqdm(total=len(self.batches), desc="calibration", unit="batch", leave=False)
-        self.index = 0
+        self.index, self.end = 0, len(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.index, self.end = start_index, min(end_index, len(self.batches))
 
     def get_next(self):
-        if self.index >= len(self.batches):
-            self.bar.close()
+        if self.index >= self.end:
+            if self.end >= len(self.batches):
+                self.bar.close()
             return None
         batch = self.batches[self.index]
         self.index += 1
@@ -159,7 +171,7 @@ class _CalibrationReader:
         return {self.input_name: batch}
 
     def rewind(self):
-        self.index = 0
+        self.index, self.end = 0, len(self.batches)
         self.bar.reset()
 
 
@@ -236,7 +248,7 @@ def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], inf
         nodes_to_exclude=exclude or [],
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
-                       "QDQKeepRemovableActivations": True, "CalibMaxIntermediateOutputs": 8})
+                       "QDQKeepRemovableActivations": True, "CalibStridedMinMax": 1})
 
 
 def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
@@ -249,7 +261,7 @@ def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarra
         str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
         quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
-        calibrate_method=_calibration_method(calibrate_method), extra_options={"CalibMaxIntermediateOutputs": 8})
+        calibrate_method=_calibration_method(calibrate_method), extra_options={"CalibStridedMinMax": 1})
 
 
 def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
