@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     x = sub.add_parser("index", help="build the approximate (faiss) index of a cache")
     x.add_argument("cache", type=Path)
-    x.add_argument("--factory", default=None, help="faiss index_factory string (default: IVF<4*sqrt(N)>,PQ<dim/8>)")
-    x.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query")
+    x.add_argument("--factory", default=None, help="faiss index_factory string (default: IVF<sqrt N>,PQ<dim/8>)")
+    x.add_argument("--nprobe", type=int, default=64, help="IVF lists probed per query")
     x.add_argument("--rerank", type=int, default=100, help="candidates re-ranked exactly per query")
     x.add_argument("--no-progress", action="store_true")
 
