@@ -91,3 +91,30 @@ def test_sigma_grows_while_coasting():
     s1 = f.predict(10.5).sigma_h_m
     s2 = f.predict(13.0).sigma_h_m
     assert s2 > s1 * 1.5
+
+
+def coverage_with_shared_error(bias_sigma_told, seed):
+    """Fraction of fixes inside the reported 68 % radius when every measurement shares a
+    slowly drifting 1 m error (attitude x height) on top of 0.3 m white noise."""
+    rng = np.random.default_rng(seed)
+    f = PositionFilter(FilterConfig(bias_tau_s=5.0))
+    dt, tau, sigma_b = 0.5, 5.0, 1.0
+    a = math.exp(-dt / tau)
+    bias = rng.normal(0, sigma_b, 2)
+    inside = []
+    for k in range(800):
+        t = k * dt
+        truth = np.array([2.0 * t, 1.0 * t])
+        bias = a * bias + math.sqrt(1 - a * a) * rng.normal(0, sigma_b, 2)
+        z = truth + bias + rng.normal(0, 0.3, 2)
+        out = f.update(t, z, np.eye(2) * 0.3 ** 2, bias_sigma_told)
+        if k > 20 and out.accepted:
+            inside.append(math.hypot(out.x - truth[0], out.y - truth[1]) < out.sigma_h_m)
+    return np.mean(inside)
+
+
+def test_a_shared_slow_error_is_not_averaged_away():
+    honest = np.mean([coverage_with_shared_error(1.0, seed) for seed in (0, 1)])
+    naive = np.mean([coverage_with_shared_error(0.0, seed) for seed in (0, 1)])
+    assert 0.58 < honest < 0.85, honest
+    assert naive < 0.4, naive        # treating it as white noise gives a far too small sigma

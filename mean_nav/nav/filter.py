@@ -1,7 +1,11 @@
 """Constant-velocity Kalman filter for visual fixes in a local metric frame.
 
-State: east, north position (metres in the tile cache's CRS) and velocity (m/s).
-Measurements: the refined camera-nadir position with its 2x2 covariance.
+State: east, north position (metres in the tile cache's CRS), velocity (m/s), and the
+slowly varying error the measurements share (attitude error x height moves every
+measured nadir the same way for seconds): a first-order Gauss-Markov bias. Measurements:
+the refined camera-nadir position = position + bias + white noise (the fit's covariance).
+Without the bias state the filter would average the shared error as if it were white and
+report a sigma that is too small.
 
 Why the extra logic around a textbook filter:
   - Mahalanobis gating rejects outliers (a wrong tile that still passed verification).
@@ -26,7 +30,7 @@ RADIUS68_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.6827))
 
 @dataclass
 class FilterConfig:
-    accel_sigma_ms2: float = 1.5        # white-acceleration process noise (m/s^2)
+    accel_sigma_ms2: float = 3.0        # white-acceleration process noise (m/s^2): turns at 25 deg bank are ~4.6
     gate_chi2: float = 13.8             # Mahalanobis gate, chi2(2 dof) 99.9 %
     init_velocity_sigma_ms: float = 8.0
     max_speed_ms: float = 25.0          # used to check that two start-up fixes agree
@@ -34,6 +38,7 @@ class FilterConfig:
     lost_after_s: float = 15.0          # no accepted fix for this long: track dropped
     max_consecutive_rejections: int = 4
     max_sigma_m: float = 60.0           # coasting beyond this 68 % radius counts as lost
+    bias_tau_s: float = 5.0             # correlation time of the shared (attitude) error
 
 
 @dataclass
@@ -58,8 +63,9 @@ class PositionFilter:
         self.reset()
 
     def reset(self) -> None:
-        self.x: np.ndarray | None = None   # [e, n, ve, vn]
+        self.x: np.ndarray | None = None   # [e, n, ve, vn, bias_e, bias_n]
         self.P: np.ndarray | None = None
+        self.bias_sigma_m = 0.0
         self.t: float | None = None
         self.last_accept_t: float | None = None
         self.rejections = 0
@@ -84,15 +90,18 @@ class PositionFilter:
     # --- steps ------------------------------------------------------------------------
     def _predicted(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         dt = max(0.0, t - self.t)
-        F = np.eye(4)
+        F = np.eye(6)
         F[0, 2] = F[1, 3] = dt
+        decay = math.exp(-dt / self.cfg.bias_tau_s)
+        F[4, 4] = F[5, 5] = decay
         q = self.cfg.accel_sigma_ms2 ** 2
         # discrete white-noise acceleration model, per axis [[dt^4/4, dt^3/2], [dt^3/2, dt^2]]
-        Q = np.zeros((4, 4))
+        Q = np.zeros((6, 6))
         for i in (0, 1):
             Q[i, i] = dt ** 4 / 4 * q
             Q[i, i + 2] = Q[i + 2, i] = dt ** 3 / 2 * q
             Q[i + 2, i + 2] = dt ** 2 * q
+            Q[i + 4, i + 4] = self.bias_sigma_m ** 2 * (1.0 - decay ** 2)   # keeps the bias stationary
         return F @ self.x, F @ self.P @ F.T + Q
 
     def predict(self, t: float) -> FilterOutput:
@@ -108,17 +117,20 @@ class PositionFilter:
             return FilterOutput(False, False, reason="track lost (no accepted fix for too long)")
         return self._output(False)
 
-    def update(self, t: float, z: np.ndarray, R: np.ndarray) -> FilterOutput:
-        """Offer a measured position z=[e, n] with covariance R at time t."""
+    def update(self, t: float, z: np.ndarray, R: np.ndarray, bias_sigma_m: float = 0.0) -> FilterOutput:
+        """Offer a measured position z=[e, n] with white-noise covariance R at time t;
+        bias_sigma_m is the 1-sigma (per axis) of the slowly varying error it shares with
+        its neighbours in time (e.g. height x attitude error)."""
         z = np.asarray(z, float).reshape(2)
         R = np.asarray(R, float).reshape(2, 2)
+        self._set_bias_sigma(bias_sigma_m)
         if self.x is None:
             return self._start(t, z, R)
         out = self.predict(t)
         if not out.tracking:
             return self._start(t, z, R)
-        H = np.zeros((2, 4))
-        H[0, 0] = H[1, 1] = 1.0
+        H = np.zeros((2, 6))
+        H[0, 0] = H[1, 1] = H[0, 4] = H[1, 5] = 1.0    # measured nadir = position + shared bias
         innovation = z - H @ self.x
         S = H @ self.P @ H.T + R
         d2 = float(innovation @ np.linalg.solve(S, innovation))
@@ -136,7 +148,7 @@ class PositionFilter:
             return out
         K = self.P @ H.T @ np.linalg.inv(S)
         self.x = self.x + K @ innovation
-        I_KH = np.eye(4) - K @ H
+        I_KH = np.eye(6) - K @ H
         self.P = I_KH @ self.P @ I_KH.T + K @ R @ K.T   # Joseph form: stays symmetric PSD
         self.last_accept_t = t
         self.rejections = 0
@@ -153,24 +165,39 @@ class PositionFilter:
         dt = t - ct
         if not (0.0 <= dt <= self.cfg.confirm_window_s):
             return FilterOutput(False, False, reason="previous fix too old to confirm this one")
-        allowed = 3.0 * math.sqrt(np.trace(cR) + np.trace(R)) + self.cfg.max_speed_ms * dt
+        allowed = 3.0 * math.sqrt(np.trace(cR) + np.trace(R) + 4 * self.bias_sigma_m ** 2) + self.cfg.max_speed_ms * dt
         if float(np.linalg.norm(z - cz)) > allowed:
             return FilterOutput(False, False, reason="start-up fixes disagree; waiting for agreement")
         # start from the earlier fix, then fuse the later one through the normal update
-        self.x = np.array([cz[0], cz[1], 0.0, 0.0])
-        self.P = np.zeros((4, 4))
-        self.P[:2, :2] = cR
+        self.x = np.array([cz[0], cz[1], 0.0, 0.0, 0.0, 0.0])
+        self.P = np.zeros((6, 6))
+        b2 = self.bias_sigma_m ** 2
+        # position from the first fix: its white noise and its bias (perfectly correlated)
+        self.P[:2, :2] = cR + b2 * np.eye(2)
+        self.P[:2, 4:] = self.P[4:, :2] = -b2 * np.eye(2)
+        self.P[4:, 4:] = b2 * np.eye(2)
         self.P[2, 2] = self.P[3, 3] = self.cfg.init_velocity_sigma_ms ** 2
         self.t = ct
         self.last_accept_t = ct
         self.rejections = 0
         self._candidate = None
-        return self.update(t, z, R)
+        return self.update(t, z, R, self.bias_sigma_m)
+
+    def _set_bias_sigma(self, sigma_m: float) -> None:
+        """Adopt the current shared-error level (it changes with height); keep the bias
+        variance consistent with it."""
+        sigma_m = max(0.0, float(sigma_m))
+        if self.x is not None and sigma_m < self.bias_sigma_m:
+            scale = sigma_m / self.bias_sigma_m
+            self.x[4:] *= scale
+            self.P[4:, :] *= scale
+            self.P[:, 4:] *= scale
+        self.bias_sigma_m = sigma_m
 
     def _output(self, accepted: bool) -> FilterOutput:
         return FilterOutput(
             accepted, True, float(self.x[0]), float(self.x[1]), float(self.x[2]), float(self.x[3]),
-            _radius68(self.P[:2, :2]), float(math.sqrt(max(np.trace(self.P[2:, 2:]), 0.0))))
+            _radius68(self.P[:2, :2]), float(math.sqrt(max(np.trace(self.P[2:4, 2:4]), 0.0))))
 
 
 def _radius68(cov2: np.ndarray) -> float:

@@ -60,7 +60,7 @@ class LocalizerConfig:
     min_valid_fraction: float = 0.5     # rectified view pixels the camera actually saw
     min_frame_contrast: float = 4.0     # grey-level std below this: black, blank or covered lens
     # measurement noise beyond the fit itself (per axis, 1 sigma)
-    attitude_sigma_deg: float = 0.3     # roll/pitch error moves the nadir by height * angle
+    attitude_sigma_deg: float = 0.3     # roll/pitch error moves the nadir by height * angle (slow: a filter bias)
     position_floor_m: float = 0.4       # terrain relief, map registration, camera/telemetry sync
     vertical_sigma_m: float = 3.0       # altitude comes from the autopilot, not from vision
     feature_cache_tiles: int = 128      # map-region features kept in memory (per tile id)
@@ -135,7 +135,10 @@ class Localizer:
         measurement, why = self._verify(query, valid, candidates, h)
         if measurement is None:
             return self._no_fix(t, telemetry, why)
-        out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov)
+        # attitude error moves the measured nadir by height x angle and drifts slowly: the
+        # filter carries it as a shared bias instead of averaging it like white noise
+        attitude_bias = h * math.tan(math.radians(self.cfg.attitude_sigma_deg))
+        out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, attitude_bias)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
         self.had_fix = True
@@ -260,8 +263,8 @@ class Localizer:
         return best, ""
 
     def _model_variance(self, height_m: float) -> float:
-        attitude = height_m * math.tan(math.radians(self.cfg.attitude_sigma_deg))
-        return attitude ** 2 + self.cfg.position_floor_m ** 2
+        """White measurement noise beyond the fit (the attitude part goes to the filter's bias)."""
+        return self.cfg.position_floor_m ** 2
 
     # --- outputs ----------------------------------------------------------------------
     def _no_fix(self, t: float, telemetry: Telemetry | None, reason: str,
