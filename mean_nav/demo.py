@@ -14,7 +14,6 @@ flying over a synthetic world it has never seen, with simulated camera and telem
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -107,6 +106,7 @@ def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bo
     from .geo.cache import TileCache, build_cache
     from .nav.localizer import Localizer
     from .replay.flight import Flight
+    from .replay.report import write_json
     from .replay.runner import MapCoverage, initial_prior, print_summary, replay
     from .replay.simulate import SimulationConfig, simulate_flight
 
@@ -127,13 +127,16 @@ def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bo
 
     t = time.perf_counter()
     cache_dir = out / "cache"
-    if cache_dir.exists() and not _cache_matches(cache_dir, embedder):
-        shutil.rmtree(cache_dir)
-    if not (cache_dir / "meta.json").is_file():
+    cache = _reusable_cache(cache_dir, embedder.model_hash)
+    if cache is None:
         print(f"[3/5] cache: {cfg.tile_size_m:g} m tiles every {cfg.stride_m:g} m", flush=True)
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
         build_cache([world], cache_dir, embedder, gsd_m=cfg.cache_gsd_m, tile_size_m=cfg.tile_size_m,
                     stride_m=cfg.stride_m, progress=progress)
-    cache = TileCache.load(cache_dir)
+        cache = TileCache.load(cache_dir, expect_model_hash=embedder.model_hash)
+    else:
+        print(f"[3/5] cache: reusing {cache_dir}", flush=True)
     timings["cache_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -160,7 +163,7 @@ def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bo
     timings["replay_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     summary["timings_s"] = timings
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(report_dir / "summary.json", summary)
     print()
     print_summary(summary, report_dir)
     print(f"demo finished in {timings['total_s']:.0f} s (world {timings['world_s']:.0f} s, cache "
@@ -168,12 +171,17 @@ def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bo
     return summary
 
 
-def _cache_matches(cache_dir: Path, embedder) -> bool:
+def _reusable_cache(cache_dir: Path, model_hash: str):
+    """The cache from an earlier demo run if it is intact and built with this model, else None."""
+    from .geo.cache import TileCache
+
+    if not (cache_dir / "meta.json").is_file():
+        return None
     try:
-        meta = json.loads((cache_dir / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return embedder.model_hash in json.dumps(meta)
+        return TileCache.load(cache_dir, expect_model_hash=model_hash)
+    except MeanNavError as exc:
+        log.info("rebuilding the demo cache: %s", exc)
+        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

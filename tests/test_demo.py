@@ -15,7 +15,7 @@ def test_demo_asset_is_shipped_and_small():
     assert ASSET.stat().st_size < MAX_ASSET_BYTES
 
 
-def test_reduced_demo_localizes_over_an_unseen_world(tmp_path):
+def test_reduced_demo_localizes_over_an_unseen_world(tmp_path, capsys):
     cfg = DemoConfig(world_px=640, camera_px=(320, 240), fps=1.0, duration_s=16, leave_map_m=0.0)
     summary = run_demo(tmp_path, cfg, progress=False)
     report = tmp_path / "report"
@@ -27,7 +27,9 @@ def test_reduced_demo_localizes_over_an_unseen_world(tmp_path):
     assert summary["error_m"]["median"] < 10.0
     # a second run reuses the world and the cache (same model hash) and gives the same estimates
     first = (report / "estimates.csv").read_text().splitlines()
+    capsys.readouterr()
     run_demo(tmp_path, cfg, progress=False)
+    assert "cache: reusing" in capsys.readouterr().out
     second = (report / "estimates.csv").read_text().splitlines()
     strip = lambda lines: [",".join(c for i, c in enumerate(l.split(",")) if i != lat_idx) for l in lines]
     lat_idx = first[0].split(",").index("latency_s")
