@@ -186,6 +186,9 @@ def test_attitude_is_interpolated_at_the_frame_time_across_the_yaw_wrap():
     late = h.at(12.0)
     assert late.time_s == 10.1            # not interpolated: the age shows it is stale
     assert math.isnan(late.rel_alt_m)     # no position received at all
+    h.add_attitude(13.0, 0.3, 0.1, 0.0)   # after a 2.9 s hole
+    inside_hole = h.at(11.0)
+    assert inside_hole.time_s == 10.1 and inside_hole.roll == pytest.approx(0.2)   # never bridged
 
 
 def test_signed_messages_verify_only_with_the_right_key():

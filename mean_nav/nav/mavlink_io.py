@@ -61,6 +61,7 @@ IGNORE_VERTICAL_ACCURACY = 128
 
 NOMINAL_RANGE_ERROR_M = 2.5     # hdop = horizontal accuracy / this
 MIN_SEND_INTERVAL_S = 0.05      # ArduPilot drops GPS samples closer than 50 ms
+MAX_INTERPOLATION_GAP_S = 0.3   # attitude samples further apart are not interpolated between
 
 
 @dataclass
@@ -157,7 +158,9 @@ class TelemetryHistory:
                 return None
             times = list(self._times)
             i = bisect.bisect_left(times, t)
-            if 0 < i < len(times):
+            # interpolate only between close samples: across a telemetry hole the nearest
+            # sample keeps its own (old) time, so the localizer sees that it is stale
+            if 0 < i < len(times) and times[i] - times[i - 1] <= MAX_INTERPOLATION_GAP_S:
                 t0, t1 = times[i - 1], times[i]
                 a0, a1 = self._attitudes[i - 1], self._attitudes[i]
                 w = (t - t0) / (t1 - t0)
@@ -167,7 +170,12 @@ class TelemetryHistory:
                 yaw = math.remainder(a0[2] + w * dyaw, 2 * math.pi)
                 stamp = t
             else:
-                j = 0 if i == 0 else len(times) - 1
+                if i == 0:
+                    j = 0
+                elif i == len(times):
+                    j = len(times) - 1
+                else:
+                    j = i if times[i] - t < t - times[i - 1] else i - 1
                 roll, pitch, yaw = self._attitudes[j]
                 stamp = times[j]
             tel = Telemetry(time_s=stamp, roll=roll, pitch=pitch, yaw=yaw, rel_alt_m=math.nan)
