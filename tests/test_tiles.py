@@ -8,8 +8,8 @@ from affine import Affine
 
 from mean_nav.errors import MeanNavError
 from mean_nav.geo.spatial_index import GridIndex
-from mean_nav.geo.tiles import (MapMosaic, TileGrid, cut_tiles, plan_blocks, read_window, shard_rows,
-                                write_map_part)
+from mean_nav.geo.tiles import (MapMosaic, TileGrid, cut_tiles, maps_overlapping, plan_blocks, read_window,
+                                shard_rows, write_map_part)
 
 UTM32N = "EPSG:32632"
 
@@ -178,3 +178,15 @@ def test_grid_index_stays_small_for_far_apart_areas():
     index = GridIndex(x, y, cell_m=1.0)
     assert index.ncx * index.ncy <= index.MAX_CELLS_PER_POINT * 3 + 16
     assert list(index.query_radius(0.0, 0.0, 2.0)) == [0, 1]
+
+
+def test_blocks_read_only_the_maps_that_touch_them():
+    grid = TileGrid.from_metres(UTM32N, 1.0, 10.0, 10.0)
+    paths = ["west.tif", "east.tif", "far.tif"]
+    bounds = [(500000, 5200000, 500100, 5200100), (500090, 5200000, 500200, 5200100), (600000, 0, 600010, 10)]
+    # window x 500050..500095, y 5200050..5200095 (global rows counted southwards from y = 0)
+    hit = maps_overlapping(paths, bounds, grid, 500050, -5200095, 45, 45)
+    assert hit == ["west.tif", "east.tif"]
+    assert maps_overlapping(paths, bounds, grid, 500120, -5200095, 10, 10) == ["east.tif"]
+    image, valid = read_window([], grid, 0, 0, 4, 3)
+    assert image.shape == (3, 4, 3) and not valid.any()

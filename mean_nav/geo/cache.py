@@ -35,10 +35,10 @@ from pyproj.exceptions import CRSError
 from ..deploy.embedder import Embedder
 from ..errors import MeanNavError
 from .crs import from_lonlat, to_lonlat
-from .raster import area_crs, check_georeferenced
+from .raster import area_crs, check_georeferenced, union_bounds
 from .spatial_index import GridIndex
-from .tiles import (Block, MapMosaic, TileGrid, area_tile_range, cut_tiles, plan_blocks, read_window,
-                    shard_rows, write_map_part)
+from .tiles import (Block, MapMosaic, TileGrid, area_tile_range, cut_tiles, maps_overlapping, plan_blocks,
+                    read_window, shard_rows, write_map_part)
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +200,15 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
                disable=not progress, smoothing=0.1)
     started = time.perf_counter()
     embedded = 0
+    # each block reads only the maps that touch it (large areas come as many map sheets)
+    map_bounds = [union_bounds([m], grid.crs) for m in maps]
     for block in blocks:
         done = work / f"block-{block.index:06d}.npz"
         if done.exists():
             bar.update(block.num_tiles)
             continue
-        embedded += _build_block(block, grid, maps, out, embedder, batch_size, min_valid_fraction, done)
+        embedded += _build_block(block, grid, maps, map_bounds, out, embedder, batch_size, min_valid_fraction,
+                                 done)
         bar.update(block.num_tiles)
     bar.close()
     elapsed = time.perf_counter() - started
@@ -216,10 +219,11 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     return out
 
 
-def _build_block(block: Block, grid: TileGrid, maps: list[Path], out: Path, embedder: Embedder,
-                 batch_size: int, min_valid_fraction: float, done: Path) -> int:
+def _build_block(block: Block, grid: TileGrid, maps: list[Path], map_bounds: list, out: Path,
+                 embedder: Embedder, batch_size: int, min_valid_fraction: float, done: Path) -> int:
     col0, row0, width, height = block.read_window(grid)
-    image, valid = read_window(maps, grid, col0, row0, width, height)
+    touching = maps_overlapping(maps, map_bounds, grid, col0, row0, width, height)
+    image, valid = read_window(touching, grid, col0, row0, width, height)
     ii, jj, fracs, images = cut_tiles(grid, block, image, valid, min_valid_fraction)
     if images:
         emb = embedder.embed(images, batch_size=batch_size)

@@ -193,6 +193,14 @@ def area_tile_range(paths: Sequence[str | Path], grid: TileGrid) -> tuple[int, i
     return grid.tile_range(union_bounds(paths, grid.crs))
 
 
+def maps_overlapping(paths: Sequence[Path], map_bounds: Sequence[tuple[float, float, float, float]],
+                     grid: TileGrid, col0: int, row0: int, width: int, height: int) -> list[Path]:
+    """The maps whose bounds (in the grid CRS) touch a pixel window, in their given order."""
+    left, top = col0 * grid.gsd_m, -row0 * grid.gsd_m
+    right, bottom = left + width * grid.gsd_m, top - height * grid.gsd_m
+    return [p for p, (l, b, r, t) in zip(paths, map_bounds) if l < right and r > left and b < top and t > bottom]
+
+
 def read_window(paths: Sequence[str | Path], grid: TileGrid, col0: int, row0: int, width: int,
                 height: int) -> tuple[np.ndarray, np.ndarray]:
     """Reproject the maps onto a window of the global grid: (RGB uint8, valid bool).
@@ -200,6 +208,8 @@ def read_window(paths: Sequence[str | Path], grid: TileGrid, col0: int, row0: in
     Pure black pixels count as nodata too: several orthophoto producers (the Manila and
     Brazil samples here) fill outside the survey with black without declaring nodata.
     """
+    if not paths:
+        return np.zeros((height, width, 3), np.uint8), np.zeros((height, width), bool)
     image, valid = reproject_maps(paths, grid.crs, grid.transform(col0, row0), width, height)
     valid &= image.any(axis=2)
     image[~valid] = 0  # tiles and stored map parts agree: black wherever there is no map
