@@ -678,7 +678,8 @@ class TileCache:
         try:
             index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
-            raise MeanNavError(f"factory: faiss cannot build {factory!r} ({exc}); see the faiss index_factory docs") from None
+            raise MeanNavError(f"factory: faiss cannot build {factory!r} ({str(exc).splitlines()[0]}); "
+                               "use a faiss index_factory string such as IVF1024,PQ96") from None
         rng = np.random.default_rng(seed)
         train_ids = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         from tqdm import tqdm
