@@ -402,6 +402,12 @@ def test_cli_builds_with_onnxruntime_shards_merges_and_searches(map_path, tmp_pa
     r = mean_nav("cache", "search", tmp_path / "c", "--tile-id", 100, "-k", 3, "--json")
     hits = json.loads(r.stdout)
     assert r.returncode == 0 and hits[0]["tile_id"] == 100 and len(hits) == 3
+    r = mean_nav("cache", "index", tmp_path / "c", "--factory", "IVF4,Flat", "--nprobe", 4, "--no-progress")
+    assert r.returncode == 0 and "IVF4,Flat" in r.stdout, r.stderr
+    r = mean_nav("cache", "search", tmp_path / "c", "--tile-id", 100, "--approx", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["tile_id"] == 100
+    r = mean_nav("cache", "index", tmp_path / "c", "--factory", "NotAnIndex", "--no-progress")
+    assert r.returncode == 1 and "factory" in r.stderr
     c = TileCache.load(tmp_path / "c")
     cv2.imwrite(str(tmp_path / "q.png"), cv2.cvtColor(c.tile_image(100), cv2.COLOR_RGB2BGR))
     r = mean_nav("cache", "search", tmp_path / "c", "--image", tmp_path / "q.png", "--model", model,
