@@ -180,3 +180,20 @@ def test_calibration_ranges_cover_every_batch(fp32_onnx, tmp_path):
     (q_input,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in stem_in]
     expected = np.abs(prepare_input(to_batch_uint8(calibration, SIZE), info)).max() / 127
     assert float(init[q_input.input[1]]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_keep_float_leaves_the_most_sensitive_layers_unquantized(fp32_onnx, tmp_path):
+    check = synthetic_aerial_images(4, SIZE, seed=8)
+    report = quantize_model(fp32_onnx, _calibration(4), check, out_dir=tmp_path, threads=1, latency_repeats=1,
+                            variants=("int8-qdq",), min_cosine=0.0, keep_float=2, calibrate_method="minmax")
+    model = onnx.load(report.variants[0].path)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    cosines = [c for _, c in report.sensitivity]
+    assert len(report.sensitivity) == len(convs)                # every compute layer measured once
+    assert cosines == sorted(cosines) and cosines[0] < 1.0      # worst first; quantization costs something
+    worst_two = {n for n, _ in report.sensitivity[:2]}
+    assert worst_two <= set(report.kept_float) and len(report.kept_float) <= 4   # + first/last
+    init = {t.name for t in model.graph.initializer}
+    for conv in convs:
+        kept = conv.name in report.kept_float
+        assert (conv.input[1] in init) == kept    # float weight read directly only where kept float

@@ -82,6 +82,7 @@ class QuantizeReport:
     fp32_retrieval: dict = field(default_factory=dict)
     kept_float: list = field(default_factory=list)       # compute nodes left unquantized
     calibrate_method: str = ""
+    sensitivity: list = field(default_factory=list)      # [node, mean cosine with only it INT8], worst first
 
     def table(self) -> str:
         rows = [("variant", "file", "cos min", "cos mean", "ms b1", "x FP32", "R@1", "AP")]
@@ -198,6 +199,30 @@ def _has_ops(path: Path, op_types: tuple[str, ...]) -> bool:
     return any(n.op_type in op_types for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def layer_sensitivity(prepared: Path, work: Path, calibration: list[np.ndarray], info: DeployInfo,
+                      images: list[np.ndarray], reference: np.ndarray, calibrate_method: str,
+                      threads: int | None) -> list[tuple[str, float]]:
+    """(node, mean cosine to FP32 when only that node is INT8), most damaging first.
+
+    One calibration (ranges cached), then one Q/DQ graph per Conv/MatMul/Gemm with just
+    that node quantized: a direct measure of what each layer costs the descriptor.
+    """
+    import onnx
+
+    cache = work / "calibration_ranges.json"
+    build_int8_qdq(prepared, work / "all.onnx", calibration, info, calibrate_method, cache=cache)
+    nodes = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
+             if n.op_type in QUANTIZED_OPS]
+    scores = []
+    for name in tqdm(nodes, desc="layer sensitivity", leave=False):
+        out = work / "one.onnx"
+        build_int8_qdq(prepared, out, None, info, calibrate_method, only=[name], cache=cache)
+        _stamp(out, info.replace(precision="int8-qdq"))
+        emb = OnnxRuntimeEmbedder(out, threads=threads, providers=["CPUExecutionProvider"])
+        scores.append((name, float(cosine_per_row(reference, emb.embed(images, batch_size=8)).mean())))
+    return sorted(scores, key=lambda item: item[1])
+
+
 def _first_and_last_compute_nodes(path: Path) -> list[str]:
     import onnx
 
@@ -235,17 +260,24 @@ def _calibration_method(name: str):
             "entropy": CalibrationMethod.Entropy}[name]
 
 
-def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray], info: DeployInfo,
-                   calibrate_method: str = "minmax", exclude: list[str] | None = None) -> None:
-    """TensorRT-style Q/DQ: symmetric s8 activations, per-channel symmetric s8 weights."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray] | None, info: DeployInfo,
+                   calibrate_method: str = "minmax", exclude: list[str] | None = None,
+                   only: list[str] | None = None, cache: Path | None = None) -> None:
+    """TensorRT-style Q/DQ: symmetric s8 activations, per-channel symmetric s8 weights.
+
+    `cache`: calibration ranges JSON, written on first use and reused afterwards (then
+    `calibration` may be None); `only`: quantize just these nodes (sensitivity analysis).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     method = _calibration_method(calibrate_method)
+    reader = None if calibration is None else _as_calibration_reader(calibration, info, _input_name(prepared))
     quantize_static(
-        str(prepared), str(out), _as_calibration_reader(calibration, info, _input_name(prepared)),
+        str(prepared), str(out), reader,
         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-        nodes_to_exclude=exclude or [],
+        nodes_to_exclude=exclude or [], nodes_to_quantize=only,
+        calibration_cache_path=None if cache is None else str(cache),
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
                        "QDQKeepRemovableActivations": True, "CalibStridedMinMax": 1})
@@ -329,13 +361,15 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                    threads: int | None = None, cpu_candidates: list[str] | None = None,
                    calibrate_method: str = "percentile", min_cosine: float = MIN_COSINE,
                    latency_repeats: int = 5, variants: tuple[str, ...] = ("int8-qdq", "int8-cpu", "fp16"),
-                   keep_first_last: bool = True) -> QuantizeReport:
+                   keep_first_last: bool = True, keep_float: int = 0) -> QuantizeReport:
     """Write the INT8 Q/DQ, CPU INT8 and FP16 variants of an FP32 MEAN ONNX and compare them with it.
 
     Outputs appear only complete (written in a temp folder, renamed). A variant whose
     cosine against FP32 falls below `min_cosine` is an error (nothing of it is kept).
     keep_first_last leaves the first and the last Conv/MatMul/Gemm in float (the usual
     mixed-precision compromise: the stem sees raw pixels, the last layer feeds the descriptor).
+    keep_float=N also leaves the N layers float whose quantization alone hurts the check
+    images' descriptors most (measured per layer, see `layer_sensitivity`).
     """
     src = Path(onnx_path)
     info = read_onnx_info(src)
@@ -368,9 +402,18 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         tmp = Path(tmp)
         prepared = tmp / "prepared.onnx"
         exclude: list[str] = []
+        ranked: list[tuple[str, float]] = []
         if {"int8-qdq", "int8-cpu"} & set(variants):
             preprocess_for_quantization(src, prepared)
             exclude = _first_and_last_compute_nodes(prepared) if keep_first_last else []
+            if keep_float > 0:
+                work = tmp / "sensitivity"
+                work.mkdir()
+                ranked = layer_sensitivity(prepared, work, calibration, info, check_images, reference,
+                                           calibrate_method, threads)
+                log.info("most sensitive layers (mean cosine with only that layer INT8): %s",
+                         ", ".join(f"{n} {c:.4f}" for n, c in ranked[:keep_float]))
+                exclude = sorted(set(exclude) | {n for n, _ in ranked[:keep_float]})
         if exclude:
             log.info("kept in float: %s", ", ".join(exclude))
 
@@ -461,7 +504,8 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
         c.path = ""  # candidates lived in the temp folder
     report = QuantizeReport(str(src), info.model_hash, len(calibration), len(check_images), threads,
                             fp32_latency, results, candidates, choice, reason,
-                            eval_set.description if eval_set else "", fp32_retrieval, exclude, calibrate_method)
+                            eval_set.description if eval_set else "", fp32_retrieval, exclude, calibrate_method,
+                            [list(item) for item in ranked])
     _write_json_atomic(out_dir / f"{stem}.quantize.json", asdict(report))
     return report
 
@@ -498,6 +542,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-first-last", action="store_true",
                         help="also quantize the first and last Conv/MatMul (kept float by default: the stem sees "
                         "raw pixels and the last layer feeds the descriptor; a little faster, less accurate)")
+    parser.add_argument("--keep-float", type=int, default=0, metavar="N",
+                        help="also keep the N layers float whose INT8 version alone hurts the descriptors most "
+                        "(one extra quantization + check per layer; default 0)")
     parser.add_argument("--check-images", help="held-out images for the cosine check (default: the evaluation "
                         "set's images, else procedural images not used for calibration)")
     parser.add_argument("--check-count", type=int, default=32)
@@ -533,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
                             threads=args.threads, calibrate_method=args.calibrate_method,
                             cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
                             min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats,
-                            keep_first_last=not args.quantize_first_last)
+                            keep_first_last=not args.quantize_first_last, keep_float=args.keep_float)
     print(report.table())
     for v in report.variants:
         print(f"wrote {v.path}")
