@@ -121,6 +121,13 @@ def test_a_model_that_does_not_match_the_cache_is_refused(cache, flight):
         Localizer(OtherModel(), cache, flight.camera)
     with pytest.raises(MeanNavError, match="descriptor size"):
         Localizer(OtherDim(), cache, flight.camera)
+    meta = cache.meta
+    cache.meta = {**meta, "maps": []}
+    try:
+        with pytest.raises(MeanNavError, match="no map pixels"):
+            Localizer(ThumbnailEmbedder(), cache, flight.camera)
+    finally:
+        cache.meta = meta
 
 
 def test_initial_position_narrows_the_first_search(cache, flight):

@@ -293,10 +293,14 @@ class Localizer:
 
 
 def check_model_matches_cache(embedder: Embedder, cache) -> None:
-    """Refuse a model whose descriptors the cache was not built with."""
+    """Refuse a model whose descriptors the cache was not built with, or a cache without map pixels."""
     if int(embedder.dim) != int(cache.dim):
         raise MeanNavError(f"model descriptor size {embedder.dim} does not match the tile cache ({cache.dim}); "
                            "rebuild the cache with this model (`mean-nav cache build`) or use the cache's model")
+    meta = getattr(cache, "meta", None)
+    if isinstance(meta, dict) and not meta.get("maps"):
+        raise MeanNavError(f"{getattr(cache, 'folder', 'tile cache')}: the cache holds no map pixels, which the "
+                           "feature-matching refinement needs; rebuild it from the orthophotos with `mean-nav cache build`")
     cache_hash = getattr(cache, "model_hash", None)
     if cache_hash and embedder.model_hash != cache_hash:
         raise MeanNavError(f"model hash {embedder.model_hash} does not match the tile cache's {cache_hash}; "
