@@ -133,3 +133,30 @@ def test_cli_writes_a_flight_folder_and_refuses_to_overwrite(ortho, tmp_path, ca
 def test_map_too_small_for_margin_is_a_clear_error(ortho, tmp_path):
     with pytest.raises(MeanNavError, match="margin"):
         simulate_flight([ortho], tmp_path / "x", SimulationConfig(margin_m=150, map_gsd_m=1.0), progress=False)
+
+
+def test_telemetry_attitude_differs_from_the_truth_by_the_configured_error(ortho, tmp_path):
+    cfg = SimulationConfig(width=64, height=48, fps=0.5, duration_s=60, seed=8, map_gsd_m=1.0, attitude_error_deg=1.0)
+    root = simulate_flight([ortho], tmp_path / "f", cfg, progress=False)
+    logged, truth = read_telemetry_csv(root / "telemetry.csv"), read_telemetry_csv(root / "truth.csv")
+    roll_err = logged.channels["roll"].values - truth.channels["roll"].values
+    assert 0.3 < np.degrees(roll_err).std() < 2.0
+    assert np.array_equal(logged.channels["lat"].values, truth.channels["lat"].values)  # position is the truth
+
+
+def test_failure_while_rendering_leaves_no_half_written_flight(ortho, tmp_path, monkeypatch):
+    import mean_nav.replay.simulate as simulate
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(simulate.cv2, "imwrite", disk_full)
+    with pytest.raises(OSError):
+        simulate_flight([ortho], tmp_path / "f", SimulationConfig(width=64, height=48, duration_s=4, map_gsd_m=1.0),
+                        progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_photometric_strength_out_of_range_names_the_option(ortho, tmp_path):
+    with pytest.raises(MeanNavError, match="photometric_strength"):
+        simulate_flight([ortho], tmp_path / "f", SimulationConfig(photometric_strength=2.0), progress=False)

@@ -14,6 +14,7 @@ estimator error (`--attitude-error`) as a real autopilot's would.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import shutil
@@ -226,13 +227,14 @@ def ground_image(raster: MetricRaster, pad_m: float, outside: str) -> tuple[np.n
 
 def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig, progress: bool = True) -> Path:
     """Write a complete flight folder to `out_dir` (built in a temp folder, then renamed)."""
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MeanNavError(f"{out_dir}: output folder exists and is not empty; choose a new folder or delete it")
     if cfg.fps <= 0 or cfg.telemetry_hz <= 0 or cfg.speed_ms <= 0 or cfg.altitude_m <= 0:
         raise MeanNavError("simulate-flight: fps, telemetry rate, speed and altitude must be positive")
+    for name in ("photometric_strength", "occlusion_strength"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise MeanNavError(f"simulate-flight {name}: must be between 0 and 1, got {getattr(cfg, name)}")
     rng = np.random.default_rng(cfg.seed)
     raster = read_metric_raster(map_paths, cfg.map_gsd_m)
     route = plan_route(raster, cfg)
@@ -249,6 +251,24 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "frames").mkdir(parents=True)
+    try:
+        _write_flight(tmp, raster, route, traj, cam, ground, shift_px, shift, degrade, occlude, rng, cfg, map_paths,
+                      progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written flight behind
+        raise
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    log.info("wrote %.0f s of flight to %s", traj.time_s[-1], out_dir)
+    return out_dir
+
+
+def _write_flight(tmp: Path, raster: MetricRaster, route, traj: Trajectory, cam: CameraModel, ground: np.ndarray,
+                  shift_px: np.ndarray, shift, degrade, occlude, rng: np.random.Generator, cfg: SimulationConfig,
+                  map_paths, progress: bool) -> None:
+    from tqdm import tqdm
+
     cam.to_yaml(tmp / "camera.yaml")
 
     # telemetry: truth position, attitude with a slowly varying estimator error
@@ -264,6 +284,10 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
                       lat=float(lat[i]), lon=float(lon[i]))
              for i, t in enumerate(t_tel)]
     write_telemetry_csv(tmp / "telemetry.csv", rows)
+    # the same rows with the true attitude: what the camera really did (for diagnosis)
+    truth = [dataclasses.replace(r, roll=float(s["roll"][i]), pitch=float(s["pitch"][i]), yaw=float(s["yaw"][i]))
+             for i, r in enumerate(rows)]
+    write_telemetry_csv(tmp / "truth.csv", truth)
 
     # frames: truth attitude and height, rendered then degraded
     # camera not synchronised with telemetry: frames fall between telemetry samples
@@ -284,11 +308,6 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
                       "route_xy_h_speed": [list(w) for w in route]},
     }
     (tmp / "flight.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.rename(out_dir)
-    log.info("wrote %d frames, %.0f s of flight to %s", len(t_frames), traj.time_s[-1], out_dir)
-    return out_dir
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, rate_hz: float, sigma: float, tau_s: float = 5.0) -> np.ndarray:
