@@ -139,6 +139,7 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from ..geo.crs import from_lonlat
 
@@ -163,9 +164,12 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
     if coast.any():
         ax.plot(np.asarray(ex)[coast], np.asarray(ey)[coast], ".", color="0.6", ms=3, label="coasting (not sent)")
     if fix.any():
-        sc = ax.scatter(np.asarray(ex)[fix], np.asarray(ey)[fix], c=np.clip(cols["error_m"][fix], 0, 30),
-                        cmap="viridis", s=14, vmin=0, vmax=30, label="fix", zorder=3)
-        fig.colorbar(sc, ax=ax, shrink=0.7, label="fix error, m (clipped at 30)")
+        err = cols["error_m"][fix]
+        finite = err[np.isfinite(err)]
+        vmax = float(max(5.0, np.ceil(np.percentile(finite, 98)))) if finite.size else 5.0
+        sc = ax.scatter(np.asarray(ex)[fix], np.asarray(ey)[fix], c=np.clip(err, 0, vmax),
+                        cmap="viridis", s=14, vmin=0, vmax=vmax, label="fix", zorder=3)
+        fig.colorbar(sc, ax=ax, shrink=0.7, label=f"fix error, m (clipped at {vmax:g})")
         false_fix = fix & (cols["error_m"] > FALSE_FIX_SIGMAS * cols["sigma_h_m"])
         if false_fix.any():
             ax.plot(np.asarray(ex)[false_fix], np.asarray(ey)[false_fix], "x", color="red", ms=8,
@@ -174,6 +178,8 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
     ax.set_xlabel(f"easting, m ({crs.to_string()})")
     ax.set_ylabel("northing, m")
     ax.ticklabel_format(useOffset=False, style="plain")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))  # 7-digit eastings overlap otherwise
+    ax.tick_params(axis="x", labelrotation=20)
     ax.legend(loc="best", fontsize=8)
     ax.set_title("replay track")
     _savefig(fig, path)
