@@ -182,18 +182,48 @@ def test_calibration_ranges_cover_every_batch(fp32_onnx, tmp_path):
     assert float(init[q_input.input[1]]) == pytest.approx(expected, rel=1e-4)
 
 
-def test_keep_float_leaves_the_most_sensitive_layers_unquantized(fp32_onnx, tmp_path):
-    check = synthetic_aerial_images(4, SIZE, seed=8)
-    report = quantize_model(fp32_onnx, _calibration(4), check, out_dir=tmp_path, threads=1, latency_repeats=1,
-                            variants=("int8-qdq",), min_cosine=0.0, keep_float=2, calibrate_method="minmax")
-    model = onnx.load(report.variants[0].path)
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+def _outlier_graph(path: Path) -> Path:
+    """Five small convs; c2 emits one channel ~1000x larger than the rest, so the per-tensor
+    INT8 scale of c3's input wipes out c3's other input channels: c3 is the sensitive layer."""
+    from onnx import TensorProto, helper
+
+    from mean_nav.deploy.backends import DeployInfo
+    from mean_nav.deploy.embedder import Preprocessing
+    from mean_nav.deploy.export import set_metadata
+
+    rng = np.random.default_rng(0)
+    shapes = {"c1": (8, 3, 3, 3), "c2": (8, 8, 1, 1), "c3": (8, 8, 3, 3), "c4": (8, 8, 1, 1), "c5": (4, 8, 1, 1)}
+    inits, nodes, prev = [], [], "input"
+    for name, shape in shapes.items():
+        w = rng.normal(0, 0.3, shape).astype(np.float32)
+        b = np.zeros(shape[0], np.float32)
+        if name == "c2":
+            b[0] = 1000.0
+        inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")]
+        pad = shape[-1] // 2
+        nodes.append(helper.make_node("Conv", [prev, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+                                      pads=[pad] * 4))
+        prev = f"{name}.y"
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"]), helper.make_node("Flatten", ["gap"], ["descriptor"])]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    set_metadata(model, DeployInfo("0" * 16, "test", 4, Preprocessing(img_size=16)))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_keep_float_leaves_the_most_sensitive_layer_unquantized(tmp_path):
+    src = _outlier_graph(tmp_path / "outlier.onnx")
+    check = synthetic_aerial_images(6, 16, seed=8)
+    report = quantize_model(src, synthetic_aerial_images(8, 16, seed=1), check, out_dir=tmp_path, threads=1,
+                            latency_repeats=1, variants=("int8-qdq",), min_cosine=0.0, keep_float=1,
+                            keep_first_last=False, calibrate_method="minmax")
     cosines = [c for _, c in report.sensitivity]
-    assert len(report.sensitivity) == len(convs)                # every compute layer measured once
-    assert cosines == sorted(cosines) and cosines[0] < 1.0      # worst first; quantization costs something
-    worst_two = {n for n, _ in report.sensitivity[:2]}
-    assert worst_two <= set(report.kept_float) and len(report.kept_float) <= 4   # + first/last
+    assert [n for n, _ in report.sensitivity][0] == "c3" and len(cosines) == 5
+    assert cosines == sorted(cosines) and cosines[0] < cosines[-1]
+    assert report.kept_float == ["c3"]
+    model = onnx.load(report.variants[0].path)
     init = {t.name for t in model.graph.initializer}
-    for conv in convs:
-        kept = conv.name in report.kept_float
-        assert (conv.input[1] in init) == kept    # float weight read directly only where kept float
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        assert (conv.input[1] in init) == (conv.name == "c3")   # only c3 reads its float weight directly
