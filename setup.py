@@ -41,7 +41,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mean_nav", "mean_nav.*"]),
-    package_data={"mean_nav": ["assets/*"]},
+    package_data={"mean_nav": ["assets/*", "configs/*.yaml", "nav/*.yaml", "nav/systemd/*"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mean-nav=mean_nav.cli:main"]},
