@@ -10,8 +10,9 @@ from pyproj.database import query_utm_crs_info
 WGS84 = CRS.from_epsg(4326)
 
 
+@lru_cache(maxsize=256)
 def utm_crs_for(lon: float, lat: float) -> CRS:
-    """The WGS84 UTM zone CRS containing (lon, lat)."""
+    """The WGS84 UTM zone CRS containing (lon, lat); cached, the PROJ database query is slow."""
     infos = query_utm_crs_info(datum_name="WGS 84",
                                area_of_interest=AreaOfInterest(lon, lat, lon, lat))
     if not infos:
