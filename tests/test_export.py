@@ -1,8 +1,6 @@
 """ONNX export of the MEAN deploy graph: metadata, agreement with PyTorch, input layouts, errors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,21 +11,16 @@ ort = pytest.importorskip("onnxruntime")
 from mean_nav.cli import main as cli_main  # noqa: E402
 from mean_nav.deploy.backends import OnnxRuntimeEmbedder, TorchEmbedder, read_onnx_info  # noqa: E402
 from mean_nav.deploy.export import export_onnx  # noqa: E402
-from mean_nav.deploy.images import load_images  # noqa: E402
 from mean_nav.errors import MeanNavError  # noqa: E402
+from deploy_testing import sample_images  # noqa: E402
 from mean_nav.model import ModelConfig, build_model  # noqa: E402
 from mean_nav.model.checkpoint import deploy_hash, save_checkpoint  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MAP = DATA / "orthophotos" / "test_tiled.tif"
 SIZE = 64
 
 
 def _images(n=6):
-    if MAP.is_file():
-        return load_images(MAP, n, SIZE)
-    print(f"shared data absent ({MAP}); checking on procedural images")
-    return load_images(None, n, SIZE)
+    return sample_images(n, SIZE)
 
 
 @pytest.fixture(scope="module")

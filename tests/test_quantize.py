@@ -16,6 +16,7 @@ from mean_nav.deploy.backends import OnnxRuntimeEmbedder, read_onnx_info  # noqa
 from mean_nav.deploy.images import load_images, synthetic_aerial_images  # noqa: E402
 from mean_nav.deploy.quantize import quantize_model  # noqa: E402
 from mean_nav.errors import MeanNavError  # noqa: E402
+from deploy_testing import sample_images  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAP = DATA / "orthophotos" / "test_tiled.tif"
@@ -27,10 +28,7 @@ TEST_MIN_COSINE = 0.2
 
 
 def _calibration(n=8):
-    if MAP.is_file():
-        return load_images(MAP, n, SIZE)
-    print(f"shared data absent ({MAP}); calibrating on procedural images")
-    return load_images(None, n, SIZE)
+    return sample_images(n, SIZE)
 
 
 @pytest.fixture(scope="module")
