@@ -380,6 +380,8 @@ def _faiss():
     """faiss if installed (the optional `[faiss]` extra), else None."""
     if os.environ.get("MEAN_NAV_NO_FAISS"):
         return None
+    # faiss's loader logs at INFO every CPU-variant it fails to find: noise in every replay
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss  # noqa: F401
     except ImportError:
