@@ -140,3 +140,49 @@ def test_checkpoint_with_other_training_heads_exports_its_backbone(lite0, tmp_pa
     torch.save(ckpt, ckpt_path)
     with pytest.raises(MeanNavError, match="deploy_hash"):
         deploy_model_from_checkpoint(ckpt_path)
+
+
+def test_same_padding_pads_are_folded_into_the_convolutions(exported):
+    """EfficientNet's TF-style SAME padding must not reach onnxruntime as separate Pads
+    (they break its NCHWc chain): the exported graph has none, and the stride-2 Convs
+    carry the asymmetric pads themselves."""
+    path, _ = exported
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Pad" not in ops and "ConstantOfShape" not in ops
+    asymmetric = [n for n in graph.node if n.op_type == "Conv"
+                  for a in n.attribute if a.name == "pads" and list(a.ints[:2]) != list(a.ints[2:])]
+    assert len(asymmetric) == 5  # stem + the 4 stride-2 depthwise convolutions of Lite0
+
+
+def test_fold_pad_into_conv_keeps_the_result_and_skips_what_it_cannot_fold(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mean_nav.deploy.export import fold_pad_into_conv
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    zero_pads = numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 2, 1], np.int64), "p")
+    channel_pads = numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64), "pc")
+    nodes = [
+        helper.make_node("Pad", ["x", "p"], ["xp"]),
+        helper.make_node("Conv", ["xp", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["x", "pc"], ["xc"]),  # pads a channel: must stay a Pad
+        helper.make_node("ReduceSum", ["xc"], ["z"], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              initializer=[w, zero_pads, channel_pads])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((1, 3, 9, 10)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    assert fold_pad_into_conv(model) == 1
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][0]
+    assert [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 2, 3, 2]]
+    assert [n.op_type for n in model.graph.node].count("Pad") == 1
+    assert {t.name for t in model.graph.initializer} == {"w", "pc"}
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(after[1], before[1])

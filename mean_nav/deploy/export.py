@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MeanNavError
-from .backends import INPUT_LAYOUTS, DeployInfo, OnnxRuntimeEmbedder
+from .backends import INPUT_LAYOUTS, DeployInfo, OnnxRuntimeEmbedder, _import_onnxruntime
 from .embedder import Preprocessing
 from .images import cosine_per_row, load_images
 
@@ -140,7 +140,11 @@ def export_onnx(model, cfg, out_path: str | Path, input_layout: str = "float_nch
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as tmpdir:
         raw = Path(tmpdir) / "raw.onnx"
         _torch_export(graph, example, raw, input_name, opset)
-        proto = onnx.load(str(raw))
+        folded = Path(tmpdir) / "folded.onnx"
+        fold_constants(raw, folded)
+        proto = onnx.load(str(folded))
+        fold_pad_into_conv(proto)
+        _drop_unused_opsets(proto)
         proto.doc_string = (f"MEAN deploy graph ({backbone}, {img_size}px): image -> L2-normalised "
                             f"{info.embed_dim}-d descriptor")
         set_metadata(proto, info)
@@ -161,6 +165,76 @@ def export_onnx(model, cfg, out_path: str | Path, input_layout: str = "float_nch
                 f"{min_cosine}); nothing written. Try another --opset or report the model")
         os.replace(checked, out_path)
     return ExportReport(out_path, info, len(images), float(cos.min()), float(cos.mean()))
+
+
+def fold_constants(src: Path, dst: Path) -> None:
+    """onnxruntime's basic (hardware-independent, plain ONNX) optimisation: constant folding,
+    Conv+BN/Add/Mul fusion, redundant-node removal, saved as a portable model."""
+    ort = _import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3  # it warns about every initializer folding leaves unused
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def _drop_unused_opsets(proto) -> None:
+    """onnxruntime's saved model imports all its private domains; keep those nodes use."""
+    used = {node.domain for node in proto.graph.node} | {""}
+    keep = [o for o in proto.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+
+
+def fold_pad_into_conv(proto) -> int:
+    """Move zero Pads that feed a Conv into the Conv's own (possibly asymmetric) pads.
+
+    TF-style SAME padding (EfficientNet-Lite's stride-2 convolutions) exports as a Pad
+    before the Conv; onnxruntime leaves it there and it breaks its NCHWc convolution chain
+    (EfficientNet-Lite0 at 384 px on 2 cores: 17.4 -> 11.7 ms). TensorRT takes asymmetric
+    Conv padding as it is. Returns the number of Pads removed; `proto` is changed in place.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    removed = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or pad.input[1] not in initializers or (len(pad.input) > 2 and pad.input[2]):
+            continue  # only constant pads with the default zero value
+        if any(a.name == "mode" and a.s not in (b"constant", b"") for a in pad.attribute):
+            continue
+        users = consumers.get(pad.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in {o.name for o in graph.output}:
+            continue
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"NOTSET", b""):
+            continue
+        pads = numpy_helper.to_array(initializers[pad.input[1]]).astype(int).tolist()
+        rank = len(pads) // 2
+        if min(pads) < 0 or any(pads[i] or pads[rank + i] for i in range(2)):
+            continue  # negative (cropping) or batch/channel padding: not a Conv's job
+        spatial = rank - 2
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * spatial)
+        new = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i]
+                                                                 for i in range(spatial)]
+        if "pads" in attrs:
+            conv.attribute.remove(attrs["pads"])
+        conv.attribute.append(onnx.helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        removed.append(pad)
+    for pad in removed:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    return len(removed)
 
 
 def _torch_export(graph, example, path: Path, input_name: str, opset: int) -> None:
