@@ -157,7 +157,6 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
     from .deploy.backends import load_embedder
 
     threads = threads or os.cpu_count() or 1
-    gemm = _GemmProbe(threads, gemm_size)
     embedders = [load_embedder(p, backend=backend, threads=threads) for p in models]
     rng = np.random.default_rng(0)
     inputs = []
@@ -169,21 +168,25 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
             emb._embed_batch(one)
         emb._embed_batch(many)
         inputs.append((one, many))
+    gemm = _GemmProbe(threads, gemm_size)
     single: list[list[float]] = [[] for _ in embedders]
     batched: list[list[float]] = [[] for _ in embedders]
     batched_cpu: list[list[float]] = [[] for _ in embedders]
     try:
         for _ in tqdm(range(repeats), desc="batch 1 rounds", leave=False):
             for i, emb in enumerate(embedders):
+                settle()
                 single[i].append(_timed(lambda: emb._embed_batch(inputs[i][0])))
             gemm.sample()
         for _ in tqdm(range(max(3, repeats // 4)), desc=f"batch {batch} rounds", leave=False):
             for i, emb in enumerate(embedders):
+                settle()
                 wall, cpu = _timed_cpu(lambda: emb._embed_batch(inputs[i][1]))
                 batched[i].append(wall)
                 batched_cpu[i].append(cpu)
             gemm.sample()
     finally:
+        gemm.close()
         for emb in embedders:
             emb.close()
     gemm_report = gemm.report()
@@ -212,34 +215,62 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
     return results, gemm_report
 
 
+# Thread pools keep spinning for a while after a call returns (onnxruntime's for some
+# milliseconds, OpenBLAS's for ~0.1 s) and steal the cores from whatever runs next: measured
+# here, Lite0 took 25-45 ms right after a numpy GEMM instead of 12. So every timed call is
+# preceded by a short pause, and the GEMM runs in its own process with OpenBLAS told to
+# park its threads at once.
+SETTLE_S = 0.05
+
+
+def settle() -> None:
+    time.sleep(SETTLE_S)
+
+
 class _GemmProbe:
-    """float32 n^3 GEMM with numpy's BLAS and torch (if installed), sampled between model runs."""
+    """float32 n^3 GEMM with numpy's BLAS and torch (if installed) in a child process,
+    sampled between model runs. Use as a context manager (the child is stopped on exit)."""
 
     def __init__(self, threads: int, n: int):
-        rng = np.random.default_rng(0)
+        import multiprocessing
+
         self.n = n
-        self.a = rng.standard_normal((n, n), dtype=np.float32)
-        self.b = rng.standard_normal((n, n), dtype=np.float32)
-        self.best = {"numpy": float("inf")}
+        self.best: dict[str, float] = {}
         self.best_cpu: dict[str, float] = {}
-        self.fns = {"numpy": lambda: self.a @ self.b}
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        saved = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"  # 2^4 cycles of spinning (the minimum) before sleeping
         try:
-            import torch
-        except ImportError:
-            pass
-        else:
-            torch.set_num_threads(threads)
-            ta, tb = torch.from_numpy(self.a), torch.from_numpy(self.b)
-            self.fns["torch"] = lambda: torch.mm(ta, tb)
-            self.best["torch"] = float("inf")
+            self.proc = ctx.Process(target=_gemm_worker, args=(child, threads, n), daemon=True)
+            self.proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
+            else:
+                os.environ["OPENBLAS_THREAD_TIMEOUT"] = saved
+        child.close()
         for _ in range(2):
             self.sample()
 
     def sample(self) -> None:
-        for name, fn in self.fns.items():
-            wall, cpu = _timed_cpu(fn)
-            self.best[name] = min(self.best[name], wall)
+        settle()
+        self.conn.send("sample")
+        for name, (wall, cpu) in self.conn.recv().items():
+            self.best[name] = min(self.best.get(name, float("inf")), wall)
             self.best_cpu[name] = min(self.best_cpu.get(name, float("inf")), cpu)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send("stop")
+            self.proc.join(timeout=10)
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def report(self) -> dict:
         rates = {k: self.n ** 3 / v for k, v in self.best.items()}
@@ -247,6 +278,26 @@ class _GemmProbe:
         cpu_rates = {k: self.n ** 3 / v for k, v in self.best_cpu.items()}
         return {"size": self.n, "macs_per_s": rates, "best": best, "best_macs_per_s": rates[best],
                 "macs_per_cpu_s": cpu_rates, "best_macs_per_cpu_s": max(cpu_rates.values())}
+
+
+def _gemm_worker(conn, threads: int, n: int) -> None:
+    """Child process: answer each "sample" with {library: (wall s, process CPU s)} of one GEMM."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    fns = {"numpy": lambda: a @ b}
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        fns["torch"] = lambda: torch.mm(ta, tb)
+    for fn in fns.values():  # warm-up
+        fn()
+    while conn.recv() == "sample":
+        conn.send({name: _timed_cpu(fn) for name, fn in fns.items()})
 
 
 def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:

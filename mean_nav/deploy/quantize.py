@@ -323,8 +323,11 @@ def interleaved_latency_ms(paths: list[Path], info: DeployInfo, threads: int | N
 
     Round-robin so that load from other processes hits every model alike, and the
     minimum because interference only ever adds time: the fastest run is the best
-    estimate of what a graph itself costs.
+    estimate of what a graph itself costs. Each run waits for the previous session's
+    threads to stop spinning (`bench.settle`).
     """
+    from ..bench import settle
+
     size = info.preprocessing.img_size
     x = prepare_input(np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8), info)
     sessions = []
@@ -336,6 +339,7 @@ def interleaved_latency_ms(paths: list[Path], info: DeployInfo, threads: int | N
     best = [float("inf")] * len(paths)
     for _ in tqdm(range(repeats), desc="timing", leave=False):
         for i, (sess, feed) in enumerate(sessions):
+            settle()
             t0 = time.perf_counter()
             sess.run(None, feed)
             best[i] = min(best[i], time.perf_counter() - t0)
