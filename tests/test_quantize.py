@@ -225,3 +225,61 @@ def test_keep_float_leaves_the_most_sensitive_layer_unquantized(tmp_path):
     init = {t.name for t in model.graph.initializer}
     for conv in (n for n in model.graph.node if n.op_type == "Conv"):
         assert (conv.input[1] in init) == (conv.name == "c3")   # only c3 reads its float weight directly
+
+
+def test_cpu_variant_chains_int8_through_relu6(quantized):
+    """ReLU6 folds into the u8 output ranges: no Dequantize -> float Clip -> Quantize round trips
+    between quantized layers (they made Lite0's CPU INT8 slower than FP32)."""
+    _, report = quantized
+    cpu = next(v for v in report.variants if v.precision == "int8-cpu")
+    model = onnx.load(cpu.path)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    qlinear = [n for n in model.graph.node if n.op_type == "QLinearConv"]
+    assert len(qlinear) > 40
+    assert not [c for c in clips if producers.get(c.input[0]) == "DequantizeLinear"]
+
+
+def test_auto_keep_float_adds_sensitive_layers_until_the_bar_is_met(tmp_path):
+    src = _outlier_graph(tmp_path / "outlier.onnx")
+    check = synthetic_aerial_images(6, 16, seed=8)
+    calibration = synthetic_aerial_images(8, 16, seed=1)
+    kwargs = dict(threads=1, latency_repeats=1, variants=("int8-qdq",), keep_first_last=False,
+                  calibrate_method="minmax")
+    plain = quantize_model(src, calibration, check, out_dir=tmp_path / "plain", min_cosine=0.0, keep_float=0, **kwargs)
+    bar = plain.variants[0].cosine_min + 0.5 * (1 - plain.variants[0].cosine_min)  # halfway to perfect
+    with pytest.raises(MeanNavError, match="drift from FP32"):
+        quantize_model(src, calibration, check, out_dir=tmp_path / "none", min_cosine=bar, keep_float=0, **kwargs)
+    report = quantize_model(src, calibration, check, out_dir=tmp_path / "auto", min_cosine=bar, **kwargs)
+    variant = report.variants[0]
+    assert variant.cosine_min >= bar
+    assert variant.kept_float[0] == "c3" == report.sensitivity[0][0]
+    assert "int8-qdq keeps" in report.table()
+
+
+def test_layers_kept_float_stay_float_when_onnxruntime_runs_them(fp32_onnx, tmp_path):
+    """onnxruntime would quantize a float Conv that reads a DequantizeLinear on its own, per
+    tensor (WeightBiasQuantization); our sessions must run the graph as written."""
+    import onnxruntime as ort
+
+    from mean_nav.deploy.backends import prepare_input
+    from mean_nav.deploy.embedder import to_batch_uint8
+    from mean_nav.deploy.quantize import _stamp, _with_their_activations, build_int8_qdq, preprocess_for_quantization
+
+    info = read_onnx_info(fp32_onnx)
+    prepared, path = tmp_path / "prepared.onnx", tmp_path / "q.onnx"
+    preprocess_for_quantization(fp32_onnx, prepared)
+    depthwise = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.endswith("dw_conv/Conv")]
+    kept = _with_their_activations(prepared, depthwise[1:4])
+    build_int8_qdq(prepared, path, _calibration(), info, "minmax", exclude=kept)
+    _stamp(path, info.replace(precision="int8-qdq"))
+    images = synthetic_aerial_images(4, SIZE, seed=3)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = prepare_input(to_batch_uint8(images, SIZE), info)
+    as_written = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    naive = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = OnnxRuntimeEmbedder(path, threads=1).embed(images)
+    # integer kernels round differently from the float Q/DQ simulation; re-quantized float
+    # layers are a far larger error (measured: 0.004 vs 0.024)
+    assert np.abs(got - as_written).max() < 0.3 * np.abs(naive - as_written).max()

@@ -122,6 +122,13 @@ def onnx_providers(cache_dir: Path | None = None) -> list:
     return providers
 
 
+# onnxruntime's WeightBiasQuantization quantizes the float weights of any Conv that reads a
+# DequantizeLinear output, per tensor: it undoes every layer `mean-nav quantize` keeps float
+# on purpose (Lite0's depthwise convolutions: descriptor cosine 0.99 -> 0.93). Unknown names
+# are ignored, so older onnxruntime versions are fine.
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
+
 def session_options(threads: int | None = None):
     ort = _import_onnxruntime()
     so = ort.SessionOptions()
@@ -141,7 +148,8 @@ def open_onnx_session(path: str | Path, threads: int | None = None, cpu_only: bo
         raise MeanNavError(f"{path}: ONNX file not found; check the path or run `mean-nav export`")
     providers = ["CPUExecutionProvider"] if cpu_only else onnx_providers()
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers,
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:  # onnxruntime raises several private exception types
         raise MeanNavError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]}); re-export the model") from None
 
@@ -178,7 +186,7 @@ class OnnxRuntimeEmbedder(Embedder):
             providers = onnx_providers(cache_dir=self.path.parent)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=session_options(threads),
-                                                providers=providers)
+                                                providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as exc:
             raise MeanNavError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]}); "
                                "re-export the model") from None

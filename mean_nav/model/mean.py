@@ -184,7 +184,11 @@ class DeployGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gap = self.backbone.forward_pool(self.backbone.forward_features(x))
-        return F.normalize(gap, dim=-1)
+        # F.normalize, spelt so that it exports as ReduceL2 -> Max -> Div: its Clip(eps) would
+        # be calibrated by the INT8 quantizer along with the ReLU6 Clips and a per-image norm
+        # has too narrow a range for onnxruntime's percentile histograms
+        norm = torch.linalg.vector_norm(gap, dim=-1, keepdim=True)
+        return gap / torch.maximum(norm, norm.new_tensor(1e-12))
 
 
 class MEAN(nn.Module):
