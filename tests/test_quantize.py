@@ -283,3 +283,28 @@ def test_layers_kept_float_stay_float_when_onnxruntime_runs_them(fp32_onnx, tmp_
     # integer kernels round differently from the float Q/DQ simulation; re-quantized float
     # layers are a far larger error (measured: 0.004 vs 0.024)
     assert np.abs(got - as_written).max() < 0.3 * np.abs(naive - as_written).max()
+
+
+def test_a_narrow_tensor_in_the_calibration_is_a_clear_error(tmp_path, capsys):
+    """Old exports normalised with a Clip of the per-image norm, which onnxruntime's percentile
+    calibrator cannot histogram: one clear error naming the file, nothing written."""
+    from onnx import helper
+
+    src = _outlier_graph(tmp_path / "old.onnx")
+    model = onnx.load(str(src))
+    graph = model.graph
+    graph.node[-1].output[0] = "flat"
+    graph.initializer.extend([numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+                              numpy_helper.from_array(np.ones(4, np.float32), "ln_scale")])
+    # as MEAN's descriptor: LayerNorm, so every image's norm is ~sqrt(dim)
+    graph.node.extend([helper.make_node("LayerNormalization", ["flat", "ln_scale"], ["ln"], axis=-1),
+                       helper.make_node("ReduceL2", ["ln"], ["norm"], axes=[1], keepdims=1),
+                       helper.make_node("Clip", ["norm", "eps"], ["norm_c"]),
+                       helper.make_node("Div", ["ln", "norm_c"], ["descriptor"])])
+    onnx.save(model, str(src))
+    out = tmp_path / "out"
+    assert cli_main(["quantize", str(src), "-o", str(out), "--variants", "int8-qdq", "--calibration-count", "4",
+                     "--check-count", "2", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}: onnxruntime's percentile calibration cannot histogram" in err and "re-export" in err
+    assert list(out.iterdir()) == []

@@ -284,6 +284,29 @@ def _calibration_method(name: str):
             "entropy": CalibrationMethod.Entropy}[name]
 
 
+class CalibrationHistogramError(MeanNavError):
+    """The percentile/entropy calibrator met a tensor too narrow to histogram."""
+
+
+def _quantize_static(prepared: Path, out: Path, calibration: list[np.ndarray] | None, info: DeployInfo,
+                     calibrate_method: str, cache: Path | None, **kwargs) -> None:
+    """onnxruntime's quantize_static with our calibration reader and ranges cache; its
+    histogram failure on a near-constant tensor becomes an error that says what to do."""
+    from onnxruntime.quantization import quantize_static
+
+    reader = None if calibration is None else _as_calibration_reader(calibration, info, _input_name(prepared))
+    try:
+        quantize_static(str(prepared), str(out), reader, calibrate_method=_calibration_method(calibrate_method),
+                        calibration_cache_path=None if cache is None else str(cache), **kwargs)
+    except ValueError as exc:
+        if "bins" not in str(exc):
+            raise
+        raise CalibrationHistogramError(
+            f"onnxruntime's {calibrate_method} calibration cannot histogram a near-constant tensor (ONNX "
+            "files exported before the L2 normalisation became ReduceL2/Max/Div have a Clip of the "
+            "per-image norm); re-export with `mean-nav export` or use --calibrate-method minmax") from None
+
+
 def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray] | None, info: DeployInfo,
                    calibrate_method: str = "minmax", exclude: list[str] | None = None,
                    only: list[str] | None = None, cache: Path | None = None) -> None:
@@ -292,16 +315,13 @@ def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray] | No
     `cache`: calibration ranges JSON, written on first use and reused afterwards (then
     `calibration` may be None); `only`: quantize just these nodes (sensitivity analysis).
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    method = _calibration_method(calibrate_method)
-    reader = None if calibration is None else _as_calibration_reader(calibration, info, _input_name(prepared))
-    quantize_static(
-        str(prepared), str(out), reader,
+    _quantize_static(
+        prepared, out, calibration, info, calibrate_method, cache,
         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS + ACTIVATION_OPS, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude or [], nodes_to_quantize=only,
-        calibration_cache_path=None if cache is None else str(cache),
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
                        "QDQKeepRemovableActivations": True, "CalibStridedMinMax": 1})
@@ -312,15 +332,13 @@ def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarra
                           cache: Path | None = None) -> None:
     """u8 activations (asymmetric) x s8 per-channel weights, QOperator form (QLinearConv/QLinearMatMul),
     ReLU/ReLU6 folded into the ranges. `cache` as in build_int8_qdq."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
-    reader = None if calibration is None else _as_calibration_reader(calibration, info, _input_name(prepared))
-    quantize_static(
-        str(prepared), str(out), reader,
+    _quantize_static(
+        prepared, out, calibration, info, calibrate_method, cache,
         quant_format=QuantFormat.QOperator, op_types_to_quantize=QUANTIZED_OPS + ACTIVATION_OPS, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
-        calibrate_method=_calibration_method(calibrate_method),
-        calibration_cache_path=None if cache is None else str(cache), extra_options={"CalibStridedMinMax": 1})
+        extra_options={"CalibStridedMinMax": 1})
 
 
 def build_int8_cpu_dynamic(prepared: Path, out: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
@@ -652,11 +670,14 @@ def run(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in ("int8-qdq", "int8-cpu", "fp16")]
     if unknown:
         raise MeanNavError(f"--variants: unknown {unknown[0]!r}; choose from int8-qdq, int8-cpu, fp16")
-    report = quantize_model(args.onnx, calibration, check, out_dir=args.out_dir, eval_set=eval_set,
-                            threads=args.threads, calibrate_method=args.calibrate_method,
-                            cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
-                            min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats,
-                            keep_first_last=not args.quantize_first_last, keep_float=args.keep_float)
+    try:
+        report = quantize_model(args.onnx, calibration, check, out_dir=args.out_dir, eval_set=eval_set,
+                                threads=args.threads, calibrate_method=args.calibrate_method,
+                                cpu_candidates=[c.strip() for c in args.cpu_candidates.split(",") if c.strip()],
+                                min_cosine=args.min_cosine, variants=variants, latency_repeats=args.latency_repeats,
+                                keep_first_last=not args.quantize_first_last, keep_float=args.keep_float)
+    except CalibrationHistogramError as exc:
+        raise MeanNavError(f"{args.onnx}: {exc}") from None
     print(report.table())
     for v in report.variants:
         print(f"wrote {v.path}")
