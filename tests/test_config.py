@@ -60,3 +60,13 @@ def test_yaml_file_errors_name_the_file(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("name: run1\nepochs: 5\n")
     assert load_config(good, Outer).epochs == 5
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "mean_nav" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_training_config_parses(path):
+    from mean_nav.train import load_train_config
+
+    cfg, model_cfg, _ = load_train_config(path)   # typed all the way down: a wrong field raises
+    assert model_cfg.backbone in ("efficientnet_lite0", "convnext_tiny")
+    assert model_cfg.img_size in (128, 224, 256, 384, 512)
