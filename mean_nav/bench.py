@@ -225,7 +225,7 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
     return results, gemm_report
 
 
-# Thread pools keep spinning for a while after a call returns (onnxruntime's for some
+# Thread pools keep spinning for a while after a call returns (onnxruntime's for tens of
 # milliseconds, OpenBLAS's for ~0.1 s) and steal the cores from whatever runs next: measured
 # here, Lite0 took 25-45 ms right after a numpy GEMM instead of 12. So every timed call is
 # preceded by a short pause, and the GEMM runs in its own process with OpenBLAS told to
@@ -240,7 +240,7 @@ def settle() -> None:
 
 class _GemmProbe:
     """float32 n^3 GEMM with numpy's BLAS and torch (if installed) in a child process,
-    sampled between model runs. Use as a context manager (the child is stopped on exit)."""
+    sampled between model runs; `close()` stops the child."""
 
     def __init__(self, threads: int, n: int):
         import multiprocessing
@@ -277,12 +277,6 @@ class _GemmProbe:
             self.proc.join(timeout=10)
         self.conn.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def report(self) -> dict:
         rates = {k: self.n ** 3 / v for k, v in self.best.items()}
         best = max(rates, key=rates.get)
@@ -292,7 +286,8 @@ class _GemmProbe:
 
 
 def _gemm_worker(conn, threads: int, n: int) -> None:
-    """Child process: answer each "sample" with {library: (wall s, process CPU s)} of one GEMM."""
+    """Child process: answer each "sample" with {library: (wall s, process CPU s)}, the best of
+    GEMM_BLOCK back-to-back GEMMs."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
