@@ -203,14 +203,15 @@ def fold_pad_into_conv(proto) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
     removed = []
     for pad in graph.node:
-        if pad.op_type != "Pad" or pad.input[1] not in initializers or (len(pad.input) > 2 and pad.input[2]):
-            continue  # only constant pads with the default zero value
+        if pad.op_type != "Pad" or pad.input[1] not in initializers or any(pad.input[2:]):
+            continue  # only constant pads over all axes, with the default zero value
         if any(a.name == "mode" and a.s not in (b"constant", b"") for a in pad.attribute):
             continue
         users = consumers.get(pad.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in {o.name for o in graph.output}:
+        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in graph_outputs:
             continue
         conv = users[0]
         attrs = {a.name: a for a in conv.attribute}
