@@ -186,3 +186,22 @@ def test_fold_pad_into_conv_keeps_the_result_and_skips_what_it_cannot_fold(tmp_p
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(after[1], before[1])
+
+
+def test_fold_pad_into_conv_leaves_pads_over_chosen_axes_alone():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mean_nav.deploy.export import fold_pad_into_conv
+
+    w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    # two entries per listed axis, not per tensor axis: read as NCHW pads they would wipe the Conv's own
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0], np.int64), "p")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("Pad", ["x", "p", "", "axes"], ["xp"]),
+             helper.make_node("Conv", ["xp", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[w, pads, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    assert fold_pad_into_conv(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Pad", "Conv"]
+    assert [list(a.ints) for a in model.graph.node[1].attribute if a.name == "pads"] == [[1, 1, 1, 1]]
