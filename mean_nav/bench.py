@@ -231,7 +231,7 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
 # preceded by a short pause, and the GEMM runs in its own process with OpenBLAS told to
 # park its threads at once.
 SETTLE_S = 0.05
-GEMM_BLOCK = 3
+GEMM_BLOCK = 5
 
 
 def settle() -> None:
@@ -261,7 +261,7 @@ class _GemmProbe:
             else:
                 os.environ["OPENBLAS_THREAD_TIMEOUT"] = saved
         child.close()
-        for _ in range(2):
+        for _ in range(3):
             self.sample()
 
     def sample(self) -> None:
@@ -291,15 +291,16 @@ def _gemm_worker(conn, threads: int, n: int) -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    fns = {"numpy": lambda: a @ b}
+    out = np.empty((n, n), dtype=np.float32)  # preallocated: a fresh 4+ MB result would page-fault on every call
+    fns = {"numpy": lambda: np.matmul(a, b, out=out)}
     try:
         import torch
     except ImportError:
         pass
     else:
         torch.set_num_threads(threads)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        fns["torch"] = lambda: torch.mm(ta, tb)
+        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        fns["torch"] = lambda: torch.mm(ta, tb, out=tout)
     for fn in fns.values():  # warm-up
         fn()
     while conn.recv() == "sample":  # a block of back-to-back GEMMs, as the models run in phase 2
