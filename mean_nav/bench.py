@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import huge_pages
 from .errors import MeanNavError
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ def _gemm_worker(conn, threads: int, n: int) -> None:
         conn.send({name: min(_timed_cpu(fn) for _ in range(GEMM_BLOCK)) for name, fn in fns.items()})
 
 
-def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:
+def format_table(results: list[BackendResult], gemm: dict, threads: int, memory: dict) -> str:
     head = ("model", "backend", "precision", "p50 ms", "p95 ms", "best ms", "hot ms", "img/s @N", "GMAC/img",
             "GEMM% b1", "GEMM% bN", "GEMM% bN cpu", "x FP32")
     fp32: dict[str, BackendResult] = {}
@@ -328,7 +329,8 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm["macs_per_s"].items())
     lines.append(f"float32 GEMM {gemm['size']}^3 on this machine: {rates} GMAC/s (best: {gemm['best']}); "
-                 f"{threads} thread(s). p50/p95/best: batch 1, each call after a {1000 * SETTLE_S:.0f} ms pause "
+                 f"{threads} thread(s); malloc on huge pages: {'yes' if memory['malloc_huge_pages'] else 'no'} "
+                 f"(THP mode {memory['thp_mode']}). p50/p95/best: batch 1, each call after a {1000 * SETTLE_S:.0f} ms pause "
                  f"(frame-paced); hot ms: batch 1 back to back. GEMM% = backbone MACs/s over that rate (hot "
                  f"best-of times on both sides) and x FP32 = images/s at batch N over the same model's FP32; "
                  f"'cpu' = the same on process CPU time (GEMM {max(gemm['macs_per_cpu_s'].values()) / 1e9:.1f} GMAC "
@@ -370,12 +372,13 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
     models = expand_models(args.models, siblings=not args.no_siblings)
     results, gemm = bench_backends(models, args.backend, args.batch, args.repeats, threads)
-    print(format_table(results, gemm, threads))
+    memory = huge_pages.status()
+    print(format_table(results, gemm, threads, memory))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"threads": threads, "gemm": gemm, "results": [asdict(r) for r in results]},
+        tmp.write_text(json.dumps({"threads": threads, "memory": memory, "gemm": gemm, "results": [asdict(r) for r in results]},
                                   indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out)
         print(f"wrote {out}")

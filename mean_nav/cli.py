@@ -12,6 +12,7 @@ import logging
 import sys
 
 from .errors import MeanNavError
+from .huge_pages import reexec_with_huge_pages
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +40,8 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a call from Python): start over on huge pages where that helps
+        reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -20,6 +20,7 @@ import rclpy
 from rclpy.node import Node
 from sensor_msgs.msg import NavSatFix, NavSatStatus
 
+from mean_nav.huge_pages import reexec_with_huge_pages
 from mean_nav.nav.daemon import NavDaemon, load_nav_config
 from mean_nav.nav.estimate import Estimate, FixQuality
 from mean_nav.nav.filter import RADIUS68_PER_SIGMA
@@ -99,6 +100,7 @@ class MeanNavNode(Node):
 
 
 def main():
+    reexec_with_huge_pages()  # before rclpy starts any thread: the process starts over once
     rclpy.init()
     node = MeanNavNode()
     try:

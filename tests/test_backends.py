@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,7 +210,27 @@ def test_bench_backends_cli_writes_json_with_efficiency(model_files, tmp_path, c
     assert r["macs_per_image"] > 1e7                 # Lite0 at 64 px is ~31 MMAC
     assert 0 < r["gemm_fraction_batchN"] < 5 and 0 < r["gemm_fraction_batchN_cpu_time"] < 5
     assert data["gemm"]["best_macs_per_s"] > 1e8
+    assert data["memory"]["malloc_huge_pages"] == ("glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""))
     assert "GEMM" in capsys.readouterr().out
+
+
+MEAN_NAV_SCRIPT = Path(sys.executable).parent / "mean-nav"
+
+
+@pytest.mark.skipif(not MEAN_NAV_SCRIPT.exists(), reason="the mean-nav console script is not installed beside python")
+def test_mean_nav_command_benchmarks_on_huge_pages_where_the_machine_has_them(model_files, tmp_path):
+    import platform
+
+    from mean_nav.huge_pages import environment_with_huge_pages, thp_mode
+
+    _, onnx_path = model_files
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    subprocess.run([str(MEAN_NAV_SCRIPT), "bench", "backends", str(onnx_path),
+                    "--batch", "1", "--repeats", "1", "--threads", "1", "--json", str(out)],
+                   env=env, check=True, capture_output=True)
+    applies = sys.platform == "linux" and environment_with_huge_pages(env, platform.libc_ver(), thp_mode()) is not None
+    assert json.loads(out.read_text())["memory"] == {"malloc_huge_pages": applies, "thp_mode": thp_mode()}
 
 
 def test_bench_siblings_are_found_next_to_the_fp32_onnx(tmp_path):
