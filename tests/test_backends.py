@@ -268,3 +268,16 @@ def test_synthetic_training_config_gives_held_out_pairs_and_calibration_images(t
     bad.write_text("data:\n  kind: university1652\n")
     with pytest.raises(MeanNavError, match="not 'synthetic'"):
         load_retrieval_set(bad, 0, 64)
+
+
+def test_normalize_matches_the_textbook_formula():
+    from mean_nav.deploy.embedder import Preprocessing, normalize
+
+    prep = Preprocessing(img_size=24, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    batch = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    expected = ((batch / 255.0 - np.array(prep.mean)) / np.array(prep.std)).transpose(0, 3, 1, 2)
+    for x in (batch, batch[:, :, ::-1]):     # contiguous, and a strided view
+        want = expected if x is batch else expected[:, :, :, ::-1]
+        got = normalize(x, prep)
+        assert got.dtype == np.float32 and got.shape == (3, 3, 24, 24)
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -50,17 +50,19 @@ def to_batch_uint8(images: Sequence[np.ndarray] | np.ndarray, size: int) -> np.n
 def normalize(batch_uint8: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """[N,H,W,3] uint8 -> [N,3,H,W] float32 normalised with the model's mean/std.
 
-    One multiply-add per channel straight into the NCHW output: 9x faster than
-    cast, scale, subtract, divide and transpose as separate passes (2 ms -> 0.3 ms per
-    384 px image, which is 15-20% of a Lite0 run on 2 cores).
+    Per image, OpenCV splits the channels and writes each one's multiply-add straight into
+    its NCHW plane: 0.17 ms per 384 px image, against 0.28 ms for numpy's strided
+    per-channel multiply-add and 2 ms for cast, scale, subtract, divide and transpose as
+    separate passes (a Lite0 run on 2 cores is ~11 ms).
     """
     n, h, w, _ = batch_uint8.shape
     scale = 1.0 / (255.0 * np.asarray(prep.std, np.float64))
     shift = -np.asarray(prep.mean, np.float64) / np.asarray(prep.std, np.float64)
     out = np.empty((n, 3, h, w), np.float32)
-    for c in range(3):
-        np.multiply(batch_uint8[..., c], np.float32(scale[c]), out=out[:, c], dtype=np.float32)
-        out[:, c] += np.float32(shift[c])
+    for i in range(n):
+        for c, plane in enumerate(cv2.split(np.ascontiguousarray(batch_uint8[i]))):
+            # dst is a contiguous [H,W] float32 view of `out`: OpenCV writes into it in place
+            cv2.addWeighted(plane, scale[c], plane, 0.0, shift[c], dst=out[i, c], dtype=cv2.CV_32F)
     return out
 
 
