@@ -204,8 +204,10 @@ class OnnxRuntimeEmbedder(Embedder):
         self.output_name = outputs[0].name
         self.providers = self.session.get_providers()
 
-    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
-        x = prepare_input(batch_uint8, self.info)
+    def _prepare(self, batch_uint8: np.ndarray) -> np.ndarray:
+        return prepare_input(batch_uint8, self.info)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], np.float32)
 
     def describe(self) -> dict:
@@ -249,12 +251,11 @@ class TorchEmbedder(Embedder):
         model, cfg = model_from_checkpoint(path)
         return cls(model, cfg, threads=threads, device=device, source=str(path))
 
-    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
+    def _infer(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(normalize(batch_uint8, self.preprocessing)).to(self.device)
         with torch.inference_mode():
-            return self.module(x).float().cpu().numpy()
+            return self.module(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- selection

@@ -5,7 +5,6 @@ so that torch, onnxruntime and TensorRT see identical input tensors.
 """
 from __future__ import annotations
 
-import abc
 import json
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
@@ -71,7 +70,7 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
-class Embedder(abc.ABC):
+class Embedder:
     """A MEAN deploy graph behind one call: images -> L2-normalised descriptors.
 
     Attributes every backend sets:
@@ -80,6 +79,8 @@ class Embedder(abc.ABC):
       model_hash     identity of the trained weights (shared by FP32/FP16/INT8 variants)
       precision      "fp32", "fp16", "int8-qdq", "int8-cpu"
       preprocessing  Preprocessing used for every input
+    A backend implements `_infer` (the network on a prepared array) and, if its input is
+    not normalised NCHW float32, `_prepare`; a test double may override `_embed_batch` alone.
     """
 
     name: str = "abstract"
@@ -88,9 +89,17 @@ class Embedder(abc.ABC):
     precision: str = "fp32"
     preprocessing: Preprocessing
 
-    @abc.abstractmethod
     def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
         """[N,S,S,3] uint8 at preprocessing.img_size -> [N,dim] float32 (normalised)."""
+        return self._infer(self._prepare(batch_uint8))
+
+    def _prepare(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """[N,S,S,3] uint8 -> the network's input: normalised NCHW float32 by default."""
+        return normalize(batch_uint8, self.preprocessing)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        """The network alone on a prepared input -> [N,dim] float32 (`bench` times it apart)."""
+        raise NotImplementedError(f"{type(self).__name__} implements _embed_batch only")
 
     def embed(self, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32) -> np.ndarray:
         """RGB uint8 images of any size -> [N,dim] float32, L2-normalised."""

@@ -371,8 +371,10 @@ class TensorRTEmbedder(Embedder):
         self.context.set_tensor_address(self.input_name, self.cuda.ptr(self.dev_in))
         self.context.set_tensor_address(self.output_name, self.cuda.ptr(self.dev_out))
 
-    def _embed_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
-        x = prepare_input(batch_uint8, self.info).astype(self.input_dtype, copy=False)
+    def _prepare(self, batch_uint8: np.ndarray) -> np.ndarray:
+        return prepare_input(batch_uint8, self.info).astype(self.input_dtype, copy=False)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(x), self.max_batch):
             chunk = x[start:start + self.max_batch]
