@@ -210,6 +210,11 @@ def test_bench_backends_cli_writes_json_with_efficiency(model_files, tmp_path, c
     assert r["macs_per_image"] > 1e7                 # Lite0 at 64 px is ~31 MMAC
     assert 0 < r["gemm_fraction_batchN"] < 5 and 0 < r["gemm_fraction_batchN_cpu_time"] < 5
     assert data["gemm"]["best_macs_per_s"] > 1e8
+    # the fractions are the network alone (net times), latency and images/s end to end
+    assert r["gemm_fraction_batch1"] == pytest.approx(
+        r["macs_per_image"] / (r["net_latency_ms_best"] / 1000) / data["gemm"]["best_macs_per_s"])
+    assert r["gemm_fraction_batchN"] == pytest.approx(
+        r["macs_per_image"] * 2 / r["net_batch_s_best"] / data["gemm"]["best_macs_per_s"])
     assert data["memory"]["malloc_huge_pages"] == ("glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""))
     assert "GEMM" in capsys.readouterr().out
 
