@@ -105,6 +105,7 @@ class BackendResult:
     latency_ms_best: float = float("nan")
     hot_latency_ms_best: float = float("nan")  # batch 1, back-to-back runs
     batch: int = 1
+    run_batch: int | None = None               # images per network call within a batch (None: all)
     images_per_s: float = float("nan")         # from the median batch time
     images_per_s_best: float = float("nan")    # from the best batch time
     # the network alone on prepared (normalised) input, back to back: what the GEMM fractions use
@@ -226,7 +227,7 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
             str(path), emb.name, emb.precision, emb.model_hash, emb.preprocessing.img_size,
             providers=list(getattr(emb, "providers", [])), latency_ms_p50=1000 * float(np.percentile(lat, 50)),
             latency_ms_p95=1000 * float(np.percentile(lat, 95)), latency_ms_best=1000 * float(np.min(lat)),
-            hot_latency_ms_best=1000 * float(np.min(hot)), batch=batch,
+            hot_latency_ms_best=1000 * float(np.min(hot)), batch=batch, run_batch=getattr(emb, "run_batch", None),
             images_per_s=batch / float(np.median(bt)), images_per_s_best=batch / float(np.min(bt)),
             net_latency_ms_best=1000 * float(np.min(n1)), net_batch_s_best=float(np.min(nb)),
             batch_cpu_s_best=float(np.min(nc))))
@@ -333,7 +334,7 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int, memory:
         base = fp32.get(r.model_hash)
         rows.append((Path(r.model).name, r.backend, r.precision, f"{r.latency_ms_p50:.1f}", f"{r.latency_ms_p95:.1f}",
                      f"{r.latency_ms_best:.1f}", f"{r.hot_latency_ms_best:.1f}", f"{r.net_latency_ms_best:.1f}",
-                     f"{r.images_per_s:.1f} @{r.batch}",
+                     f"{r.images_per_s:.1f} @{r.batch}" + (f"/{r.run_batch}" if r.run_batch else ""),
                      f"{r.macs_per_image / 1e9:.2f}" if r.macs_per_image else "-",
                      f"{100 * r.gemm_fraction_batch1:.0f}%" if r.gemm_fraction_batch1 else "-",
                      f"{100 * r.gemm_fraction_batchN:.0f}%" if r.gemm_fraction_batchN else "-",
@@ -346,7 +347,8 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int, memory:
                  f"{threads} thread(s); malloc on huge pages: {'yes' if memory['malloc_huge_pages'] else 'no'} "
                  f"(THP mode {memory['thp_mode']}). p50/p95/best: batch 1, each call after a {1000 * SETTLE_S:.0f} ms pause "
                  f"(frame-paced); hot ms: batch 1 back to back; net ms: the same for the network alone on "
-                 f"preprocessed input. GEMM% = backbone MACs/s of the network alone over that rate (hot "
+                 f"preprocessed input; @N/1: batches of N run one image per call (onnxruntime's CPU kernels "
+                 f"run float graphs faster so). GEMM% = backbone MACs/s of the network alone over that rate (hot "
                  f"best-of times on both sides) and x FP32 = images/s at batch N over the same model's FP32; "
                  f"'cpu' = the same on process CPU time (GEMM {max(gemm['macs_per_cpu_s'].values()) / 1e9:.1f} GMAC "
                  f"per CPU-second), robust when other processes share the cores")

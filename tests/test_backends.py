@@ -62,6 +62,9 @@ def test_torch_and_onnxruntime_backends_give_the_same_descriptors(model_files):
     assert a.shape == b.shape == (4, t.dim) and a.dtype == b.dtype == np.float32
     assert np.min(np.sum(a * b, axis=1)) > 0.9999
     assert o.embed([]).shape == (0, o.dim)
+    assert o.run_batch == 1                  # a float graph on onnxruntime's CPU kernels: one image per call
+    o.run_batch = None
+    np.testing.assert_allclose(o.embed(images), b, atol=1e-5)    # the whole batch in one call: the same
 
 
 def test_runtime_backends_do_not_import_torch(model_files):
