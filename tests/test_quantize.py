@@ -140,15 +140,41 @@ def test_int8_descriptors_still_follow_fp32(quantized):
 
 
 def test_drifting_variant_is_an_error_and_writes_nothing(fp32_onnx, tmp_path):
-    with pytest.raises(MeanNavError, match="drift from FP32"):
+    with pytest.raises(MeanNavError, match="drifts from FP32"):
         quantize_model(fp32_onnx, _calibration(2), synthetic_aerial_images(2, SIZE), out_dir=tmp_path,
                        threads=1, latency_repeats=1, variants=("fp16",), min_cosine=1.01)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_variant_losing_too_much_r1_is_an_error_and_writes_nothing(fp32_onnx, tmp_path):
+    from mean_nav.deploy.images import RetrievalSet
+
+    gallery = sample_images(6, SIZE)
+    rng = np.random.default_rng(3)
+    queries = [np.clip(g.astype(int) + rng.integers(-20, 21, g.shape), 0, 255).astype(np.uint8) for g in gallery]
+    labels = np.arange(6)
+    eval_set = RetrievalSet(queries, labels, gallery, labels, "6 noisy copies")
+    # the bar (gain at least 200 R@1 points) is one no variant can meet: the R@1 check alone fails it
+    with pytest.raises(MeanNavError, match=r"drifts from FP32 \(R@1 .* points, more than -200.0 lost"):
+        quantize_model(fp32_onnx, _calibration(2), gallery, out_dir=tmp_path, eval_set=eval_set, threads=1,
+                       latency_repeats=1, variants=("int8-qdq",), min_cosine=TEST_MIN_COSINE, keep_float=0,
+                       max_r1_drop=-200.0)
+    assert list(tmp_path.iterdir()) == []
+    # the same run under a loose bar goes through and reports the change
+    report = quantize_model(fp32_onnx, _calibration(2), gallery, out_dir=tmp_path, eval_set=eval_set, threads=1,
+                            latency_repeats=1, variants=("int8-qdq",), min_cosine=TEST_MIN_COSINE, keep_float=0,
+                            max_r1_drop=100.0)
+    (qdq,) = report.variants
+    assert "dR@1" in qdq.retrieval and Path(qdq.path).is_file()
+
+
 def test_bad_inputs_are_clear_errors(fp32_onnx, tmp_path, capsys):
     with pytest.raises(MeanNavError, match="calibration set is empty"):
         quantize_model(fp32_onnx, [], synthetic_aerial_images(2, SIZE), out_dir=tmp_path)
+    # FP16 alone needs no calibration
+    fp16_only = quantize_model(fp32_onnx, [], synthetic_aerial_images(2, SIZE), out_dir=tmp_path / "fp16",
+                               threads=1, latency_repeats=1, variants=("fp16",))
+    assert [v.precision for v in fp16_only.variants] == ["fp16"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli_main(["quantize", str(fp32_onnx), "--calibration", str(empty)]) == 1
@@ -251,7 +277,7 @@ def test_auto_keep_float_adds_sensitive_layers_until_the_bar_is_met(tmp_path):
                   calibrate_method="minmax")
     plain = quantize_model(src, calibration, check, out_dir=tmp_path / "plain", min_cosine=0.0, keep_float=0, **kwargs)
     bar = plain.variants[0].cosine_min + 0.5 * (1 - plain.variants[0].cosine_min)  # halfway to perfect
-    with pytest.raises(MeanNavError, match="drift from FP32"):
+    with pytest.raises(MeanNavError, match="drifts from FP32"):
         quantize_model(src, calibration, check, out_dir=tmp_path / "none", min_cosine=bar, keep_float=0, **kwargs)
     report = quantize_model(src, calibration, check, out_dir=tmp_path / "auto", min_cosine=bar, **kwargs)
     variant = report.variants[0]
