@@ -345,8 +345,8 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int, memory:
     rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm["macs_per_s"].items())
     lines.append(f"float32 GEMM {gemm['size']}^3 on this machine: {rates} GMAC/s (best: {gemm['best']}); "
                  f"{threads} thread(s); malloc on huge pages: {'yes' if memory['malloc_huge_pages'] else 'no'} "
-                 f"(THP mode {memory['thp_mode']}). p50/p95/best: batch 1, each call after a {1000 * SETTLE_S:.0f} ms pause "
-                 f"(frame-paced); hot ms: batch 1 back to back; net ms: the same for the network alone on "
+                 f"(THP mode {memory['thp_mode']}). p50/p95/best: batch 1, each call after a "
+                 f"{1000 * SETTLE_S:.0f} ms pause (frame-paced); hot ms: batch 1 back to back; net ms: the same for the network alone on "
                  f"preprocessed input; @N/1: batches of N run one image per call (onnxruntime's CPU kernels "
                  f"run float graphs faster so). GEMM% = backbone MACs/s of the network alone over that rate (hot "
                  f"best-of times on both sides) and x FP32 = images/s at batch N over the same model's FP32; "
@@ -395,8 +395,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"threads": threads, "memory": memory, "gemm": gemm, "results": [asdict(r) for r in results]},
-                                  indent=2) + "\n", encoding="utf-8")
+        data = {"threads": threads, "memory": memory, "gemm": gemm, "results": [asdict(r) for r in results]}
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out)
         print(f"wrote {out}")
     return 0

@@ -49,6 +49,8 @@ from .images import RetrievalSet, cosine_per_row, load_images, load_retrieval_se
 
 log = logging.getLogger(__name__)
 
+VARIANTS = ("int8-qdq", "int8-cpu", "fp16")
+INT8_VARIANTS = {"int8-qdq", "int8-cpu"}   # the ones that need calibration images
 MIN_COSINE = 0.98              # per descriptor, against FP32
 MAX_R1_DROP = 1.0              # held-out R@1 points a variant may lose (checked when there is an eval set)
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
@@ -410,7 +412,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                    out_dir: str | Path | None = None, eval_set: RetrievalSet | None = None,
                    threads: int | None = None, cpu_candidates: list[str] | None = None,
                    calibrate_method: str = "percentile", min_cosine: float = MIN_COSINE,
-                   latency_repeats: int = 5, variants: tuple[str, ...] = ("int8-qdq", "int8-cpu", "fp16"),
+                   latency_repeats: int = 5, variants: tuple[str, ...] = VARIANTS,
                    keep_first_last: bool = True, keep_float: int | str = "auto",
                    max_r1_drop: float = MAX_R1_DROP) -> QuantizeReport:
     """Write the INT8 Q/DQ, CPU INT8 and FP16 variants of an FP32 MEAN ONNX and compare them with it.
@@ -429,7 +431,8 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
     info = read_onnx_info(src)
     if info.precision != "fp32":
         raise MeanNavError(f"{src}: is already {info.precision}; quantize the FP32 export")
-    if not calibration and {"int8-qdq", "int8-cpu"} & set(variants):
+    int8 = bool(INT8_VARIANTS & set(variants))
+    if not calibration and int8:
         raise MeanNavError("calibration set is empty; pass --calibration with a folder, list file or GeoTIFF")
     if not check_images:
         raise MeanNavError("no check images; pass --check-images")
@@ -472,7 +475,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                          ", ".join(f"{n} {c:.4f}" for n, c in ranked[:AUTO_KEEP_FLOAT_MAX]))
             return ranked
 
-        if {"int8-qdq", "int8-cpu"} & set(variants):
+        if int8:
             preprocess_for_quantization(src, prepared)
             exclude = _first_and_last_compute_nodes(prepared) if keep_first_last else []
             if not auto and keep_float > 0:
@@ -676,11 +679,11 @@ def run(args: argparse.Namespace) -> int:
     info = read_onnx_info(args.onnx)
     size = info.preprocessing.img_size
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = [v for v in variants if v not in ("int8-qdq", "int8-cpu", "fp16")]
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise MeanNavError(f"--variants: unknown {unknown[0]!r}; choose from int8-qdq, int8-cpu, fp16")
-    int8 = {"int8-qdq", "int8-cpu"} & set(variants)
-    calibration = load_images(args.calibration, args.calibration_count, size, seed=args.seed) if int8 else []
+    calibration = (load_images(args.calibration, args.calibration_count, size, seed=args.seed)
+                   if INT8_VARIANTS & set(variants) else [])
     eval_set = load_retrieval_set(args.eval_set, args.eval_count, size, seed=args.seed + 1) if args.eval_set else None
     if args.check_images:
         check = load_images(args.check_images, args.check_count, size, seed=args.seed + 2)
