@@ -179,7 +179,7 @@ def test_mac_count_of_a_known_graph(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from mean_nav.bench import onnx_macs_per_image
+    from mean_nav.bench.backends import onnx_macs_per_image
 
     w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")      # conv 3->8, k3, pad 1
     dw = numpy_helper.from_array(np.zeros((8, 1, 3, 3), np.float32), "dw")    # depthwise 8, k3, stride 2
@@ -242,7 +242,7 @@ def test_mean_nav_command_benchmarks_on_huge_pages_where_the_machine_has_them(mo
 
 
 def test_bench_siblings_are_found_next_to_the_fp32_onnx(tmp_path):
-    from mean_nav.bench import expand_models
+    from mean_nav.bench.backends import expand_models
 
     base = tmp_path / "m.onnx"
     for name in ("m.onnx", "m.int8-cpu.onnx", "m.fp16.onnx", "other.int8-qdq.onnx"):

@@ -1,4 +1,4 @@
-"""`mean-nav bench`: inference backends (`backends`) and the tile cache (`cache`).
+"""`mean-nav bench backends`: inference backends and precisions.
 
 `mean-nav bench backends MODEL...` measures, per backend and precision: latency p50/p95
 at batch 1 (frame-paced: each call after a pause, as a daemon's frames arrive), images/s
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import huge_pages
-from .errors import MeanNavError
+from .. import huge_pages
+from ..errors import MeanNavError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
     End to end = each backend's `_embed_batch`: preprocessing to the graph's input included,
     image decoding and resizing not. The network alone = its `_infer` on a prepared input.
     """
-    from .deploy.backends import load_embedder
+    from ..deploy.backends import load_embedder
 
     threads = threads or os.cpu_count() or 1
     embedders = [load_embedder(p, backend=backend, threads=threads) for p in models]
@@ -358,9 +358,7 @@ def format_table(results: list[BackendResult], gemm: dict, threads: int, memory:
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{backends,cache}")
-    p = sub.add_parser("backends", help="latency, throughput and GEMM efficiency per backend and precision")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="ONNX files, TensorRT engines or checkpoints (.pt)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
     p.add_argument("--batch", type=int, default=8, help="batch size for throughput (default 8)")
@@ -368,22 +366,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-siblings", action="store_true", help="do not add <stem>.int8-*/fp16 ONNX siblings")
     p.add_argument("--json", help="write the results as JSON to this file")
-    try:
-        from .geo import cache_bench
-    except ImportError:  # the cache benchmark is optional (its module may be absent)
-        cache_bench = None
-    c = sub.add_parser("cache", help="tile cache build and search benchmark")
-    if cache_bench is not None:
-        cache_bench.add_arguments(c)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.bench == "cache":
-        try:
-            from .geo import cache_bench
-        except ImportError:
-            raise MeanNavError("the cache benchmark (mean_nav.geo.cache_bench) is not available in this install") from None
-        return cache_bench.run(args)
     if args.batch < 1 or args.repeats < 1:
         raise MeanNavError("--batch and --repeats must be at least 1")
     threads = args.threads or os.cpu_count() or 1

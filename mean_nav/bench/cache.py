@@ -73,9 +73,9 @@ def generate_cache(folder: Path, n: int, dim: int, tile_size_m: float, stride_m:
     import cv2
     from tqdm import tqdm
 
-    from .cache import EMBEDDINGS, FORMAT, FORMAT_VERSION, META, TILES, _file_entries, _save_npy_atomic, \
+    from ..geo.cache import EMBEDDINGS, FORMAT, FORMAT_VERSION, META, TILES, _file_entries, _save_npy_atomic, \
         _write_json_atomic, tile_geometry
-    from .tiles import TileGrid
+    from ..geo.tiles import TileGrid
 
     folder = Path(folder)
     if folder.exists():
@@ -204,7 +204,7 @@ class _Timer:
 
 
 def bench_search(args, cache, rng) -> dict:
-    from .cache import exact_topk
+    from ..geo.cache import exact_topk
 
     res: dict = {"tiles": len(cache), "dim": cache.dim}
     rss0 = _rss_bytes()
@@ -253,7 +253,7 @@ def bench_search(args, cache, rng) -> dict:
     res["near_sweep"] = radius_sweep
 
     # approximate search
-    from .cache import _faiss
+    from ..geo.cache import _faiss
 
     if _faiss() is None:
         res["approx"] = "faiss not installed"
@@ -283,7 +283,7 @@ def bench_search(args, cache, rng) -> dict:
 
 def _ground_truth(cache, queries: np.ndarray, seed: int) -> np.ndarray:
     """Exact top-10 ids of the queries, kept next to the generated cache for reruns."""
-    from .cache import exact_topk
+    from ..geo.cache import exact_topk
 
     path = cache.folder / f"bench_truth_{seed}_{len(queries)}.npz"
     if path.is_file():
@@ -314,7 +314,7 @@ def bytes_per_tile(cache) -> dict:
 def bench_build(args, workdir: Path) -> dict:
     """Tiles/s of a full cache build (tiling + reprojection + embedding + writing)."""
     from ..deploy.backends import load_embedder
-    from .cache import TileCache, build_cache
+    from ..geo.cache import TileCache, build_cache
 
     embedder = load_embedder(args.model, backend="onnxruntime", threads=args.threads)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -392,13 +392,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-    from .cache import TileCache
+    from ..geo.cache import TileCache
 
     if args.tiles < 100 or args.dim < 8:
         raise MeanNavError("--tiles must be at least 100 and --dim at least 8")
     rng = np.random.default_rng(args.seed)
     folder = args.folder
-    from .cache import _faiss
+    from ..geo.cache import _faiss
 
     if _faiss() is not None:
         _faiss().omp_set_num_threads(max(1, args.faiss_threads))

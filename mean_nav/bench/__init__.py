@@ -1,0 +1,28 @@
+"""`mean-nav bench <what>`: every benchmark of the project, one module per subject.
+
+Each module here exposes `add_arguments(parser)` and `run(args) -> int` and is imported
+only when its benchmark runs (the flight computer never imports torch for `bench cache`).
+Benchmarks print numbers measured side by side in one run; they are not timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, one-line help). Add a benchmark by adding its module and a line here.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "backends": ("mean_nav.bench.backends", "latency, throughput and GEMM efficiency per backend and precision"),
+    "cache": ("mean_nav.bench.cache", "tile cache build and search benchmark"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, (module_name, help_) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module_name).add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, _ = BENCHMARKS[args.bench]
+    return int(importlib.import_module(module_name).run(args) or 0)
