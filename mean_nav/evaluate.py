@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                              **_score_lists(model, prep, device, query, gallery, args, f"{h} m {direction}")})
     else:
         from .data.synthetic import SyntheticPairSource
-        from .train import load_train_config
+        from .train_config import load_train_config
 
         cfg, _, _ = load_train_config(args.config)
         if cfg.data.kind != "synthetic":
