@@ -359,7 +359,7 @@ def tiny_onnx_model(path, img_size=16, dim=24):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from mean_nav.deploy.backends import DeployInfo
+    from mean_nav.deploy.deploy_info import DeployInfo
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(3 * 16, dim)).astype(np.float32), "proj")

@@ -191,7 +191,7 @@ def test_bad_inputs_are_clear_errors(fp32_onnx, tmp_path, capsys):
 
 def test_calibration_ranges_cover_every_batch(fp32_onnx, tmp_path):
     """The extreme image sits in the first of 8 calibration batches: its range must survive."""
-    from mean_nav.deploy.backends import prepare_input
+    from mean_nav.deploy.deploy_info import prepare_input
     from mean_nav.deploy.embedder import to_batch_uint8
     from mean_nav.deploy.quantize import build_int8_qdq, preprocess_for_quantization
 
@@ -214,7 +214,7 @@ def _outlier_graph(path: Path) -> Path:
     INT8 scale of c3's input wipes out c3's other input channels: c3 is the sensitive layer."""
     from onnx import TensorProto, helper
 
-    from mean_nav.deploy.backends import DeployInfo
+    from mean_nav.deploy.deploy_info import DeployInfo
     from mean_nav.deploy.embedder import Preprocessing
     from mean_nav.deploy.export import set_metadata
 
@@ -291,7 +291,7 @@ def test_layers_kept_float_stay_float_when_onnxruntime_runs_them(fp32_onnx, tmp_
     tensor (WeightBiasQuantization); our sessions must run the graph as written."""
     import onnxruntime as ort
 
-    from mean_nav.deploy.backends import prepare_input
+    from mean_nav.deploy.deploy_info import prepare_input
     from mean_nav.deploy.embedder import to_batch_uint8
     from mean_nav.deploy.quantize import _stamp, _with_their_activations, build_int8_qdq, preprocess_for_quantization
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mean_nav.deploy.backends import DeployInfo
+from mean_nav.deploy.deploy_info import DeployInfo
 from mean_nav.deploy.embedder import Preprocessing
 from mean_nav.deploy.tensorrt_backend import (EngineSidecar, TensorRTEmbedder, engine_file_name,
                                               runtime_unavailable_reason, sanitize_gpu_name, sha256_file,

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MeanNavError
-from .backends import INPUT_LAYOUTS, DeployInfo, OnnxRuntimeEmbedder, _import_onnxruntime
+from .backends import OnnxRuntimeEmbedder, _import_onnxruntime
+from .deploy_info import INPUT_LAYOUTS, DeployInfo
 from .embedder import Preprocessing
 from .images import cosine_per_row, load_images
 

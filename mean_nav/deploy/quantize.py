@@ -44,7 +44,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import MeanNavError
-from .backends import DeployInfo, OnnxRuntimeEmbedder, prepare_input, read_onnx_info
+from .backends import OnnxRuntimeEmbedder, read_onnx_info
+from .deploy_info import DeployInfo, prepare_input
 from .images import RetrievalSet, cosine_per_row, load_images, load_retrieval_set, retrieval_metrics
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import MeanNavError
-from .backends import DeployInfo, prepare_input
+from .deploy_info import DeployInfo, prepare_input
 from .embedder import Embedder, Preprocessing
 
 log = logging.getLogger(__name__)
