@@ -21,13 +21,10 @@ Time comes only from the arguments (frame_time_s, telemetry.time_s): replay is d
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -36,9 +33,11 @@ from ..deploy.embedder import Embedder
 from ..errors import MeanNavError
 from .camera_model import CameraModel, rectify_to_nadir
 from .estimate import Estimate, FixQuality
-from .filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
-from .refine import Features, FeatureMatcher, RefineConfig
+from .acquisition import Acquisition
+from .filter import FilterConfig, PositionFilter
+from .refine import RefineConfig
 from .telemetry import Telemetry
+from .verify import Measurement, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +67,6 @@ class LocalizerConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
 
 
-@dataclass
-class _Candidate:
-    x: float
-    y: float
-    tile_id: int
-    score: float
-    key: Any        # feature-cache key, None for positions that are not tile centres
-
-
-@dataclass
-class _Measurement:
-    x: float
-    y: float
-    cov: np.ndarray
-    tile_id: int
-    score: float
-    inliers: int
-
-
 class Localizer:
     """Frame + telemetry -> Estimate, with its own filter state (one instance per flight)."""
 
@@ -99,13 +79,9 @@ class Localizer:
         self.embedder, self.cache, self.camera = embedder, cache, camera
         self.gsd_m = float(cache.gsd_m)
         self.tile_px = int(cache.tile_px)
-        self.tile_size_m = float(cache.tile_size_m)
-        self.margin_m = cfg.region_margin_m if cfg.region_margin_m is not None else self.tile_size_m / 2
-        self.matcher = FeatureMatcher(dataclasses.replace(cfg.refine, min_inliers=cfg.min_inliers))
+        self.acquisition = Acquisition(cfg, embedder, cache, initial_lonlat)
+        self.verifier = Verifier(cfg, cache)
         self.filter = PositionFilter(cfg.filter)
-        self.initial_lonlat = initial_lonlat
-        self.had_fix = False
-        self._region_features: OrderedDict[Any, tuple[Features, np.ndarray, float, float, int]] = OrderedDict()
 
     # --- public -----------------------------------------------------------------------
     def reset(self) -> None:
@@ -129,10 +105,10 @@ class Localizer:
         if valid.mean() < self.cfg.min_valid_fraction:
             return self._no_fix(t, telemetry, f"camera sees only {valid.mean():.0%} of the tile area "
                                 "(tilt or low altitude)")
-        candidates = self._candidates(query, t)
+        candidates = self.acquisition.candidates(query, t, self.filter)
         if self.cfg.always_retrieve:
             candidates = list(candidates)
-        measurement, why = self._verify(query, valid, candidates, h)
+        measurement, why = self.verifier.verify(query, valid, candidates, h)
         if measurement is None:
             return self._no_fix(t, telemetry, why)
         # attitude error moves the measured nadir by height x angle and drifts slowly: the
@@ -141,7 +117,7 @@ class Localizer:
         out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, attitude_bias)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
-        self.had_fix = True
+        self.acquisition.had_fix = True
         return self._estimate(t, telemetry, FixQuality.FIX, out.x, out.y, out.vx, out.vy, out.sigma_h_m,
                               out.sigma_speed_ms, measurement, "")
 
@@ -176,99 +152,9 @@ class Localizer:
             return f"tilt {tilt:.0f} deg above {self.cfg.max_tilt_deg:g} deg"
         return ""
 
-    def _candidates(self, query: np.ndarray, t: float) -> Iterator[_Candidate]:
-        """Places to verify, best first. A generator: while tracking, the map around the
-        prediction comes first, and the network runs only if that does not verify strongly
-        (on a flight computer this halves the time per frame)."""
-        cfg = self.cfg
-        pred = self.filter.position_at(t)
-        sigma68 = math.inf if pred is None else RADIUS68_PER_SIGMA * math.sqrt(np.trace(pred[1]) / 2)
-        if pred is not None and sigma68 <= cfg.confident_sigma_m:
-            px, py = float(pred[0][0]), float(pred[0][1])
-            if cfg.verify_prediction:
-                # verify around the nearest tile centre: its map features are cached, and a
-                # region half a tile wider than the tile still contains the predicted view
-                nearest = self.cache.tile_at(px, py) if hasattr(self.cache, "tile_at") else None
-                if nearest is not None:
-                    yield _Candidate(float(self.cache.x[nearest]), float(self.cache.y[nearest]),
-                                     int(nearest), math.nan, ("tile", int(nearest)))
-                else:
-                    yield _Candidate(px, py, -1, math.nan, None)
-            descriptor = self.embedder.embed([query])[0]
-            lon, lat = self.cache.xy_to_lonlat(px, py)
-            radius = cfg.search_radius_m + 3.0 * sigma68
-            hits = self.cache.search_near(descriptor, lat, lon, radius, cfg.top_k)
-        elif self.initial_lonlat is not None and not self.had_fix:
-            descriptor = self.embedder.embed([query])[0]
-            lon, lat = self.initial_lonlat
-            hits = self.cache.search_near(descriptor, lat, lon, cfg.initial_radius_m, cfg.top_k)
-        else:
-            descriptor = self.embedder.embed([query])[0]
-            hits = self.cache.search(descriptor, cfg.top_k)
-        for hit in hits:
-            yield _Candidate(float(hit.x), float(hit.y), int(hit.tile_id), float(hit.score),
-                             ("tile", int(hit.tile_id)))
-
-    def _region(self, cand: _Candidate, size_m: float) -> tuple[Features, Any, Any]:
-        """Features of the map around a candidate (cached per tile), its valid mask and the
-        crop's pixel-corner -> metric transform."""
-        key = cand.key
-        if key is not None and key in self._region_features:
-            self._region_features.move_to_end(key)
-            return self._region_features[key]
-        crop = self.cache.region(cand.x, cand.y, size_m)
-        entry = (self.matcher.features(crop.image, crop.valid), crop.valid, crop.transform)
-        if key is not None:
-            self._region_features[key] = entry
-            while len(self._region_features) > self.cfg.feature_cache_tiles:
-                self._region_features.popitem(last=False)
-        return entry
-
-    def _verify(self, query, valid, candidates: Iterable[_Candidate], height_m: float):
-        query_features = self.matcher.features(query, valid)
-        centre = self.tile_px / 2.0 - 0.5
-        best, best_inliers, reasons = None, 0, []
-        tried: list[tuple[float, float]] = []
-        size_m = self.tile_size_m + 2.0 * self.margin_m
-        for cand in candidates:
-            # a candidate close to one already verified shows the same map: skip it
-            if any(math.hypot(cand.x - x, cand.y - y) < self.margin_m / 2 for x, y in tried):
-                continue
-            tried.append((cand.x, cand.y))
-            features, region_valid, transform = self._region(cand, size_m)
-            result = self.matcher.match(query_features, features, (centre, centre))
-            if not result.ok:
-                reasons.append(result.reason)
-                continue
-            col, row = result.nadir_px
-            ci, ri = int(round(col)), int(round(row))
-            if not (0 <= ri < region_valid.shape[0] and 0 <= ci < region_valid.shape[1]) or not region_valid[ri, ci]:
-                reasons.append("match places the nadir outside the map")
-                continue
-            if result.inliers > best_inliers:
-                x, y = transform * (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
-                # pixel covariance -> metric through the crop's linear part (row axis points south)
-                linear = np.array([[transform.a, transform.b], [transform.d, transform.e]])
-                cov = linear @ result.cov_px @ linear.T
-                best = _Measurement(x, y, cov + self._model_variance(height_m) * np.eye(2),
-                                    cand.tile_id, cand.score, result.inliers)
-                best_inliers = result.inliers
-                if best_inliers >= self.cfg.stop_at_inliers:
-                    break
-        if best is None:
-            if not tried:
-                return None, "no map tile near the expected position"
-            why = reasons[0] if reasons else "no candidate verified"
-            return None, f"geometric verification failed ({why})"
-        return best, ""
-
-    def _model_variance(self, height_m: float) -> float:
-        """White measurement noise beyond the fit (the attitude part goes to the filter's bias)."""
-        return self.cfg.position_floor_m ** 2
-
     # --- outputs ----------------------------------------------------------------------
     def _no_fix(self, t: float, telemetry: Telemetry | None, reason: str,
-                measurement: _Measurement | None = None) -> Estimate:
+                measurement: Measurement | None = None) -> Estimate:
         out = self.filter.predict(t)
         fix = FixQuality.COASTING if out.tracking else FixQuality.NONE
         if out.tracking:
