@@ -373,9 +373,9 @@ def interleaved_latency_ms(paths: list[Path], info: DeployInfo, threads: int | N
     Round-robin so that load from other processes hits every model alike, and the
     minimum because interference only ever adds time: the fastest run is the best
     estimate of what a graph itself costs. Each run waits for the previous session's
-    threads to stop spinning (`bench.settle`).
+    threads to stop spinning (`bench.backends.settle`).
     """
-    from ..bench import settle
+    from ..bench.backends import settle
 
     size = info.preprocessing.img_size
     x = prepare_input(np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8), info)
