@@ -19,6 +19,17 @@ class Telemetry:
     vd: float = math.nan
     lat: float = math.nan          # GNSS, when the log has it: scoring and initial prior only
     lon: float = math.nan
+    # Camera attitude from a stabilising gimbal, when known (radians, NaN when absent):
+    # aerospace ZYX Euler angles in NED of the gimbal frame, whose x axis is the optical
+    # axis (DJI and MAVLink GIMBAL_DEVICE_ATTITUDE_STATUS convention: pitch -pi/2 looks
+    # straight down). When all three are finite they replace vehicle attitude + mount.
+    gimbal_roll: float = math.nan
+    gimbal_pitch: float = math.nan
+    gimbal_yaw: float = math.nan
+
+    @property
+    def has_gimbal_attitude(self) -> bool:
+        return all(math.isfinite(v) for v in (self.gimbal_roll, self.gimbal_pitch, self.gimbal_yaw))
 
     @property
     def height_above_ground_m(self) -> float:
