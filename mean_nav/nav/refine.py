@@ -2,7 +2,7 @@
 
 Both images are north-up at the cache's ground resolution (the query was rectified to
 a nadir view), so the true mapping between them is close to a pure translation. We match
-local features (SIFT by default, ORB as the fast option), fit a 4-DoF similarity with
+local features (nav/features/: SIFT by default, ORB as the fast option), fit a 4-DoF similarity with
 RANSAC, refuse fits whose scale or rotation are implausible (a wrong place rarely
 produces a near-identity similarity with many inliers), and map the query's centre (the
 camera nadir) into the map. The least-squares covariance of that point, from the inlier
@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 
+from .features import Features, make_extractor, make_matcher
+
+__all__ = ["RefineConfig", "Features", "MatchResult", "FeatureMatcher"]
+
 
 @dataclass
 class RefineConfig:
-    detector: Literal["sift", "orb"] = "sift"
-    max_features: int = 1500
+    detector: str = "sift"            # sift | orb (nav/features/)
+    matcher: str | None = None        # ratio | mnn; None: the detector's usual matcher (ratio for sift/orb)
+    max_features: int = 1500          # per query image and per map region (the region's strongest)
     ratio_test: float = 0.8           # Lowe's ratio for the two nearest neighbours
     ransac_threshold_px: float = 3.0
     min_inliers: int = 15
@@ -29,15 +33,6 @@ class RefineConfig:
     max_rotation_deg: float = 12.0    # residual rotation left after rectification with the yaw
     max_scale_error: float = 0.15     # |scale - 1| left after scaling with height and focal length
     equalize: bool = True             # CLAHE on both images: camera and map exposures differ
-
-
-@dataclass
-class Features:
-    points: np.ndarray       # [N, 2] float32 pixel (col, row)
-    descriptors: np.ndarray | None
-
-    def __len__(self) -> int:
-        return len(self.points)
 
 
 @dataclass
@@ -58,41 +53,22 @@ class FeatureMatcher:
 
     def __init__(self, cfg: RefineConfig | None = None):
         self.cfg = cfg or RefineConfig()
-        if self.cfg.detector == "sift":
-            self._detector = cv2.SIFT_create(nfeatures=self.cfg.max_features)
-            self._norm = cv2.NORM_L2
-        elif self.cfg.detector == "orb":
-            self._detector = cv2.ORB_create(nfeatures=self.cfg.max_features, fastThreshold=10)
-            self._norm = cv2.NORM_HAMMING
-        else:
-            raise ValueError(f"unknown detector {self.cfg.detector!r}; use 'sift' or 'orb'")
-        self._matcher = cv2.BFMatcher(self._norm)
-        self._clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4))
+        self.extractor = make_extractor(self.cfg)
+        self.matcher = make_matcher(self.cfg, self.extractor)
 
     def features(self, image_rgb: np.ndarray, valid: np.ndarray | None = None) -> Features:
-        grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
-        if self.cfg.equalize:
-            grey = self._clahe.apply(grey)
-        mask = None
-        if valid is not None:
-            # keep away from the no-data border: its edge is a strong, false feature
-            mask = cv2.erode(valid.astype(np.uint8) * 255, np.ones((7, 7), np.uint8))
-            grey = np.where(valid, grey, 0).astype(np.uint8)
-        keypoints, descriptors = self._detector.detectAndCompute(grey, mask)
-        points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
-        return Features(points, descriptors)
+        return self.extractor.extract(image_rgb, valid)
 
     def match(self, query: Features, region: Features, query_centre_px: tuple[float, float]) -> MatchResult:
         """Verify `region` against `query`; locate the query centre in region pixels."""
         cfg = self.cfg
         if len(query) < cfg.min_inliers or len(region) < cfg.min_inliers:
             return MatchResult(False, f"too few features (query {len(query)}, map {len(region)})")
-        pairs = self._matcher.knnMatch(query.descriptors, region.descriptors, k=2)
-        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < cfg.ratio_test * p[1].distance]
+        good = self.matcher.match(query, region)
         if len(good) < cfg.min_inliers:
             return MatchResult(False, f"too few feature matches ({len(good)})", matches=len(good))
-        src = query.points[[m.queryIdx for m in good]]
-        dst = region.points[[m.trainIdx for m in good]]
+        src = query.points[good.query_idx]
+        dst = region.points[good.ref_idx]
         model, inlier_mask = cv2.estimateAffinePartial2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_threshold_px,
             maxIters=2000, confidence=0.999, refineIters=0)

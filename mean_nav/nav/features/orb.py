@@ -1,0 +1,40 @@
+"""ORB (OpenCV): binary descriptors, the fast option (less robust across appearance changes)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from . import Features
+from .opencv_image import GreyPreparer, keypoints_to_features
+
+
+@dataclass(frozen=True)
+class OrbConfig:
+    max_features: int = 1500
+    equalize: bool = True
+    fast_threshold: int = 10      # lower than OpenCV's 20: aerial texture is often soft
+
+
+class OrbExtractor:
+    name = "orb"
+    descriptor_norm = "hamming"
+
+    def __init__(self, cfg: OrbConfig = OrbConfig()):
+        self.cfg = cfg
+        self._prepare = GreyPreparer(cfg.equalize)
+        # ORB needs a positive budget; "no limit" (map blocks) means a very large one
+        self._orb = cv2.ORB_create(nfeatures=cfg.max_features or 1 << 20, fastThreshold=cfg.fast_threshold)
+
+    @classmethod
+    def from_refine(cls, refine, max_features: int) -> "OrbExtractor":
+        return cls(OrbConfig(max_features=max_features, equalize=refine.equalize))
+
+    def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
+        grey, mask = self._prepare(image, valid)
+        keypoints, descriptors = self._orb.detectAndCompute(grey, mask)
+        return keypoints_to_features(keypoints, descriptors, 32, np.uint8, grey.shape)
+
+    def settings(self) -> dict:
+        return {"detector": self.name, **{k: v for k, v in asdict(self.cfg).items() if k != "max_features"}}

@@ -1,0 +1,39 @@
+"""SIFT (OpenCV): scale- and rotation-invariant, the robust default."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from . import Features
+from .opencv_image import GreyPreparer, keypoints_to_features
+
+
+@dataclass(frozen=True)
+class SiftConfig:
+    max_features: int = 1500      # strongest responses kept; 0 keeps all
+    equalize: bool = True         # CLAHE before detection
+    contrast_threshold: float = 0.04
+
+
+class SiftExtractor:
+    name = "sift"
+    descriptor_norm = "l2"
+
+    def __init__(self, cfg: SiftConfig = SiftConfig()):
+        self.cfg = cfg
+        self._prepare = GreyPreparer(cfg.equalize)
+        self._sift = cv2.SIFT_create(nfeatures=cfg.max_features, contrastThreshold=cfg.contrast_threshold)
+
+    @classmethod
+    def from_refine(cls, refine, max_features: int) -> "SiftExtractor":
+        return cls(SiftConfig(max_features=max_features, equalize=refine.equalize))
+
+    def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
+        grey, mask = self._prepare(image, valid)
+        keypoints, descriptors = self._sift.detectAndCompute(grey, mask)
+        return keypoints_to_features(keypoints, descriptors, 128, np.float32, grey.shape)
+
+    def settings(self) -> dict:
+        return {"detector": self.name, **{k: v for k, v in asdict(self.cfg).items() if k != "max_features"}}
