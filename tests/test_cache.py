@@ -206,7 +206,7 @@ def test_region_image_is_centred_on_the_point_and_spans_map_parts(cache, map_pat
     x, y = cache.x[t] + 3.0, cache.y[t] - 5.0
     crop = cache.region(x, y, 100.0)
     assert crop.image.shape == (50, 50, 3) and crop.valid.all()
-    cx, cy = crop.transform * (25.0, 25.0)  # centre of the 50 px crop
+    cx, cy = crop.transform @ (25.0, 25.0)  # centre of the 50 px crop
     assert abs(cx - x) <= 1.0 and abs(cy - y) <= 1.0
     col0 = round(crop.transform.c / 2.0)
     row0 = round(-crop.transform.f / 2.0)

@@ -34,7 +34,7 @@ def test_reprojected_pixel_lands_on_same_ground_as_source():
     with rasterio.open(path) as src:
         # a source pixel near the middle, its ground in lon/lat via the source CRS
         col, row = 400, 600
-        sx, sy = src.transform * (col + 0.5, row + 0.5)
+        sx, sy = src.transform @ (col + 0.5, row + 0.5)
         lon, lat = to_lonlat(src.crs, sx, sy)
         src_px = src.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0]
     x, y = from_lonlat(r.crs, lon, lat)

@@ -74,7 +74,7 @@ class TileHit:
 
 @dataclass
 class RegionCrop:
-    """A north-up crop of the cache map: pixel (col, row) centre -> transform * (col+.5, row+.5)."""
+    """A north-up crop of the cache map: pixel (col, row) centre -> transform @ (col+.5, row+.5)."""
 
     image: np.ndarray   # [h, w, 3] RGB uint8
     valid: np.ndarray   # [h, w] bool

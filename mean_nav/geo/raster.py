@@ -21,7 +21,7 @@ from .crs import WGS84, to_lonlat, utm_crs_for
 
 @dataclass
 class MetricRaster:
-    """RGB uint8 image on a north-up grid: pixel (col, row) centre -> transform * (col+.5, row+.5)."""
+    """RGB uint8 image on a north-up grid: pixel (col, row) centre -> transform @ (col+.5, row+.5)."""
 
     image: np.ndarray      # [H, W, 3] uint8
     valid: np.ndarray      # [H, W] bool, False where no map covers the ground (nodata)
@@ -38,17 +38,17 @@ class MetricRaster:
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in crs metres."""
         h, w = self.shape
-        left, top = self.transform * (0, 0)
-        right, bottom = self.transform * (w, h)
+        left, top = self.transform @ (0, 0)
+        right, bottom = self.transform @ (w, h)
         return left, bottom, right, top
 
     def xy_to_pixel(self, x, y):
         """Metric (x, y) -> fractional (col, row) with pixel centres at integers."""
-        col, row = ~self.transform * (x, y)
+        col, row = ~self.transform @ (x, y)
         return np.asarray(col) - 0.5, np.asarray(row) - 0.5
 
     def pixel_to_xy(self, col, row):
-        x, y = self.transform * (np.asarray(col) + 0.5, np.asarray(row) + 0.5)
+        x, y = self.transform @ (np.asarray(col) + 0.5, np.asarray(row) + 0.5)
         return x, y
 
     def centre_lonlat(self) -> tuple[float, float]:

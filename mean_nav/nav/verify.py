@@ -78,7 +78,7 @@ class Verifier:
                 reasons.append("match places the nadir outside the map")
                 continue
             if result.inliers > best_inliers:
-                x, y = transform * (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
+                x, y = transform @ (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
                 # pixel covariance -> metric through the crop's linear part (row axis points south)
                 linear = np.array([[transform.a, transform.b], [transform.d, transform.e]])
                 cov = linear @ result.cov_px @ linear.T
