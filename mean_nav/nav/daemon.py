@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from ..config import load_config
+from ..config import bounded, load_config
 from ..errors import MeanNavError
 from .camera import Frame, FrameSource, LatestFrameGrabber, open_source
 from .camera_model import CameraModel
@@ -45,20 +45,21 @@ log = logging.getLogger("mean_nav.daemon")
 class CameraConfig:
     uri: str = "csi://0"                 # csi://N, v4l2:///dev/videoN, rtsp://..., video file, image folder
     calibration: str = "camera.yaml"     # CameraModel YAML (mean-nav calibrate-camera)
-    width: int = 1280                    # capture mode for csi:// and v4l2://
-    height: int = 720
-    fps: int = 30
-    folder_fps: float = 2.0              # image folders without frames.csv
+    width: int = bounded(1280, ge=1, le=16384, unit="px")  # capture mode for csi:// and v4l2://
+    height: int = bounded(720, ge=1, le=16384, unit="px")
+    fps: int = bounded(30, ge=1, le=1000, unit="Hz")
+    folder_fps: float = bounded(2.0, gt=0, le=1000, unit="Hz")  # image folders without frames.csv
     loop: bool = False                   # replay a file source forever (bench tests)
-    reopen_max_s: float = 10.0           # back-off limit when reopening a lost camera
-    capture_delay_s: float = 0.0         # exposure-to-grab delay of a live camera (measure it once)
+    reopen_max_s: float = bounded(10.0, gt=0, le=3600, unit="s")  # back-off limit when reopening a lost camera
+    # exposure-to-grab delay of a live camera (measure it once)
+    capture_delay_s: float = bounded(0.0, ge=0, le=10, unit="s")
 
 
 @dataclass
 class ModelConfig:
     path: str = "model.onnx"             # .onnx (TensorRT engine beside it is used when present), .engine, .pt
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
-    threads: int | None = None
+    threads: int | None = bounded(None, ge=1, le=1024)
 
 
 @dataclass
@@ -74,16 +75,17 @@ class NavConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     mavlink: MavlinkConfig = field(default_factory=MavlinkConfig)
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
-    initial_lat: float | None = None     # optional prior: narrows the first search
-    initial_lon: float | None = None
-    max_rate_hz: float = 5.0             # frames processed per second at most
-    fix_timeout_s: float = 5.0           # ACTIVE while the last fix is younger than this
-    telemetry_timeout_s: float = 2.0     # no attitude this long: broken
-    startup_grace_s: float = 5.0         # before this, missing camera/telemetry is "starting"
-    max_latency_s: float = 0.25          # warn above (ArduPilot compensates at most 250 ms)
-    attitude_wait_s: float = 0.1         # wait this long for the attitude sample after a frame
+    initial_lat: float | None = bounded(None, ge=-90, le=90, unit="deg")  # optional prior: narrows the first search
+    initial_lon: float | None = bounded(None, ge=-180, le=180, unit="deg")
+    max_rate_hz: float = bounded(5.0, gt=0, le=1000, unit="Hz")  # frames processed per second at most
+    fix_timeout_s: float = bounded(5.0, gt=0, le=3600, unit="s")  # ACTIVE while the last fix is younger than this
+    telemetry_timeout_s: float = bounded(2.0, gt=0, le=3600, unit="s")  # no attitude this long: broken
+    # before this, missing camera/telemetry is "starting"
+    startup_grace_s: float = bounded(5.0, ge=0, le=3600, unit="s")
+    max_latency_s: float = bounded(0.25, gt=0, le=60, unit="s")  # warn above (ArduPilot compensates at most 250 ms)
+    attitude_wait_s: float = bounded(0.1, ge=0, le=10, unit="s")  # wait this long for the attitude sample after a frame
     frame_log: str | None = None         # JSON lines, one per processed frame
-    summary_interval_s: float = 10.0
+    summary_interval_s: float = bounded(10.0, gt=0, le=86_400, unit="s")
 
 
 def resolve(base: Path, value: str) -> Path:

@@ -24,21 +24,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import bounded
+
 # sqrt of the chi-square(2) 68.27 % quantile: radius/per-axis-sigma of the 68 % circle.
 RADIUS68_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.6827))
 
 
 @dataclass
 class FilterConfig:
-    accel_sigma_ms2: float = 3.0        # white-acceleration process noise (m/s^2): turns at 25 deg bank are ~4.6
-    gate_chi2: float = 13.8             # Mahalanobis gate, chi2(2 dof) 99.9 %
-    init_velocity_sigma_ms: float = 8.0
-    max_speed_ms: float = 25.0          # used to check that two start-up fixes agree
-    confirm_window_s: float = 5.0       # start-up fixes further apart do not confirm each other
-    lost_after_s: float = 15.0          # no accepted fix for this long: track dropped
-    max_consecutive_rejections: int = 4
-    max_sigma_m: float = 60.0           # coasting beyond this 68 % radius counts as lost
-    bias_tau_s: float = 5.0             # correlation time of the shared (attitude) error
+    # white-acceleration process noise (m/s^2): turns at 25 deg bank are ~4.6
+    accel_sigma_ms2: float = bounded(3.0, gt=0, le=100, unit="m/s^2")
+    gate_chi2: float = bounded(13.8, gt=0, le=1e6)  # Mahalanobis gate, chi2(2 dof) 99.9 %
+    init_velocity_sigma_ms: float = bounded(8.0, gt=0, le=1000, unit="m/s")
+    max_speed_ms: float = bounded(25.0, gt=0, le=1000, unit="m/s")  # used to check that two start-up fixes agree
+    # start-up fixes further apart do not confirm each other
+    confirm_window_s: float = bounded(5.0, gt=0, le=3600, unit="s")
+    lost_after_s: float = bounded(15.0, gt=0, le=86_400, unit="s")  # no accepted fix for this long: track dropped
+    max_consecutive_rejections: int = bounded(4, ge=1, le=10_000)
+    max_sigma_m: float = bounded(60.0, gt=0, le=1e5, unit="m")  # coasting beyond this 68 % radius counts as lost
+    bias_tau_s: float = bounded(5.0, gt=0, le=1e5, unit="s")  # correlation time of the shared (attitude) error
 
 
 @dataclass

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from ..deploy.embedder import Embedder
+from ..config import bounded, validate
 from ..errors import MeanNavError
 from .camera_model import CameraModel, rectify_to_nadir
 from .estimate import Estimate, FixQuality
@@ -44,25 +45,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LocalizerConfig:
-    top_k: int = 4                      # retrieved tiles verified per frame
-    search_radius_m: float = 60.0       # added to the filter's 3-sigma radius when searching near it
-    confident_sigma_m: float = 30.0     # filter 68 % radius below which the search stays near it
-    initial_radius_m: float = 500.0     # search radius around initial_lonlat before the first fix
-    min_inliers: int = 15               # feature inliers for a verified match
-    stop_at_inliers: int = 80           # a candidate this strong ends the verification early
-    region_margin_m: float | None = None  # map margin around a candidate; default half a tile
+    top_k: int = bounded(4, ge=1, le=1000)  # retrieved tiles verified per frame
+    # added to the filter's 3-sigma radius when searching near it
+    search_radius_m: float = bounded(60.0, ge=0, le=1e5, unit="m")
+    # filter 68 % radius below which the search stays near it
+    confident_sigma_m: float = bounded(30.0, gt=0, le=1e4, unit="m")
+    # search radius around initial_lonlat before the first fix
+    initial_radius_m: float = bounded(500.0, gt=0, le=1e6, unit="m")
+    min_inliers: int = bounded(15, ge=3, le=100_000)  # feature inliers for a verified match
+    stop_at_inliers: int = bounded(80, ge=1, le=1_000_000)  # a candidate this strong ends the verification early
+    # map margin around a candidate; default half a tile
+    region_margin_m: float | None = bounded(None, ge=0, le=1e4, unit="m")
     verify_prediction: bool = True      # also verify the map around the filter's prediction
     always_retrieve: bool = False       # run the network even when the prediction verifies strongly
-    max_telemetry_age_s: float = 0.25   # |frame time - telemetry time| allowed
-    min_height_m: float = 5.0
-    max_tilt_deg: float = 35.0
-    min_valid_fraction: float = 0.5     # rectified view pixels the camera actually saw
-    min_frame_contrast: float = 4.0     # grey-level std below this: black, blank or covered lens
+    max_telemetry_age_s: float = bounded(0.25, gt=0, le=60, unit="s")  # |frame time - telemetry time| allowed
+    min_height_m: float = bounded(5.0, ge=0, le=10_000, unit="m")
+    max_tilt_deg: float = bounded(35.0, gt=0, lt=90, unit="deg")
+    min_valid_fraction: float = bounded(0.5, ge=0, le=1)  # rectified view pixels the camera actually saw
+    # grey-level std below this: black, blank or covered lens
+    min_frame_contrast: float = bounded(4.0, ge=0, le=255, unit="grey levels")
     # measurement noise beyond the fit itself (per axis, 1 sigma)
-    attitude_sigma_deg: float = 0.3     # roll/pitch error moves the nadir by height * angle (slow: a filter bias)
-    position_floor_m: float = 0.4       # terrain relief, map registration, camera/telemetry sync
-    vertical_sigma_m: float = 3.0       # altitude comes from the autopilot, not from vision
-    feature_cache_tiles: int = 128      # map-region features kept in memory (per tile id)
+    # roll/pitch error moves the nadir by height * angle (slow: a filter bias)
+    attitude_sigma_deg: float = bounded(0.3, ge=0, le=45, unit="deg")
+    # terrain relief, map registration, camera/telemetry sync
+    position_floor_m: float = bounded(0.4, gt=0, le=1000, unit="m")
+    # altitude comes from the autopilot, not from vision
+    vertical_sigma_m: float = bounded(3.0, gt=0, le=1000, unit="m")
+    feature_cache_tiles: int = bounded(128, ge=0, le=1_000_000)  # map-region features kept in memory (per tile id)
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
@@ -74,8 +83,7 @@ class Localizer:
                  initial_lonlat: tuple[float, float] | None = None):
         self.cfg = cfg = cfg or LocalizerConfig()
         check_model_matches_cache(embedder, cache)
-        if cfg.top_k < 1:
-            raise MeanNavError(f"localizer.top_k: must be at least 1, got {cfg.top_k}")
+        validate(cfg, "localizer")  # configs built in code skip the YAML checks
         self.embedder, self.cache, self.camera = embedder, cache, camera
         self.gsd_m = float(cache.gsd_m)
         self.tile_px = int(cache.tile_px)

@@ -35,6 +35,7 @@ from typing import Literal
 os.environ["MAVLINK20"] = "1"
 from pymavlink import mavutil  # noqa: E402
 
+from ..config import bounded  # noqa: E402
 from ..errors import MeanNavError  # noqa: E402
 from .estimate import Estimate, FixQuality  # noqa: E402
 from .gps_time import gps_week_and_ms  # noqa: E402
@@ -67,22 +68,22 @@ MAX_INTERPOLATION_GAP_S = 0.3   # attitude samples further apart are not interpo
 @dataclass
 class MavlinkConfig:
     connection: str = "udpout:127.0.0.1:14550"   # as mavutil takes it; serial: /dev/ttyTHS1
-    baud: int = 921600                            # serial only
-    system_id: int | None = None                  # None: the vehicle's, from its HEARTBEAT
-    component_id: int = MAV_COMP_ID_ONBOARD_COMPUTER
+    baud: int = bounded(921600, ge=300, le=20_000_000, unit="baud")  # serial only
+    system_id: int | None = bounded(None, ge=1, le=255)  # None: the vehicle's, from its HEARTBEAT
+    component_id: int = bounded(MAV_COMP_ID_ONBOARD_COMPUTER, ge=0, le=255)
     output: Literal["gps_input", "global_position_sensor", "none"] = "gps_input"
-    gps_id: int = 0                               # GPS_INPUT gps_id (0 = GPS1)
+    gps_id: int = bounded(0, ge=0, le=255)  # GPS_INPUT gps_id (0 = GPS1)
     send_no_fix: bool = True                      # GPS_INPUT fix_type 0 when there is no fix
-    attitude_rate_hz: float = 50.0
-    position_rate_hz: float = 10.0
-    rangefinder_rate_hz: float = 10.0
+    attitude_rate_hz: float = bounded(50.0, gt=0, le=1000, unit="Hz")
+    position_rate_hz: float = bounded(10.0, gt=0, le=1000, unit="Hz")
+    rangefinder_rate_hz: float = bounded(10.0, gt=0, le=1000, unit="Hz")
     request_rates: bool = True
-    link_timeout_s: float = 3.0                   # no message from the vehicle this long: link lost
-    statustext_interval_s: float = 2.0            # at most one STATUSTEXT per interval
+    link_timeout_s: float = bounded(3.0, gt=0, le=3600, unit="s")  # no message from the vehicle this long: link lost
+    statustext_interval_s: float = bounded(2.0, ge=0, le=3600, unit="s")  # at most one STATUSTEXT per interval
     signing_key_hex: str | None = None            # 64 hex chars: MAVLink 2 signing key
-    telemetry_history_s: float = 3.0
-    position_max_age_s: float = 1.5               # altitude older than this is treated as missing
-    rangefinder_max_age_s: float = 0.5
+    telemetry_history_s: float = bounded(3.0, gt=0, le=3600, unit="s")
+    position_max_age_s: float = bounded(1.5, gt=0, le=3600, unit="s")  # altitude older than this is treated as missing
+    rangefinder_max_age_s: float = bounded(0.5, gt=0, le=3600, unit="s")
 
 
 def satellites_for_accuracy(horiz_accuracy_m: float) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..config import bounded
 from .features import Features, make_extractor, make_matcher
 
 __all__ = ["RefineConfig", "Features", "MatchResult", "FeatureMatcher"]
@@ -25,13 +26,15 @@ __all__ = ["RefineConfig", "Features", "MatchResult", "FeatureMatcher"]
 class RefineConfig:
     detector: str = "sift"            # sift | orb (nav/features/)
     matcher: str | None = None        # ratio | mnn; None: the detector's usual matcher (ratio for sift/orb)
-    max_features: int = 1500          # per query image and per map region (the region's strongest)
-    ratio_test: float = 0.8           # Lowe's ratio for the two nearest neighbours
-    ransac_threshold_px: float = 3.0
-    min_inliers: int = 15
-    min_inlier_ratio: float = 0.15    # inliers / ratio-test matches
-    max_rotation_deg: float = 12.0    # residual rotation left after rectification with the yaw
-    max_scale_error: float = 0.15     # |scale - 1| left after scaling with height and focal length
+    # per query image and per map region (the region's strongest)
+    max_features: int = bounded(1500, ge=2, le=100_000)
+    ratio_test: float = bounded(0.8, gt=0, le=1)  # Lowe's ratio for the two nearest neighbours
+    ransac_threshold_px: float = bounded(3.0, gt=0, le=100, unit="px")
+    min_inliers: int = bounded(15, ge=2, le=100_000)
+    min_inlier_ratio: float = bounded(0.15, ge=0, le=1)  # inliers / ratio-test matches
+    # residual rotation left after rectification with the yaw
+    max_rotation_deg: float = bounded(12.0, ge=0, le=180, unit="deg")
+    max_scale_error: float = bounded(0.15, ge=0, lt=1)  # |scale - 1| left after scaling with height and focal length
     equalize: bool = True             # CLAHE on both images: camera and map exposures differ
 
 

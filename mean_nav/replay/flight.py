@@ -26,7 +26,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from ..config import load_config
+from ..config import bounded, load_config
 from ..errors import MeanNavError
 from ..nav.camera_model import CameraModel
 from ..nav.telemetry import Telemetry
@@ -42,9 +42,10 @@ class FlightConfig:
     """flight.yaml: everything optional."""
 
     telemetry_log: str | None = None     # path relative to the folder; replaces telemetry.csv
-    time_offset_s: float = 0.0           # frame_time = log_time + time_offset_s
+    time_offset_s: float = bounded(0.0, ge=-1e10, le=1e10, unit="s")  # frame_time = log_time + time_offset_s
     video: str | None = None             # video file relative to the folder; replaces frames/
-    max_telemetry_gap_s: float = 1.0     # a frame in a longer telemetry hole gets no estimate
+    # a frame in a longer telemetry hole gets no estimate
+    max_telemetry_gap_s: float = bounded(1.0, gt=0, le=3600, unit="s")
     map: list[str] | None = None         # orthophoto(s) of the area (report background, in-map scoring)
     description: str = ""
     simulated: dict | None = None        # what simulate-flight used (seed, speed, ...), informative

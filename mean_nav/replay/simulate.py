@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import yaml
 
+from ..config import bounded, validate
 from ..errors import MeanNavError
 from ..geo.crs import to_lonlat
 from ..geo.raster import MetricRaster, read_metric_raster
@@ -41,30 +42,31 @@ STEP_S = 0.02  # integration step of the vehicle model
 
 @dataclass
 class SimulationConfig:
-    altitude_m: float = 60.0          # nominal height above ground
-    altitude_change_m: float = 8.0    # legs alternate between altitude +/- this
-    speed_ms: float = 8.0             # cruise ground speed
-    speed_change_ms: float = 2.0      # legs alternate speed +/- this (acceleration pitches)
-    max_bank_deg: float = 25.0
-    climb_rate_ms: float = 1.5
-    fps: float = 2.0
-    telemetry_hz: float = 20.0
-    duration_s: float | None = None   # None: one lap of the planned route
-    margin_m: float = 30.0            # keep the nadir this far inside the map edges
-    leave_map_m: float = 0.0          # >0: one leg flies this far beyond the map edge and back
-    seed: int = 0
-    width: int = 640
-    height: int = 480
-    hfov_deg: float = 70.0
-    map_gsd_m: float = 0.25
-    photometric_strength: float = 0.5
-    occlusion_strength: float = 0.3   # chance of each of up to 3 blobs per frame
+    altitude_m: float = bounded(60.0, gt=0, le=10_000, unit="m")  # nominal height above ground
+    altitude_change_m: float = bounded(8.0, ge=0, le=5000, unit="m")  # legs alternate between altitude +/- this
+    speed_ms: float = bounded(8.0, gt=0, le=200, unit="m/s")  # cruise ground speed
+    # legs alternate speed +/- this (acceleration pitches)
+    speed_change_ms: float = bounded(2.0, ge=0, le=100, unit="m/s")
+    max_bank_deg: float = bounded(25.0, gt=0, le=60, unit="deg")
+    climb_rate_ms: float = bounded(1.5, gt=0, le=100, unit="m/s")
+    fps: float = bounded(2.0, gt=0, le=240, unit="Hz")
+    telemetry_hz: float = bounded(20.0, gt=0, le=1000, unit="Hz")
+    duration_s: float | None = bounded(None, gt=0, le=86_400, unit="s")  # None: one lap of the planned route
+    margin_m: float = bounded(30.0, ge=0, le=1e5, unit="m")  # keep the nadir this far inside the map edges
+    leave_map_m: float = bounded(0.0, ge=0, le=1e5, unit="m")  # >0: one leg flies this far beyond the map edge and back
+    seed: int = bounded(0, ge=0, lt=2**32)
+    width: int = bounded(640, ge=16, le=16384, unit="px")
+    height: int = bounded(480, ge=16, le=16384, unit="px")
+    hfov_deg: float = bounded(70.0, gt=0, lt=180, unit="deg")
+    map_gsd_m: float = bounded(0.25, gt=0, le=100, unit="m")
+    photometric_strength: float = bounded(0.5, ge=0, le=1)
+    occlusion_strength: float = bounded(0.3, ge=0, le=1)  # chance of each of up to 3 blobs per frame
     outside: str = "mirror"           # ground beyond the map: "mirror" (mirrored map) or "black"
-    attitude_error_deg: float = 0.3   # telemetry roll/pitch error (yaw gets 3x)
-    turbulence_deg: float = 1.5       # true attitude wobble
-    ground_amsl_m: float = 10.0       # terrain elevation (flat) for alt_m
-    start_time_s: float = 100.0       # frame/telemetry clock at take-over
-    jpeg_quality: int = 92
+    attitude_error_deg: float = bounded(0.3, ge=0, le=45, unit="deg")  # telemetry roll/pitch error (yaw gets 3x)
+    turbulence_deg: float = bounded(1.5, ge=0, le=45, unit="deg")  # true attitude wobble
+    ground_amsl_m: float = bounded(10.0, ge=-500, le=9000, unit="m")  # terrain elevation (flat) for alt_m
+    start_time_s: float = bounded(100.0, ge=0, le=1e10, unit="s")  # frame/telemetry clock at take-over
+    jpeg_quality: int = bounded(92, ge=1, le=100)
 
 
 @dataclass
@@ -349,12 +351,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> SimulationConfig:
-    return SimulationConfig(
+    return validate(SimulationConfig(
         altitude_m=args.altitude, altitude_change_m=args.altitude_change, speed_ms=args.speed, fps=args.fps,
         duration_s=args.duration, margin_m=args.margin, leave_map_m=args.leave_map, seed=args.seed,
         width=args.size[0], height=args.size[1], hfov_deg=args.hfov, map_gsd_m=args.map_gsd,
         photometric_strength=args.photometric, occlusion_strength=args.occlusions, outside=args.outside,
-        attitude_error_deg=args.attitude_error)
+        attitude_error_deg=args.attitude_error), "simulate-flight options")
 
 
 def run(args) -> int:
