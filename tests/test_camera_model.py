@@ -72,3 +72,38 @@ def test_camera_yaml_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("width: 640\nheight: 480\nfx: 500\n")
     with pytest.raises(MeanNavError, match="'fy' is missing"):
         CameraModel.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_gimbal_pointing_down_is_the_level_nadir_camera_with_its_yaw():
+    """Gimbal convention: pitch -90 deg looks straight down, image top along the gimbal yaw."""
+    cam = CameraModel.from_fov(320, 240, 60)
+    cam.mount_pitch_deg = 7.0  # a gimbal attitude replaces the fixed mount
+    level = CameraModel.from_fov(320, 240, 60)
+    for yaw in (0.0, 0.7, -2.5):
+        via_gimbal = ground_to_pixel_homography(cam, 0.3, -0.2, 1.0, 50.0, gimbal=(0.0, -np.pi / 2, yaw))
+        via_vehicle = ground_to_pixel_homography(level, 0.0, 0.0, yaw, 50.0)
+        assert np.allclose(via_gimbal / via_gimbal[2, 2], via_vehicle / via_vehicle[2, 2])
+    # a ground point north of the nadir appears above the image centre when the gimbal yaw is 0
+    h = ground_to_pixel_homography(cam, 0.0, 0.0, 0.0, 50.0, gimbal=(0.0, -np.pi / 2, 0.0))
+    p = h @ [0.0, 10.0, 1.0]
+    assert p[1] / p[2] < cam.cy - 20 and abs(p[0] / p[2] - cam.cx) < 1e-6
+    # pitched up from straight down (towards the horizon ahead): the nadir moves down in the image
+    h = ground_to_pixel_homography(cam, 0.0, 0.0, 0.0, 50.0, gimbal=(0.0, np.radians(-80), 0.0))
+    nadir = h @ [0, 0, 1]
+    assert nadir[1] / nadir[2] > cam.cy + 10
+
+
+def test_rectify_with_the_gimbal_attitude_recovers_the_map_while_the_vehicle_pitches():
+    gsd = 0.5
+    world = textured_map(800)
+    cam = CameraModel.from_fov(480, 360, 70)
+    map_from_ground = ground_to_image(gsd, 800)
+    roll, pitch, yaw, height = 0.05, np.radians(-10), 0.8, 80.0  # the vehicle noses down 10 deg
+    gimbal = (0.01, np.radians(-89), 0.8)                       # the stabilised camera still looks down
+    frame = render_view(world, map_from_ground, cam, roll, pitch, yaw, height, gimbal=gimbal)
+    crop = world[350:450, 350:450].astype(float)
+    rect, valid = rectify_to_nadir(frame, cam, roll, pitch, yaw, height, gsd, 100, gimbal=gimbal)
+    err = np.abs(rect.astype(float) - crop)[valid].mean()
+    wrong, wrong_valid = rectify_to_nadir(frame, cam, roll, pitch, yaw, height, gsd, 100)  # vehicle attitude
+    err_vehicle = np.abs(wrong.astype(float) - crop)[wrong_valid].mean()
+    assert valid.mean() > 0.9 and err < 12 and err < err_vehicle / 2

@@ -138,3 +138,25 @@ def test_telemetry_log_with_time_offset_aligns_to_frame_clock(tmp_path):
     (root / "flight.yaml").write_text(yaml.safe_dump({"telemetry_log": "flight.tlog"}))
     with pytest.raises(MeanNavError, match="time_offset_s"):
         Flight(root)
+
+
+def test_gimbal_columns_give_each_frame_the_camera_attitude(tiny_flight, tmp_path):
+    import csv
+
+    plain = Flight(tiny_flight)
+    assert not any(f.telemetry.has_gimbal_attitude for f in plain.frames())
+    assert "gimbal" not in (tiny_flight / "telemetry.csv").read_text().splitlines()[0]
+    root = copy_flight(tiny_flight, tmp_path / "g")
+    with (root / "telemetry.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:  # a camera held level and pointing down, turning with the vehicle
+        r.update(gimbal_roll="0.01", gimbal_pitch=f"{-math.pi / 2:.6f}", gimbal_yaw=r["yaw"])
+    with (root / "telemetry.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    frames = list(Flight(root).frames())
+    tel = [f.telemetry for f in frames]
+    assert all(t.has_gimbal_attitude for t in tel)
+    assert all(abs(t.gimbal_pitch + math.pi / 2) < 1e-6 and abs(t.gimbal_roll - 0.01) < 1e-9 for t in tel)
+    assert all(abs(math.remainder(t.gimbal_yaw - t.yaw, 2 * math.pi)) < 1e-6 for t in tel)

@@ -54,3 +54,21 @@ def test_bad_world_arguments_are_rejected(tmp_path):
         generate_world(tmp_path / "x.tif", size_px=10)
     with pytest.raises(MeanNavError, match="gsd_m"):
         generate_world(tmp_path / "x.tif", gsd_m=0)
+
+
+def test_tiled_world_sheets_meet_exactly_and_holes_are_nodata(tmp_path):
+    from mean_nav.data.world import generate_tiled_world, nodata_holes, other_season, write_geotiff_at
+
+    sheets = generate_tiled_world(tmp_path / "big", seed=3, tiles=2, tile_px=128, gsd_m=0.5)
+    assert len(sheets) == 4
+    raster = read_metric_raster(sheets, 0.5)
+    assert raster.shape == (256, 256) and raster.valid.all()  # no gap, no overlap between sheets
+    with rasterio.open(sheets[0]) as nw, rasterio.open(sheets[3]) as se:
+        assert nw.bounds.right == se.bounds.left and nw.bounds.bottom == se.bounds.top
+        image, crs, left, top = nw.read().transpose(1, 2, 0), nw.crs, nw.transform.c, nw.transform.f
+    valid = nodata_holes(image.shape[:2], 0.5, seed=1, fraction=0.2)
+    assert 0.6 < valid.mean() <= 0.8
+    holed = write_geotiff_at(tmp_path / "holes.tif", image, 0.5, crs, left, top, valid)
+    assert np.array_equal(read_metric_raster(holed, 0.5).valid, valid)
+    other = other_season(image, 0.5, seed=1, map_gsd_m=1.0)
+    assert other.shape == image.shape and np.abs(other.astype(int) - image).mean() > 10

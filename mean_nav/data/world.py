@@ -8,6 +8,10 @@ field, house and tree is placed at random, so any 60 m patch is unlike any other
 retrieval and feature matching need). Deterministic per seed: same seed, same pixels.
 
   generate_world(path, seed=0, size_px=2048, gsd_m=0.25, centre_lonlat=(11.0, 48.0))
+  generate_tiled_world(folder, seed, tiles, tile_px, gsd_m)   large areas as adjacent sheets
+
+The same ground as another map source saw it (`other_season`, `nodata_holes`) lets a
+stress test fly the camera over one rendering and localize against another.
 """
 from __future__ import annotations
 
@@ -37,12 +41,9 @@ def generate_world(path: str | Path, seed: int = 0, size_px: int = 2048, gsd_m: 
 
 
 def write_geotiff(path: str | Path, image: np.ndarray, gsd_m: float,
-                  centre_lonlat: tuple[float, float]) -> Path:
+                  centre_lonlat: tuple[float, float], valid: np.ndarray | None = None) -> Path:
     """Georeference an RGB image north-up around `centre_lonlat` (to within half a pixel)
-    and write it atomically."""
-    import rasterio
-    from affine import Affine
-
+    in the UTM zone there and write it atomically; `valid` False marks nodata."""
     from ..geo.crs import from_lonlat, utm_crs_for
 
     lon, lat = centre_lonlat
@@ -52,21 +53,99 @@ def write_geotiff(path: str | Path, image: np.ndarray, gsd_m: float,
     # corners on multiples of the GSD: rasters read back at that GSD line up pixel for pixel
     left = round((float(cx) - w / 2 * gsd_m) / gsd_m) * gsd_m
     top = round((float(cy) + h / 2 * gsd_m) / gsd_m) * gsd_m
+    return write_geotiff_at(path, image, gsd_m, crs, left, top, valid)
+
+
+def write_geotiff_at(path: str | Path, image: np.ndarray, gsd_m: float, crs, left: float, top: float,
+                     valid: np.ndarray | None = None) -> Path:
+    """Write an RGB image north-up with its top-left corner at (left, top) in `crs`, atomically.
+    `valid` (False = nodata) goes into an internal mask band, which every map reader honours."""
+    import rasterio
+    from affine import Affine
+
+    h, w = image.shape[:2]
     transform = Affine(gsd_m, 0, left, 0, -gsd_m, top)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent)
     os.close(fd)
     try:
-        with rasterio.open(tmp, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8",
-                           crs=crs, transform=transform, photometric="RGB", compress="deflate",
-                           tiled=True, blockxsize=256, blockysize=256) as dst:
-            dst.write(image.transpose(2, 0, 1))
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+            with rasterio.open(tmp, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8",
+                               crs=crs, transform=transform, photometric="RGB", compress="deflate",
+                               tiled=True, blockxsize=256, blockysize=256) as dst:
+                dst.write(image.transpose(2, 0, 1))
+                if valid is not None:
+                    dst.write_mask(np.where(valid, 255, 0).astype(np.uint8))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def generate_tiled_world(folder: str | Path, seed: int, tiles: int, tile_px: int, gsd_m: float,
+                         centre_lonlat: tuple[float, float] = (11.0, 48.0)) -> list[Path]:
+    """A large area as `tiles` x `tiles` adjacent map sheets (like an orthophoto delivery), each
+    its own world (seed * 1000 + sheet number); returns the GeoTIFF paths, row by row from the
+    north-west. Sheets meet without gap or overlap: their corners lie on the GSD grid."""
+    from ..geo.crs import from_lonlat, utm_crs_for
+
+    if tiles < 1 or tile_px < 64:
+        raise MeanNavError(f"tiled world: need at least 1 sheet of 64 px, got {tiles} x {tile_px} px")
+    crs = utm_crs_for(*centre_lonlat)
+    cx, cy = from_lonlat(crs, *centre_lonlat)
+    side_m = tiles * tile_px * gsd_m
+    left0 = round((float(cx) - side_m / 2) / gsd_m) * gsd_m
+    top0 = round((float(cy) + side_m / 2) / gsd_m) * gsd_m
+    paths = []
+    for row in range(tiles):
+        for col in range(tiles):
+            path = Path(folder) / f"sheet_r{row}_c{col}.tif"
+            if not path.is_file():
+                image = render_world(seed * 1000 + row * tiles + col, tile_px, gsd_m)
+                write_geotiff_at(path, image, gsd_m, crs, left0 + col * tile_px * gsd_m,
+                                 top0 - row * tile_px * gsd_m)
+            paths.append(path)
+    return paths
+
+
+# --- the map as another source saw it -------------------------------------------------------
+
+def nodata_holes(shape: tuple[int, int], gsd_m: float, seed: int, fraction: float = 0.12,
+                 radius_m: tuple[float, float] = (8.0, 25.0)) -> np.ndarray:
+    """A valid mask with irregular nodata holes covering about `fraction` of the map (cloud
+    masks, missing survey strips): False inside the holes."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    holes = np.zeros((h, w), np.uint8)
+    while holes.mean() < fraction:
+        centre = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
+        axes = tuple(int(rng.uniform(*radius_m) / gsd_m) for _ in range(2))
+        cv2.ellipse(holes, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    return holes == 0
+
+
+def other_season(image: np.ndarray, gsd_m: float, seed: int, map_gsd_m: float | None = None,
+                 jpeg_quality: int = 45) -> np.ndarray:
+    """The same ground as another source saw it at another time: vegetation shifted towards
+    late-summer yellow, other exposure and white balance, haze, the blur of a coarser sensor
+    (`map_gsd_m`, resampled back to `gsd_m`) and JPEG compression."""
+    rng = np.random.default_rng(seed)
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).astype(np.float32)
+    green = (hsv[..., 0] > 25) & (hsv[..., 0] < 85)       # OpenCV hue 0..180: greens ~ 35-85
+    hsv[..., 0] = np.where(green, hsv[..., 0] - rng.uniform(10, 18), hsv[..., 0])
+    hsv[..., 1] *= rng.uniform(0.65, 0.8)
+    out = cv2.cvtColor(np.clip(hsv, 0, [180, 255, 255]).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    out = out * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3) + rng.uniform(10, 25)  # exposure, tint, haze
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if map_gsd_m and map_gsd_m > gsd_m:
+        h, w = out.shape[:2]
+        k = gsd_m / map_gsd_m
+        small = cv2.resize(out, (max(1, int(w * k)), max(1, int(h * k))), interpolation=cv2.INTER_AREA)
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
 
 
 # --- rendering ----------------------------------------------------------------------------

@@ -8,6 +8,12 @@ One module serves both directions so the simulator and the rectifier cannot disa
 Frames: NED world (x north, y east, z down); aerospace body frame (x forward, y right,
 z down) rotated by yaw-pitch-roll (ZYX); OpenCV camera frame (x right, y down, z along
 the optical axis). Ground coordinates are (east, north) metres relative to the nadir.
+
+The camera's attitude comes from the vehicle attitude and the fixed mount of camera.yaml,
+or, on a stabilising gimbal, from the gimbal's own attitude (`gimbal=(roll, pitch, yaw)`,
+ZYX Euler in NED of a frame whose x axis is the optical axis, y the image right: the DJI
+and MAVLink convention, pitch -pi/2 = straight down, yaw = where the image top points).
+A gimbal attitude replaces vehicle attitude and mount.
 """
 from __future__ import annotations
 
@@ -25,6 +31,21 @@ from ..errors import MeanNavError
 R_BODY_FROM_CAMERA_NADIR = np.array([[0.0, -1.0, 0.0],
                                      [1.0, 0.0, 0.0],
                                      [0.0, 0.0, 1.0]])
+
+
+# The OpenCV camera axes in the gimbal frame (x optical axis, y right, z down of the image).
+R_GIMBAL_FROM_CAMERA = np.array([[0.0, 0.0, 1.0],
+                                 [1.0, 0.0, 0.0],
+                                 [0.0, 1.0, 0.0]])
+
+Gimbal = tuple[float, float, float]  # (roll, pitch, yaw) radians of the camera
+
+
+def gimbal_attitude(telemetry) -> tuple[float, float, float] | None:
+    """The camera's own attitude from a Telemetry when all three gimbal angles are known."""
+    if telemetry is None or not telemetry.has_gimbal_attitude:
+        return None
+    return (telemetry.gimbal_roll, telemetry.gimbal_pitch, telemetry.gimbal_yaw)
 
 
 def rotation_ned_from_body(roll: float, pitch: float, yaw: float) -> np.ndarray:
@@ -67,7 +88,10 @@ class CameraModel:
         f = (width / 2) / np.tan(np.radians(hfov_deg) / 2)
         return cls(width, height, f, f, (width - 1) / 2, (height - 1) / 2)
 
-    def rotation_ned_from_camera(self, roll: float, pitch: float, yaw: float) -> np.ndarray:
+    def rotation_ned_from_camera(self, roll: float, pitch: float, yaw: float, gimbal: Gimbal | None = None) -> np.ndarray:
+        """Camera axes in NED: from the gimbal attitude when given, else vehicle attitude + mount."""
+        if gimbal is not None:
+            return rotation_ned_from_body(*gimbal) @ R_GIMBAL_FROM_CAMERA
         mount = rotation_ned_from_body(*np.radians([self.mount_roll_deg, self.mount_pitch_deg,
                                                     self.mount_yaw_deg]))
         return rotation_ned_from_body(roll, pitch, yaw) @ mount @ R_BODY_FROM_CAMERA_NADIR
@@ -112,12 +136,12 @@ class CameraModel:
 
 
 def ground_to_pixel_homography(cam: CameraModel, roll: float, pitch: float, yaw: float,
-                               height_m: float) -> np.ndarray:
+                               height_m: float, gimbal: Gimbal | None = None) -> np.ndarray:
     """3x3 H mapping ground (east, north, 1) metres relative to the nadir -> pixel (u, v, 1).
 
     The ground is a plane `height_m` below the camera (flat-terrain assumption).
     """
-    r_cam_from_ned = cam.rotation_ned_from_camera(roll, pitch, yaw).T
+    r_cam_from_ned = cam.rotation_ned_from_camera(roll, pitch, yaw, gimbal).T
     ground_to_ned = np.array([[0.0, 1.0, 0.0],      # north
                               [1.0, 0.0, 0.0],      # east
                               [0.0, 0.0, height_m]])  # down
@@ -134,9 +158,10 @@ def ground_to_image(gsd_m: float, size_px: int, centre_en: tuple[float, float] =
                      [0, 0, 1.0]])
 
 
-def visible_mask(cam: CameraModel, roll: float, pitch: float, yaw: float) -> np.ndarray | None:
+def visible_mask(cam: CameraModel, roll: float, pitch: float, yaw: float,
+                 gimbal: Gimbal | None = None) -> np.ndarray | None:
     """Pixels whose ray points below the horizon (None when all do)."""
-    r = cam.rotation_ned_from_camera(roll, pitch, yaw)
+    r = cam.rotation_ned_from_camera(roll, pitch, yaw, gimbal)
     u, v = np.meshgrid(np.arange(cam.width), np.arange(cam.height))
     rays = np.stack([(u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy, np.ones_like(u, float)], -1)
     down = rays @ r[2]
@@ -146,31 +171,34 @@ def visible_mask(cam: CameraModel, roll: float, pitch: float, yaw: float) -> np.
 
 def render_view(map_image: np.ndarray, map_from_ground: np.ndarray, cam: CameraModel,
                 roll: float, pitch: float, yaw: float, height_m: float,
-                border_value: int = 0) -> np.ndarray:
+                border_value: int = 0, gimbal: Gimbal | None = None) -> np.ndarray:
     """What a distortion-free camera sees of a north-up map.
 
     map_from_ground: 3x3 taking ground (east, north, 1) relative to the nadir to map pixels.
     """
-    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m)
+    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m, gimbal)
     map_from_pixel = map_from_ground @ np.linalg.inv(h_pix)
     view = cv2.warpPerspective(map_image, map_from_pixel, (cam.width, cam.height),
                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
-    mask = visible_mask(cam, roll, pitch, yaw)
+    mask = visible_mask(cam, roll, pitch, yaw, gimbal)
     if mask is not None:
         view[~mask] = border_value
     return view
 
 
 def rectify_to_nadir(frame: np.ndarray, cam: CameraModel, roll: float, pitch: float, yaw: float,
-                     height_m: float, gsd_m: float, size_px: int) -> tuple[np.ndarray, np.ndarray]:
+                     height_m: float, gsd_m: float, size_px: int,
+                     gimbal: Gimbal | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Warp a frame to a north-up view at `gsd_m` m/px, `size_px` square, centred on the nadir.
 
+    roll/pitch/yaw are the vehicle's (camera.yaml mount applies); `gimbal` (see the module
+    docstring) is the camera's own attitude and replaces them when given.
     Returns (image, valid_mask). Undistorts first when the camera has distortion.
     """
     if cam.has_distortion:
         frame = cv2.undistort(frame, cam.K, np.asarray(cam.distortion, float))
-    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m)
+    h_pix = ground_to_pixel_homography(cam, roll, pitch, yaw, height_m, gimbal)
     # warpPerspective has no area filter: shrink a much finer frame first to avoid aliasing.
     scale = (height_m / cam.fx) / gsd_m
     if scale < 0.66:

@@ -32,7 +32,7 @@ import numpy as np
 from ..deploy.embedder import Embedder
 from ..config import bounded, validate
 from ..errors import MeanNavError
-from .camera_model import CameraModel, rectify_to_nadir
+from .camera_model import CameraModel, gimbal_attitude, rectify_to_nadir
 from .estimate import Estimate, FixQuality
 from .acquisition import Acquisition
 from .filter import FilterConfig, PositionFilter
@@ -109,7 +109,7 @@ class Localizer:
             return self._no_fix(t, telemetry, problem)
         h = telemetry.height_above_ground_m
         query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, telemetry.yaw,
-                                        h, self.gsd_m, self.tile_px)
+                                        h, self.gsd_m, self.tile_px, gimbal=gimbal_attitude(telemetry))
         if valid.mean() < self.cfg.min_valid_fraction:
             return self._no_fix(t, telemetry, f"camera sees only {valid.mean():.0%} of the tile area "
                                 "(tilt or low altitude)")

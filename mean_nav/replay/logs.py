@@ -25,13 +25,15 @@ from ..nav.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-ANGLE_CHANNELS = ("roll", "pitch", "yaw")
+ANGLE_CHANNELS = ("roll", "pitch", "yaw", "gimbal_roll", "gimbal_pitch", "gimbal_yaw")
 # Channels a frame cannot be localized without; the others may be missing (nan).
 REQUIRED_CHANNELS = ("roll", "pitch", "yaw", "rel_alt_m")
 ALL_CHANNELS = ("roll", "pitch", "yaw", "rel_alt_m", "alt_amsl_m", "range_m",
-                "vn", "ve", "vd", "lat", "lon")
+                "vn", "ve", "vd", "lat", "lon", "gimbal_roll", "gimbal_pitch", "gimbal_yaw")
 CSV_REQUIRED_COLUMNS = ("time_s", "lat", "lon", "alt_m", "rel_alt_m", "roll", "pitch", "yaw")
-CSV_COLUMNS = CSV_REQUIRED_COLUMNS + ("vn", "ve", "vd", "range_m")
+# gimbal_*: the camera's own attitude (Telemetry.gimbal_*), written only when a flight has it
+GIMBAL_COLUMNS = ("gimbal_roll", "gimbal_pitch", "gimbal_yaw")
+CSV_COLUMNS = CSV_REQUIRED_COLUMNS + ("vn", "ve", "vd", "range_m") + GIMBAL_COLUMNS
 
 DOWNWARD = 25  # MAV_SENSOR_ROTATION_PITCH_270: a rangefinder looking down
 
@@ -119,7 +121,9 @@ class TelemetryTrack:
                 yaw=float(cols["yaw"][i]), rel_alt_m=float(cols["rel_alt_m"][i]),
                 alt_amsl_m=float(cols["alt_amsl_m"][i]), range_m=float(cols["range_m"][i]),
                 vn=float(cols["vn"][i]), ve=float(cols["ve"][i]), vd=float(cols["vd"][i]),
-                lat=float(cols["lat"][i]), lon=float(cols["lon"][i])))
+                lat=float(cols["lat"][i]), lon=float(cols["lon"][i]),
+                gimbal_roll=float(cols["gimbal_roll"][i]), gimbal_pitch=float(cols["gimbal_pitch"][i]),
+                gimbal_yaw=float(cols["gimbal_yaw"][i])))
             problems.append("")
         return TelemetryAt(result, problems)
 
@@ -166,7 +170,8 @@ def _finish(source: str, raw: dict[str, tuple], max_gap_s: float) -> TelemetryTr
 
 def read_telemetry_csv(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
     """The flight folder's telemetry.csv (time_s, lat, lon, alt_m, rel_alt_m, roll, pitch, yaw
-    in radians, optional vn, ve, vd, range_m). Time must increase row by row."""
+    in radians, optional vn, ve, vd, range_m and the camera's gimbal_roll, gimbal_pitch,
+    gimbal_yaw). Time must increase row by row."""
     path = Path(path)
     if not path.is_file():
         raise MeanNavError(f"{path}: telemetry file not found; a flight needs telemetry.csv or "
@@ -200,23 +205,27 @@ def read_telemetry_csv(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTra
     names = {"alt_m": "alt_amsl_m"}
     raw = {names.get(c, c): (t, np.array(rows[c])) for c in CSV_COLUMNS if c != "time_s"}
     for c in ANGLE_CHANNELS:
-        if np.nanmax(np.abs(raw[c][1])) > 2 * np.pi + 1e-6:
+        if np.isfinite(raw[c][1]).any() and np.nanmax(np.abs(raw[c][1])) > 2 * np.pi + 1e-6:
             raise MeanNavError(f"{path}: column {c!r} has values beyond 2*pi; angles must be radians")
     return _finish(str(path), raw, max_gap_s)
 
 
 def write_telemetry_csv(path: str | Path, rows: list[Telemetry]) -> None:
-    """Write telemetry.csv (temp file then rename)."""
+    """Write telemetry.csv (temp file then rename); gimbal columns only when a row has them."""
     path = Path(path)
+    gimbal = any(r.has_gimbal_attitude for r in rows)
+    num = lambda v, fmt: "" if not math.isfinite(v) else format(v, fmt)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(CSV_COLUMNS if gimbal else CSV_COLUMNS[:-len(GIMBAL_COLUMNS)])
         for r in rows:
-            w.writerow([f"{r.time_s:.6f}", f"{r.lat:.9f}", f"{r.lon:.9f}", f"{r.alt_amsl_m:.3f}",
-                        f"{r.rel_alt_m:.3f}", f"{r.roll:.6f}", f"{r.pitch:.6f}", f"{r.yaw:.6f}",
-                        f"{r.vn:.4f}", f"{r.ve:.4f}", f"{r.vd:.4f}",
-                        "" if not math.isfinite(r.range_m) else f"{r.range_m:.3f}"])
+            row = [f"{r.time_s:.6f}", f"{r.lat:.9f}", f"{r.lon:.9f}", f"{r.alt_amsl_m:.3f}",
+                   f"{r.rel_alt_m:.3f}", f"{r.roll:.6f}", f"{r.pitch:.6f}", f"{r.yaw:.6f}",
+                   f"{r.vn:.4f}", f"{r.ve:.4f}", f"{r.vd:.4f}", num(r.range_m, ".3f")]
+            if gimbal:
+                row += [num(r.gimbal_roll, ".6f"), num(r.gimbal_pitch, ".6f"), num(r.gimbal_yaw, ".6f")]
+            w.writerow(row)
     tmp.replace(path)
 
 

@@ -8,8 +8,13 @@ flight-wide illumination/colour change plus per-frame blur and sensor noise
 (`degrade_photometric`) and a few occluding blobs (vehicles, birds: `add_occlusions`).
 Beyond the map edge the camera sees mirrored map imagery (`--outside mirror`): plausible
 ground that is not in any cache, so a fix there is a real false fix, not an easy reject
-of a black frame. telemetry.csv holds the true position; its attitude carries a small
-estimator error (`--attitude-error`) as a real autopilot's would.
+of a black frame. telemetry.csv holds the true position; its attitude carries a slowly
+varying estimator error (`--attitude-error`, correlation time `--attitude-error-tau`) as a
+real autopilot's would, and optionally a constant heading error (`--heading-error`: a bad
+compass). With `--gimbal` the camera hangs on a stabilising gimbal: it looks straight
+down with the image top along the heading while the vehicle pitches and rolls
+(`--cruise-pitch`: nose-down pitch at cruise speed), and telemetry.csv gets the gimbal's
+own attitude (gimbal_roll/pitch/yaw columns, with the same estimator error).
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ class SimulationConfig:
     fps: float = bounded(2.0, gt=0, le=240, unit="Hz")
     telemetry_hz: float = bounded(20.0, gt=0, le=1000, unit="Hz")
     duration_s: float | None = bounded(None, gt=0, le=86_400, unit="s")  # None: one lap of the planned route
-    margin_m: float = bounded(30.0, ge=0, le=1e5, unit="m")  # keep the nadir this far inside the map edges
+    margin_m: float = bounded(30.0, ge=-1e5, le=1e5, unit="m")  # keep the nadir this far inside the map edges (<0: outside)
     leave_map_m: float = bounded(0.0, ge=0, le=1e5, unit="m")  # >0: one leg flies this far beyond the map edge and back
     seed: int = bounded(0, ge=0, lt=2**32)
     width: int = bounded(640, ge=16, le=16384, unit="px")
@@ -62,7 +67,14 @@ class SimulationConfig:
     photometric_strength: float = bounded(0.5, ge=0, le=1)
     occlusion_strength: float = bounded(0.3, ge=0, le=1)  # chance of each of up to 3 blobs per frame
     outside: str = "mirror"           # ground beyond the map: "mirror" (mirrored map) or "black"
-    attitude_error_deg: float = bounded(0.3, ge=0, le=45, unit="deg")  # telemetry roll/pitch error (yaw gets 3x)
+    attitude_error_deg: float = bounded(0.3, ge=0, le=45, unit="deg")  # telemetry roll/pitch error (yaw 3x), 1 sigma
+    # correlation time of that error (slowly varying: tens of seconds)
+    attitude_error_tau_s: float = bounded(5.0, gt=0, le=86_400, unit="s")
+    heading_error_deg: float = bounded(0.0, ge=-360, le=360, unit="deg")  # constant telemetry yaw offset (bad compass)
+    # steady nose-down pitch at cruise speed (drag), scaled by speed
+    cruise_pitch_deg: float = bounded(0.0, ge=-45, le=45, unit="deg")
+    gimbal: bool = False              # camera on a stabilising gimbal pointing straight down
+    gimbal_jitter_deg: float = bounded(0.3, ge=0, le=10, unit="deg")  # residual wobble of the stabilised camera
     turbulence_deg: float = bounded(1.5, ge=0, le=45, unit="deg")  # true attitude wobble
     ground_amsl_m: float = bounded(10.0, ge=-500, le=9000, unit="m")  # terrain elevation (flat) for alt_m
     start_time_s: float = bounded(100.0, ge=0, le=1e10, unit="s")  # frame/telemetry clock at take-over
@@ -151,7 +163,8 @@ def fly(route, cfg: SimulationConfig, rng: np.random.Generator) -> Trajectory:
         # first-order coloured noise for gusts
         turb += (-turb / tau) * STEP_S + rng.normal(0, math.radians(cfg.turbulence_deg), 3) * math.sqrt(2 * STEP_S / tau)
         roll = math.atan(v * rate / G) + turb[0]
-        pitch = -math.atan(accel / G) + turb[1]  # a multicopter noses down to speed up
+        # a multicopter noses down to speed up, and to hold speed against drag
+        pitch = -math.atan(accel / G) - math.radians(cfg.cruise_pitch_deg) * v / cfg.speed_ms + turb[1]
         yaw = heading + 0.5 * turb[2]
         vn, ve = v * math.cos(heading), v * math.sin(heading)
         for k, val in (("time_s", t), ("x", x), ("y", y), ("height_m", h), ("roll", roll), ("pitch", pitch),
@@ -232,8 +245,9 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MeanNavError(f"{out_dir}: output folder exists and is not empty; choose a new folder or delete it")
-    if cfg.fps <= 0 or cfg.telemetry_hz <= 0 or cfg.speed_ms <= 0 or cfg.altitude_m <= 0:
-        raise MeanNavError("simulate-flight: fps, telemetry rate, speed and altitude must be positive")
+    if min(cfg.fps, cfg.telemetry_hz, cfg.speed_ms, cfg.altitude_m, cfg.attitude_error_tau_s) <= 0:
+        raise MeanNavError("simulate-flight: fps, telemetry rate, speed, altitude and attitude error "
+                           "correlation time must be positive")
     for name in ("photometric_strength", "occlusion_strength"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise MeanNavError(f"simulate-flight {name}: must be between 0 and 1, got {getattr(cfg, name)}")
@@ -244,7 +258,7 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     cam = CameraModel.from_fov(cfg.width, cfg.height, cfg.hfov_deg)
     degrade, occlude = _degradations()
     # the camera footprint reaches about height * tan(diagonal half-FOV) beyond the nadir
-    reach_m = (cfg.altitude_m + cfg.altitude_change_m) * 1.5 + cfg.leave_map_m + cfg.margin_m
+    reach_m = (cfg.altitude_m + cfg.altitude_change_m) * 1.5 + cfg.leave_map_m + abs(cfg.margin_m)
     ground, pad = ground_image(raster, reach_m, cfg.outside)
     shift_px = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1.0]])
     shift = colour_shift(rng, cfg.photometric_strength)
@@ -276,28 +290,47 @@ def _write_flight(tmp: Path, raster: MetricRaster, route, traj: Trajectory, cam:
     # telemetry: truth position, attitude with a slowly varying estimator error
     t_tel = np.arange(0.0, traj.time_s[-1] + 1e-9, 1.0 / cfg.telemetry_hz)
     s = traj.sample(t_tel)
-    err = _smooth_noise(rng, len(t_tel), cfg.telemetry_hz, math.radians(cfg.attitude_error_deg))
+    err = _smooth_noise(rng, len(t_tel), cfg.telemetry_hz, math.radians(cfg.attitude_error_deg),
+                        cfg.attitude_error_tau_s)
+    heading_error = math.radians(cfg.heading_error_deg)
+    camera = camera_attitude(s, cfg, rng, cfg.telemetry_hz)
     lon, lat = to_lonlat(raster.crs, s["x"], s["y"])
-    rows = [Telemetry(time_s=cfg.start_time_s + float(t), roll=float(s["roll"][i] + err[i, 0]),
-                      pitch=float(s["pitch"][i] + err[i, 1]),
-                      yaw=float((s["yaw"][i] + 3 * err[i, 2] + math.pi) % (2 * math.pi) - math.pi),
-                      rel_alt_m=float(s["height_m"][i]), alt_amsl_m=float(s["height_m"][i] + cfg.ground_amsl_m),
-                      vn=float(s["vn"][i]), ve=float(s["ve"][i]), vd=float(s["vd"][i]),
-                      lat=float(lat[i]), lon=float(lon[i]))
-             for i, t in enumerate(t_tel)]
+    rows, truth = [], []
+    for i, t in enumerate(t_tel):
+        true = Telemetry(time_s=cfg.start_time_s + float(t), roll=float(s["roll"][i]), pitch=float(s["pitch"][i]),
+                         yaw=float(s["yaw"][i]), rel_alt_m=float(s["height_m"][i]),
+                         alt_amsl_m=float(s["height_m"][i] + cfg.ground_amsl_m),
+                         vn=float(s["vn"][i]), ve=float(s["ve"][i]), vd=float(s["vd"][i]),
+                         lat=float(lat[i]), lon=float(lon[i]))
+        if camera is not None:
+            true = dataclasses.replace(true, gimbal_roll=float(camera[i, 0]), gimbal_pitch=float(camera[i, 1]),
+                                       gimbal_yaw=float(camera[i, 2]))
+        truth.append(true)
+        # what the autopilot (and the gimbal's own IMU) believe
+        measured = dataclasses.replace(true, roll=true.roll + err[i, 0], pitch=true.pitch + err[i, 1],
+                                       yaw=wrap_angle(true.yaw + 3 * err[i, 2] + heading_error))
+        if camera is not None:
+            measured = dataclasses.replace(measured, gimbal_roll=true.gimbal_roll + err[i, 0],
+                                           gimbal_pitch=true.gimbal_pitch + err[i, 1],
+                                           gimbal_yaw=wrap_angle(true.gimbal_yaw + 3 * err[i, 2] + heading_error))
+        rows.append(measured)
     write_telemetry_csv(tmp / "telemetry.csv", rows)
     # the same rows with the true attitude: what the camera really did (for diagnosis)
-    truth = [dataclasses.replace(r, roll=float(s["roll"][i]), pitch=float(s["pitch"][i]), yaw=float(s["yaw"][i]))
-             for i, r in enumerate(rows)]
     write_telemetry_csv(tmp / "truth.csv", truth)
 
     # frames: truth attitude and height, rendered then degraded
     # camera not synchronised with telemetry: frames fall between telemetry samples
     t_frames = np.arange(0.5 / cfg.fps + 0.37 / cfg.telemetry_hz, traj.time_s[-1], 1.0 / cfg.fps)
     f = traj.sample(t_frames)
+    gimbal_at_frames = None
+    if camera is not None:  # interpolate the camera attitude of the telemetry clock to the frames
+        unwrapped = np.unwrap(camera, axis=0)
+        gimbal_at_frames = np.stack([np.interp(t_frames, t_tel, unwrapped[:, k]) for k in range(3)], 1)
     for i in tqdm(range(len(t_frames)), desc="render frames", unit="frame", disable=not progress):
         m = shift_px @ raster.map_from_ground(f["x"][i], f["y"][i])
-        view = render_view(ground, m, cam, f["roll"][i], f["pitch"][i], f["yaw"][i], f["height_m"][i])
+        gimbal = None if gimbal_at_frames is None else tuple(float(v) for v in gimbal_at_frames[i])
+        view = render_view(ground, m, cam, f["roll"][i], f["pitch"][i], f["yaw"][i], f["height_m"][i],
+                           gimbal=gimbal)
         view = occlude(view, rng, cfg.occlusion_strength)
         view = degrade(shift(view), rng, cfg.photometric_strength)
         cv2.imwrite(str(tmp / "frames" / f"{i:06d}.jpg"), cv2.cvtColor(view, cv2.COLOR_RGB2BGR),
@@ -310,6 +343,22 @@ def _write_flight(tmp: Path, raster: MetricRaster, route, traj: Trajectory, cam:
                       "route_xy_h_speed": [list(w) for w in route]},
     }
     (tmp / "flight.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+
+
+def wrap_angle(a: float) -> float:
+    return float((a + math.pi) % (2 * math.pi) - math.pi)
+
+
+def camera_attitude(s: dict[str, np.ndarray], cfg: SimulationConfig, rng: np.random.Generator,
+                    rate_hz: float) -> np.ndarray | None:
+    """[n, 3] true gimbal (roll, pitch, yaw) of a stabilised camera looking straight down with
+    the image top along the vehicle heading, with a small residual wobble; None without gimbal."""
+    if not cfg.gimbal:
+        return None
+    wobble = _smooth_noise(rng, len(s["yaw"]), rate_hz, math.radians(cfg.gimbal_jitter_deg), tau_s=0.5)
+    out = np.stack([wobble[:, 0], -math.pi / 2 + wobble[:, 1], s["yaw"] + wobble[:, 2]], 1)
+    out[:, 2] = (out[:, 2] + math.pi) % (2 * math.pi) - math.pi
+    return out
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, rate_hz: float, sigma: float, tau_s: float = 5.0) -> np.ndarray:
@@ -348,6 +397,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ground beyond the map: mirrored map imagery (default) or black")
     parser.add_argument("--attitude-error", type=float, default=d.attitude_error_deg,
                         help="telemetry roll/pitch error (1 sigma, degrees; yaw 3x)")
+    parser.add_argument("--attitude-error-tau", type=float, default=d.attitude_error_tau_s,
+                        help="correlation time of the attitude error, s")
+    parser.add_argument("--heading-error", type=float, default=d.heading_error_deg,
+                        help="constant telemetry yaw error, degrees (bad compass)")
+    parser.add_argument("--cruise-pitch", type=float, default=d.cruise_pitch_deg,
+                        help="nose-down pitch at cruise speed, degrees")
+    parser.add_argument("--gimbal", action="store_true",
+                        help="camera on a stabilising gimbal looking straight down (gimbal columns in telemetry)")
 
 
 def config_from_args(args) -> SimulationConfig:
@@ -356,7 +413,9 @@ def config_from_args(args) -> SimulationConfig:
         duration_s=args.duration, margin_m=args.margin, leave_map_m=args.leave_map, seed=args.seed,
         width=args.size[0], height=args.size[1], hfov_deg=args.hfov, map_gsd_m=args.map_gsd,
         photometric_strength=args.photometric, occlusion_strength=args.occlusions, outside=args.outside,
-        attitude_error_deg=args.attitude_error), "simulate-flight options")
+        attitude_error_deg=args.attitude_error, attitude_error_tau_s=args.attitude_error_tau,
+        heading_error_deg=args.heading_error, cruise_pitch_deg=args.cruise_pitch, gimbal=args.gimbal),
+        "simulate-flight options")
 
 
 def run(args) -> int:

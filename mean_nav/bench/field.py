@@ -1,0 +1,420 @@
+"""`mean-nav bench field`: the field stress suite (issue 11).
+
+A fixed, seeded set of flights that the simulator renders over procedural worlds, one per
+way real flights break the localizer, plus the easy case. Each is replayed with the
+shipped defaults (`LocalizerConfig()`) and the shipped demo model, and one table compares
+them:
+
+  fix rate      fixes / frames over the map; a frame is over the map when at least
+                FOOTPRINT_ON_MAP of its true camera footprint lies on valid map pixels
+                (so "footprint half off the map" counts, a nadir over a hole counts)
+  median, p95   horizontal error of the fixes, metres
+  err/floor     median error / (height x tan(attitude error)): what the telemetry's
+                attitude error alone causes (the simulated 1-sigma roll/pitch error)
+  cov68         fraction of fix errors inside the reported 68 % radius (sigma_h_m)
+  false         fixes with error > 3 x sigma_h_m, on or off the map
+  first fix     seconds from the first frame to the first fix
+  frames/s      1 / mean localizer time per frame on this machine
+
+Worlds, caches and flights are built once in the work folder (default runs/bench/field),
+each under a key of its settings (and the model hash for caches), and reused by later
+runs; only the replays run every time. `--short` runs a reduced suite (small maps, few
+frames) that the test suite runs; `--only` picks flights by name.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MeanNavError
+
+log = logging.getLogger(__name__)
+
+SUITE_VERSION = 1            # bump when what a key describes changes, so old builds are not reused
+FOOTPRINT_ON_MAP = 0.4       # a frame is "over the map" when this much of its footprint is map
+TARGETS = {"fix_rate": ">= 0.95", "false_fixes": "0", "coverage_68": "0.60-0.75",
+           "error_per_floor": "<= 1.3", "first_fix_s (no prior, 25 km2)": "<= 30"}
+COLUMNS = ("fix_rate", "median_m", "p95_m", "error_per_floor", "coverage_68", "false_fixes", "first_fix_s",
+           "frames_per_s")
+DEFINITIONS = {
+    "fix_rate": f"fixes / frames with >= {FOOTPRINT_ON_MAP:.0%} of the true camera footprint on valid map pixels",
+    "median_m": "median horizontal error of the fixes, m",
+    "p95_m": "95th percentile horizontal error of the fixes, m",
+    "error_per_floor": "median error / (median true height of the fixes x tan(simulated 1-sigma attitude error))",
+    "coverage_68": "fraction of fix errors <= reported sigma_h_m (the 68 % radius)",
+    "false_fixes": "fixes with error > 3 x reported sigma_h_m",
+    "first_fix_s": "time of the first fix - time of the first frame, s",
+    "frames_per_s": "1 / mean localizer wall time per processed frame on this machine",
+}
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """A procedural world of sheets x sheets map sheets; `map_variant` is how the map the
+    cache is built from differs from the ground the camera sees."""
+
+    seed: int
+    sheet_px: int
+    gsd_m: float
+    sheets: int = 1
+    map_variant: str = "same"    # "same", "holes" (nodata holes), "other_season" (appearance, GSD, JPEG)
+
+    @property
+    def side_m(self) -> float:
+        return self.sheets * self.sheet_px * self.gsd_m
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    gsd_m: float = 0.25
+    tile_size_m: float = 60.0
+    stride_m: float = 20.0
+
+
+@dataclass
+class FieldFlight:
+    name: str
+    failure: str                      # the situation of issue 11 it reproduces
+    world: WorldSpec
+    sim: dict                         # SimulationConfig fields
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    fly_sheets: tuple[int, ...] | None = None  # sheets (row-major) the flight stays over; None: all
+    prior: str = "gnss"               # "gnss": first GNSS fix; "offset": that moved east; "none"
+    prior_offset_m: float = 0.0
+
+
+# --- the suite -------------------------------------------------------------------------------
+
+SMALL = WorldSpec(seed=11, sheet_px=1600, gsd_m=0.25)                 # 400 m square, like the demo's
+LARGE = WorldSpec(seed=31, sheet_px=2000, gsd_m=0.5, sheets=5)        # 5 km x 5 km in 1 km sheets
+LARGE_CACHE = CacheSpec(gsd_m=0.5, tile_size_m=60.0, stride_m=30.0)   # ~28k tiles: minutes on 2 cores
+CENTRE, NW, SW, SE = 12, 6, 16, 18                                    # sheets of LARGE (row-major)
+
+FLIGHTS: list[FieldFlight] = [
+    FieldFlight("easy", "the demo's case: 60 m, 1 Hz video, small attitude error",
+                SMALL, dict(altitude_m=60, fps=1.0, duration_s=120)),
+    FieldFlight("survey_40m", "photo survey 40 m above ground, photos 8.3 s apart (0.12 Hz)",
+                SMALL, dict(altitude_m=40, altitude_change_m=3, speed_ms=3, speed_change_ms=0.5, fps=0.12,
+                            duration_s=240)),
+    FieldFlight("gimbal_120m", "photos 20 s apart (0.05 Hz) at 120 m, gimbal-stabilised camera, vehicle "
+                "pitched 10 deg", LARGE, dict(altitude_m=120, speed_ms=10, fps=0.05, duration_s=400,
+                                              gimbal=True, cruise_pitch_deg=10, margin_m=100),
+                LARGE_CACHE, fly_sheets=(CENTRE,)),
+    FieldFlight("attitude_2deg_150m", "150 m with 2 deg slowly varying attitude error",
+                LARGE, dict(altitude_m=150, speed_ms=12, fps=1.0, duration_s=150, attitude_error_deg=2.0,
+                            attitude_error_tau_s=30, margin_m=120), LARGE_CACHE, fly_sheets=(NW,)),
+    FieldFlight("prior_2km_off", "initial prior 2 km from the true start", LARGE,
+                dict(altitude_m=100, speed_ms=10, fps=1.0, duration_s=120, margin_m=100), LARGE_CACHE,
+                fly_sheets=(SW,), prior="offset", prior_offset_m=2000.0),
+    FieldFlight("no_prior_25km2", "no prior at all over a 5 km x 5 km map", LARGE,
+                dict(altitude_m=120, speed_ms=10, fps=1.0, duration_s=90, margin_m=100), LARGE_CACHE,
+                fly_sheets=(SE,), prior="none"),
+    FieldFlight("half_off_map", "edge legs with the nadir 8 m outside the map, footprint half on it",
+                SMALL, dict(altitude_m=100, altitude_change_m=0, fps=1.0, duration_s=150, margin_m=-8)),
+    FieldFlight("nodata_holes", "map with nodata holes (12 % of the area) under the track",
+                dataclasses.replace(SMALL, map_variant="holes"), dict(altitude_m=60, fps=1.0, duration_s=120)),
+    FieldFlight("heading_30deg", "telemetry heading 30 deg off (bad compass)",
+                SMALL, dict(altitude_m=60, fps=1.0, duration_s=90, heading_error_deg=30)),
+    FieldFlight("heading_90deg", "telemetry heading 90 deg off",
+                SMALL, dict(altitude_m=60, fps=1.0, duration_s=90, heading_error_deg=90)),
+    FieldFlight("heading_180deg", "telemetry heading 180 deg off (rotated photos, yaw unknown)",
+                SMALL, dict(altitude_m=60, fps=1.0, duration_s=90, heading_error_deg=180)),
+    FieldFlight("other_appearance", "map of another season and source: colour shift, haze, 0.5 m GSD, JPEG; "
+                "frames blurred, noisy and JPEG-compressed", dataclasses.replace(SMALL, map_variant="other_season"),
+                dict(altitude_m=80, fps=1.0, duration_s=120, photometric_strength=1.0, jpeg_quality=50)),
+    FieldFlight("off_map_and_back", "one leg 200 m beyond the map edge and back (mirrored ground outside)",
+                SMALL, dict(altitude_m=60, fps=0.5, leave_map_m=200)),
+]
+
+TINY = WorldSpec(seed=11, sheet_px=640, gsd_m=0.25)  # 160 m square
+SHORT_SIM = dict(width=320, height=240, fps=1.0, duration_s=16)
+SHORT_FLIGHTS: list[FieldFlight] = [
+    FieldFlight("easy", "the demo's case, 16 s", TINY, dict(SHORT_SIM, altitude_m=60)),
+    FieldFlight("no_prior", "no prior over a 160 m map", TINY, dict(SHORT_SIM, altitude_m=60, seed=3), prior="none"),
+    FieldFlight("heading_90deg", "telemetry heading 90 deg off", TINY,
+                dict(SHORT_SIM, altitude_m=60, seed=4, heading_error_deg=90)),
+]
+
+
+def suite(short: bool, only: str | None) -> list[FieldFlight]:
+    flights = SHORT_FLIGHTS if short else FLIGHTS
+    if not only:
+        return flights
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = {f.name for f in flights}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MeanNavError(f"--only {unknown[0]!r}: no such flight in the {'short ' if short else ''}suite; "
+                           f"choose from {', '.join(sorted(known))}")
+    return [f for f in flights if f.name in names]
+
+
+# --- building (reused between runs) ----------------------------------------------------------
+
+def _key(*parts) -> str:
+    text = json.dumps([SUITE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def world_sheets(work: Path, world: WorldSpec) -> list[Path]:
+    """The ground the camera sees: the world's GeoTIFF sheets."""
+    from ..data.world import generate_tiled_world
+
+    plain = dataclasses.replace(world, map_variant="same")
+    folder = work / "worlds" / _key(dataclasses.asdict(plain))
+    return generate_tiled_world(folder, world.seed, world.sheets, world.sheet_px, world.gsd_m)
+
+
+def map_sheets(work: Path, world: WorldSpec) -> list[Path]:
+    """The map the cache is built from: the world, or its variant (holes, other season)."""
+    sheets = world_sheets(work, world)
+    if world.map_variant == "same":
+        return sheets
+    if world.map_variant not in ("holes", "other_season"):
+        raise MeanNavError(f"world map_variant {world.map_variant!r}: use same, holes or other_season")
+    import rasterio
+
+    from ..data.world import nodata_holes, other_season, write_geotiff_at
+
+    folder = work / "worlds" / _key(dataclasses.asdict(world))
+    out = []
+    for k, src_path in enumerate(sheets):
+        path = folder / src_path.name
+        if not path.is_file():
+            with rasterio.open(src_path) as src:
+                image = src.read().transpose(1, 2, 0)
+                crs, (left, top) = src.crs, (src.transform.c, src.transform.f)
+            valid = None
+            if world.map_variant == "holes":
+                valid = nodata_holes(image.shape[:2], world.gsd_m, seed=world.seed * 100 + k)
+                image = np.where(valid[..., None], image, 0).astype(np.uint8)
+            else:
+                image = other_season(image, world.gsd_m, seed=world.seed * 100 + k, map_gsd_m=2 * world.gsd_m)
+            write_geotiff_at(path, image, world.gsd_m, crs, left, top, valid)
+        out.append(path)
+    return out
+
+
+def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
+    """The flight's tile cache, built once per (map, cache settings, model)."""
+    from ..geo.cache import TileCache, build_cache
+
+    maps = map_sheets(work, flight.world)
+    folder = work / "caches" / _key(dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
+                                    embedder.model_hash)
+    if (folder / "meta.json").is_file():
+        try:
+            return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
+        except MeanNavError as exc:
+            log.warning("rebuilding %s: %s", folder, exc)
+            shutil.rmtree(folder)
+    print(f"  cache: {flight.world.side_m / 1000:g} km map, {flight.cache.tile_size_m:g} m tiles every "
+          f"{flight.cache.stride_m:g} m at {flight.cache.gsd_m:g} m/px -> {folder}", flush=True)
+    build_cache(maps, folder, embedder, gsd_m=flight.cache.gsd_m, tile_size_m=flight.cache.tile_size_m,
+                stride_m=flight.cache.stride_m, progress=progress)
+    return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
+
+
+def simulated_flight(work: Path, flight: FieldFlight, progress: bool) -> Path:
+    from ..replay.simulate import SimulationConfig, simulate_flight
+
+    sheets = world_sheets(work, flight.world)
+    ground = [sheets[i] for i in flight.fly_sheets] if flight.fly_sheets else sheets
+    sim = dataclasses.replace(SimulationConfig(map_gsd_m=flight.world.gsd_m), **flight.sim)
+    folder = work / "flights" / f"{flight.name}-{_key(dataclasses.asdict(flight.world), [p.name for p in ground], dataclasses.asdict(sim))}"
+    if not (folder / "flight.yaml").is_file():
+        if folder.exists():
+            shutil.rmtree(folder)
+        simulate_flight(ground, folder, sim, progress=progress)
+    return folder
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+def footprint_on_map(flight, raster, grid: tuple[int, int] = (16, 12)) -> np.ndarray:
+    """Per frame, the fraction of the true camera footprint (rays of a pixel grid that reach
+    the ground) over valid map pixels; from truth.csv (true attitude, camera attitude, height)."""
+    from ..geo.crs import from_lonlat
+    from ..nav.camera_model import gimbal_attitude, ground_to_pixel_homography
+    from ..replay.logs import read_telemetry_csv
+
+    truth = read_telemetry_csv(flight.root / "truth.csv").at(flight.frame_times).telemetry
+    cam = flight.camera
+    u, v = np.meshgrid(np.linspace(0, cam.width - 1, grid[0]), np.linspace(0, cam.height - 1, grid[1]))
+    pixels = np.stack([u.ravel(), v.ravel(), np.ones(u.size)])
+    h, w = raster.shape
+    out = np.zeros(len(truth))
+    for i, tel in enumerate(truth):
+        if tel is None:
+            continue
+        hom = ground_to_pixel_homography(cam, tel.roll, tel.pitch, tel.yaw, tel.height_above_ground_m,
+                                         gimbal_attitude(tel))
+        ground = np.linalg.inv(hom) @ pixels
+        seen = ground[2] > 1e-9  # rays above the horizon never reach the ground
+        x0, y0 = from_lonlat(raster.crs, tel.lon, tel.lat)
+        east, north = ground[0] / np.where(seen, ground[2], 1), ground[1] / np.where(seen, ground[2], 1)
+        col, row = raster.xy_to_pixel(x0 + east, y0 + north)
+        c, r = np.round(col).astype(int), np.round(row).astype(int)
+        inside = seen & (c >= 0) & (c < w) & (r >= 0) & (r < h)
+        on_map = np.zeros(pixels.shape[1], bool)
+        on_map[inside] = raster.valid[r[inside], c[inside]]
+        out[i] = on_map.mean()
+    return out
+
+
+def score(cols: dict, on_map_fraction: np.ndarray, attitude_error_deg: float, heights: np.ndarray) -> dict:
+    """The table's numbers for one replay (estimates.csv columns; one row per frame)."""
+    from ..nav.estimate import FixQuality
+    from ..replay.report import FALSE_FIX_SIGMAS
+
+    fix = cols["fix"] == int(FixQuality.FIX)
+    over_map = on_map_fraction >= FOOTPRINT_ON_MAP
+    err, sigma = cols["error_m"], cols["sigma_h_m"]
+    scored = fix & np.isfinite(err)
+    fix_err = err[scored]
+    processed = cols["processed"] == 1
+    latency = cols["latency_s"][processed & np.isfinite(cols["latency_s"])]
+    first = np.flatnonzero(fix)
+    median = float(np.median(fix_err)) if fix_err.size else None
+    height = float(np.median(heights[scored])) if scored.any() else float(np.nanmedian(heights))
+    floor = height * math.tan(math.radians(attitude_error_deg)) if attitude_error_deg > 0 else None
+    return {
+        "frames": int(len(fix)),
+        "frames_over_map": int(over_map.sum()),
+        "fixes": int(fix.sum()),
+        "fixes_off_map": int((fix & ~over_map).sum()),
+        "fix_rate": float((fix & over_map).sum() / over_map.sum()) if over_map.any() else None,
+        "median_m": median,
+        "p95_m": float(np.percentile(fix_err, 95)) if fix_err.size else None,
+        "attitude_floor_m": floor,
+        "error_per_floor": median / floor if median is not None and floor else None,
+        "coverage_68": float((fix_err <= sigma[scored]).mean()) if fix_err.size else None,
+        "false_fixes": int((scored & (err > FALSE_FIX_SIGMAS * sigma)).sum()),
+        "first_fix_s": float(cols["time_s"][first[0]] - cols["time_s"][0]) if first.size else None,
+        "frames_per_s": float(1.0 / latency.mean()) if latency.size and latency.mean() > 0 else None,
+    }
+
+
+def initial_lonlat(flight, spec: FieldFlight, crs):
+    """The prior the flight starts with: GNSS, GNSS moved `prior_offset_m` east, or none."""
+    from ..geo.crs import from_lonlat, to_lonlat
+    from ..replay.runner import initial_prior
+
+    if spec.prior == "none":
+        return None
+    lonlat = initial_prior(flight)
+    if spec.prior == "offset" and lonlat is not None:
+        x, y = from_lonlat(crs, *lonlat)
+        lon, lat = to_lonlat(crs, float(x) + spec.prior_offset_m, float(y))
+        lonlat = (float(lon), float(lat))
+    return lonlat
+
+
+def run_flight(work: Path, spec: FieldFlight, embedder, progress: bool) -> dict:
+    from ..geo.raster import read_metric_raster
+    from ..nav.localizer import Localizer, LocalizerConfig
+    from ..replay.flight import Flight
+    from ..replay.report import read_estimates_csv
+    from ..replay.runner import MapCoverage, replay
+    from ..replay.simulate import SimulationConfig
+
+    cache, maps = tile_cache(work, spec, embedder, progress)
+    flight = Flight(simulated_flight(work, spec, progress))
+    coverage = MapCoverage(maps)
+    raster = read_metric_raster(maps, max(spec.cache.gsd_m, spec.world.side_m / 2000), crs=coverage.raster.crs)
+    localizer = Localizer(embedder, cache, flight.camera, LocalizerConfig(),
+                          initial_lonlat=initial_lonlat(flight, spec, raster.crs))
+    out = work / "replays" / spec.name
+    if out.exists():
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    replay(flight, localizer, out, coverage, progress=progress, extra_summary={"field_flight": spec.name})
+    wall = time.perf_counter() - started
+    cols = read_estimates_csv(out / "estimates.csv")
+    sim = dataclasses.replace(SimulationConfig(), **spec.sim)
+    heights = flight.telemetry.column("rel_alt_m", flight.frame_times)
+    result = {"name": spec.name, "failure": spec.failure, "prior": spec.prior, "replay": str(out),
+              "flight": str(flight.root), "replay_wall_s": wall}
+    result.update(score(cols, footprint_on_map(flight, raster), sim.attitude_error_deg, heights))
+    return result
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def format_table(results: list[dict]) -> str:
+    def cell(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = (f"{'flight':<20} {'frames':>6} {'fix rate':>8} {'median m':>8} {'p95 m':>7} {'err/floor':>9} "
+            f"{'cov68':>6} {'false':>5} {'1st fix s':>9} {'frames/s':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['name']:<20} failed: {r['error']}")
+            continue
+        lines.append(f"{r['name']:<20} {r['frames']:>6} {cell(r['fix_rate'], '.1%'):>8} {cell(r['median_m'], '.2f'):>8} "
+                     f"{cell(r['p95_m'], '.2f'):>7} {cell(r['error_per_floor'], '.2f'):>9} "
+                     f"{cell(r['coverage_68'], '.0%'):>6} {r['false_fixes']:>5} {cell(r['first_fix_s'], '.1f'):>9} "
+                     f"{cell(r['frames_per_s'], '.1f'):>8}")
+    lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..demo import ASSET
+
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/field"),
+                        help="work folder: worlds, caches and flights are built once here and reused")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these flights")
+    parser.add_argument("--short", action="store_true", help="the reduced suite (small maps, few frames)")
+    parser.add_argument("--model", type=Path, default=ASSET, help=f"ONNX model (default: the shipped {ASSET.name})")
+    parser.add_argument("--threads", type=int, default=2, help="inference threads")
+    parser.add_argument("--json", type=Path, default=None, help="results JSON (default: WORK/field[_short].json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list the flights and exit")
+
+
+def run_suite(work: Path, flights: list[FieldFlight], model: Path, threads: int = 2, progress: bool = True,
+              json_path: Path | None = None, short: bool = False) -> dict:
+    """Build what is missing, replay every flight, print the table, write the JSON."""
+    from ..demo import ensure_model
+    from ..deploy.backends import load_embedder
+    from ..replay.report import write_json
+
+    model = ensure_model(model)
+    work.mkdir(parents=True, exist_ok=True)
+    embedder = load_embedder(model, threads=threads)
+    results = []
+    for k, spec in enumerate(flights, start=1):
+        print(f"[{k}/{len(flights)}] {spec.name}: {spec.failure}", flush=True)
+        results.append(run_flight(work, spec, embedder, progress))
+    table = format_table(results)
+    print()
+    print(table)
+    report = {"suite": "field", "short": short, "model": str(model), "model_hash": embedder.model_hash,
+              "config": "LocalizerConfig() defaults", "suite_version": SUITE_VERSION, "columns": list(COLUMNS),
+              "definitions": DEFINITIONS, "targets": TARGETS, "flights": results, "table": table}
+    json_path = json_path or work / ("field_short.json" if short else "field.json")
+    write_json(json_path, report)
+    print(f"results: {json_path}")
+    return report
+
+
+def run(args) -> int:
+    flights = suite(args.short, args.only)
+    if args.list:
+        for f in flights:
+            print(f"{f.name:<20} {f.failure}")
+        return 0
+    run_suite(args.work, flights, args.model, args.threads, not args.no_progress, args.json, args.short)
+    return 0

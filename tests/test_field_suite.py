@@ -1,0 +1,71 @@
+"""`mean-nav bench field --short`: the reduced stress suite runs, scores and reuses its builds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mean_nav.bench.field import COLUMNS, FOOTPRINT_ON_MAP, score, suite
+from mean_nav.cli import main
+from mean_nav.errors import MeanNavError
+from mean_nav.nav.estimate import FixQuality
+
+
+def test_short_suite_fixes_the_easy_flight_and_reports_every_column(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main(["bench", "field", "--short", "--work", str(work), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((work / "field_short.json").read_text())
+    names = [f["name"] for f in report["flights"]]
+    assert names == [f.name for f in suite(short=True, only=None)]
+    for flight in report["flights"]:
+        assert set(COLUMNS) <= set(flight)
+        assert flight["frames"] >= 10
+    easy = report["flights"][0]
+    assert easy["name"] == "easy"
+    assert easy["fix_rate"] > 0.6 and easy["false_fixes"] == 0
+    assert easy["median_m"] < 5.0 and easy["first_fix_s"] < 10
+    # one table: a header with every column and a line per flight
+    table = out[out.index("flight "):]
+    for header in ("fix rate", "median m", "p95 m", "err/floor", "cov68", "false", "1st fix s", "frames/s"):
+        assert header in table
+    assert all(name in table for name in names)
+
+    # a second run rebuilds nothing: same world, cache and flight folders, same estimates
+    built = sorted(p.relative_to(work) for p in (work / "caches").iterdir())
+    first = (work / "replays" / "easy" / "estimates.csv").read_text()
+    assert main(["bench", "field", "--short", "--only", "easy", "--work", str(work), "--no-progress"]) == 0
+    assert "cache:" not in capsys.readouterr().out
+    assert sorted(p.relative_to(work) for p in (work / "caches").iterdir()) == built
+    header = first.splitlines()[0].split(",")
+    lat = header.index("latency_s")
+    strip = lambda text: [[c for i, c in enumerate(l.split(",")) if i != lat] for l in text.splitlines()]
+    assert strip((work / "replays" / "easy" / "estimates.csv").read_text()) == strip(first)
+
+
+def test_only_names_an_unknown_flight_and_lists_the_choices():
+    with pytest.raises(MeanNavError, match="no such flight.*easy"):
+        suite(short=False, only="easy,nope")
+    assert [f.name for f in suite(short=False, only="heading_90deg,easy")] == ["easy", "heading_90deg"]
+
+
+def test_score_counts_fixes_over_the_map_coverage_and_false_fixes():
+    fix, none = int(FixQuality.FIX), int(FixQuality.NONE)
+    cols = {
+        "fix": np.array([none, fix, fix, fix, fix, none], float),
+        "time_s": np.arange(6.0) * 2 + 100,
+        "error_m": np.array([np.nan, 1.0, 3.0, 10.0, 50.0, np.nan]),
+        "sigma_h_m": np.array([np.nan, 2.0, 2.0, 2.0, 2.0, np.nan]),
+        "processed": np.ones(6),
+        "latency_s": np.full(6, 0.5),
+    }
+    on_map = np.array([1.0, 1.0, FOOTPRINT_ON_MAP, 0.9, 0.0, 0.8])  # the 50 m fix is off the map
+    s = score(cols, on_map, attitude_error_deg=1.0, heights=np.full(6, 100.0))
+    assert s["frames_over_map"] == 5 and s["fix_rate"] == pytest.approx(3 / 5)
+    assert s["fixes_off_map"] == 1
+    assert s["false_fixes"] == 2                      # 10 m and 50 m are beyond 3 x 2 m
+    assert s["coverage_68"] == pytest.approx(1 / 4)   # only the 1 m error is inside its 2 m radius
+    assert s["median_m"] == pytest.approx(6.5)
+    assert s["error_per_floor"] == pytest.approx(6.5 / (100 * np.tan(np.radians(1.0))))
+    assert s["first_fix_s"] == pytest.approx(2.0) and s["frames_per_s"] == pytest.approx(2.0)
