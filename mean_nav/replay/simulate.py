@@ -57,7 +57,8 @@ class SimulationConfig:
     fps: float = bounded(2.0, gt=0, le=240, unit="Hz")
     telemetry_hz: float = bounded(20.0, gt=0, le=1000, unit="Hz")
     duration_s: float | None = bounded(None, gt=0, le=86_400, unit="s")  # None: one lap of the planned route
-    margin_m: float = bounded(30.0, ge=-1e5, le=1e5, unit="m")  # keep the nadir this far inside the map edges (<0: outside)
+    # keep the nadir this far inside the map edges (<0: outside them)
+    margin_m: float = bounded(30.0, ge=-1e5, le=1e5, unit="m")
     leave_map_m: float = bounded(0.0, ge=0, le=1e5, unit="m")  # >0: one leg flies this far beyond the map edge and back
     seed: int = bounded(0, ge=0, lt=2**32)
     width: int = bounded(640, ge=16, le=16384, unit="px")
