@@ -19,13 +19,15 @@ so a billion-laughs document fails in milliseconds instead of filling the memory
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
@@ -69,6 +71,9 @@ class Limits:
 
     def problem(self, x: float) -> str | None:
         """Why number x breaks these limits, or None."""
+        if isinstance(x, int) and not -INT64 <= x < INT64:
+            return f"is far out of range (must be {self.describe()})"
+        x = float(x)
         if math.isnan(x):
             return None if self.allow_nan else "must be a number, not NaN"
         if math.isinf(x) and not self.allow_inf:
@@ -76,6 +81,24 @@ class Limits:
         ok = ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
               and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
         return None if ok else f"must be {self.describe()}"
+
+    def within(self, values) -> Any:
+        """Boolean numpy mask of the finite values that lie within these limits."""
+        import numpy as np
+
+        v = np.asarray(values, float)
+        ok = np.isfinite(v)
+        for bound, inside in ((self.ge, np.greater_equal), (self.gt, np.greater),
+                              (self.le, np.less_equal), (self.lt, np.less)):
+            if bound is not None:
+                ok &= inside(v, bound, where=ok, out=np.zeros(v.shape, bool))
+        return ok
+
+    def check(self, x: float, where: str) -> None:
+        """MeanNavError `where <rule>, got x` unless x lies within these limits."""
+        problem = self.problem(x)
+        if problem:
+            raise MeanNavError(f"{where} {problem}, got {show(x)}; fix the value")
 
 
 DEFAULT_LIMITS = Limits()
@@ -114,6 +137,22 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = 256 << 20) 
         line = data.count(b"\n", 0, exc.start) + 1
         raise MeanNavError(f"{path}: line {line}: byte {exc.start} is not UTF-8 text; the {what} is "
                            "damaged or in another encoding, save it as UTF-8") from None
+
+
+def read_csv(path: str | Path, what: str, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    """A CSV file with a header row -> (columns, [(line number, row dict)]); the required
+    columns must be present. Bad bytes and malformed CSV are one clear error."""
+    path = Path(path)
+    reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+    try:
+        header = list(reader.fieldnames or [])
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise MeanNavError(f"{path}: line {reader.line_num}: not valid CSV ({exc}); fix or delete the row") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise MeanNavError(f"{path}: column {missing[0]!r} is missing; the {what} needs {', '.join(required)}")
+    return header, rows
 
 
 class _LimitedLoader(yaml.SafeLoader):
@@ -221,7 +260,7 @@ def from_dict(cls: type[T], data: Any, source: str = "config", prefix: str = "")
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise MeanNavError(f"{source}: missing required field {prefix + missing[0]!r}; add it")
+        raise MeanNavError(f"{source}: required field {prefix + missing[0]!r} is missing; add it")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # a __post_init__ refusing a combination
@@ -247,12 +286,7 @@ def _check_built(value: Any, limits: Limits, source: str, field: str) -> None:
 
 
 def _check_number(value: int | float, limits: Limits, source: str, field: str) -> None:
-    if isinstance(value, int) and not -INT64 <= value < INT64:
-        raise MeanNavError(f"{source}: field {field!r} = {show(value)} is far out of range; "
-                           f"it must be {limits.describe()}")
-    problem = limits.problem(float(value))
-    if problem:
-        raise MeanNavError(f"{source}: field {field!r} {problem}, got {show(value)}; fix the value")
+    limits.check(value, f"{source}: field {field!r}")
 
 
 def _convert(tp: Any, value: Any, source: str, field: str, limits: Limits = DEFAULT_LIMITS) -> Any:

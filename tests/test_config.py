@@ -46,7 +46,7 @@ def test_ill_typed_field_is_named():
 
 
 def test_missing_required_field_is_named():
-    with pytest.raises(MeanNavError, match="missing required field 'name'"):
+    with pytest.raises(MeanNavError, match="required field 'name' is missing"):
         from_dict(Outer, {})
 
 
@@ -88,7 +88,7 @@ class Ranged:
     ({"sigmas": [1.0, -2.0]}, r"'sigmas\[1\]' must be > 0"),
     ({"plain": float("nan")}, "'plain' must be a number, not NaN"),
     ({"plain": float("inf")}, "'plain' must be finite"),
-    ({"plain": 10 ** 400}, "'plain' = .* is far out of range"),
+    ({"plain": 10 ** 400}, "'plain' is far out of range"),
     ({"count": True}, "'count' should be int"),
 ])
 def test_declared_limits_and_finiteness_are_enforced(data, message):

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import yaml
 
+from ..config import bounded, from_dict, load_yaml
 from ..errors import MeanNavError
 
 # Camera looking straight down, image top towards the vehicle's nose.
@@ -114,25 +115,43 @@ class CameraModel:
         path = Path(path)
         if not path.is_file():
             raise MeanNavError(f"{path}: camera file not found; run `mean-nav calibrate-camera` or give its path")
-        try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise MeanNavError(f"{path}: camera file is not valid YAML ({exc})") from None
-        missing = [k for k in ("width", "height", "fx", "fy", "cx", "cy") if k not in d]
-        if missing:
-            raise MeanNavError(f"{path}: camera field {missing[0]!r} is missing; the file needs width, height, fx, fy, cx, cy")
-        mount = d.get("mount") or {}
-        try:
-            cam = cls(int(d["width"]), int(d["height"]), float(d["fx"]), float(d["fy"]),
-                      float(d["cx"]), float(d["cy"]),
-                      [float(v) for v in d.get("distortion") or [0.0] * 5],
-                      float(mount.get("roll_deg", 0.0)), float(mount.get("pitch_deg", 0.0)),
-                      float(mount.get("yaw_deg", 0.0)), d.get("rms_reprojection_px"))
-        except (TypeError, ValueError) as exc:
-            raise MeanNavError(f"{path}: camera fields must be numbers ({exc})") from None
-        if cam.width <= 0 or cam.height <= 0 or cam.fx <= 0 or cam.fy <= 0:
-            raise MeanNavError(f"{path}: width, height, fx and fy must be positive")
-        return cam
+        f = from_dict(CameraFile, load_yaml(path, "camera file"), source=str(path))
+        if len(f.distortion) not in DISTORTION_COUNTS:
+            raise MeanNavError(f"{path}: field 'distortion' has {len(f.distortion)} coefficients; OpenCV takes "
+                               f"{', '.join(map(str, DISTORTION_COUNTS))} (k1 k2 p1 p2 [k3 ...])")
+        for name, centre, size in (("cx", f.cx, f.width), ("cy", f.cy, f.height)):
+            if not 0 <= centre <= size:
+                raise MeanNavError(f"{path}: field {name!r} = {centre:g} lies outside the {size}-pixel image; "
+                                   "check the calibration (cx, cy are pixels from the top-left corner)")
+        return cls(f.width, f.height, f.fx, f.fy, f.cx, f.cy, list(f.distortion), f.mount.roll_deg,
+                   f.mount.pitch_deg, f.mount.yaw_deg, f.rms_reprojection_px)
+
+
+DISTORTION_COUNTS = (4, 5, 8, 12, 14)
+
+
+@dataclass
+class CameraMount:
+    """camera.yaml `mount`: rotation from the nadir default (body frame, degrees)."""
+
+    roll_deg: float = bounded(0.0, ge=-180, le=180, unit="deg")
+    pitch_deg: float = bounded(0.0, ge=-180, le=180, unit="deg")
+    yaw_deg: float = bounded(0.0, ge=-180, le=360, unit="deg")
+
+
+@dataclass
+class CameraFile:
+    """camera.yaml as written by `mean-nav calibrate-camera` (CameraModel.to_yaml)."""
+
+    width: int = bounded(ge=1, le=32768, unit="px")
+    height: int = bounded(ge=1, le=32768, unit="px")
+    fx: float = bounded(gt=0, le=1e6, unit="px")
+    fy: float = bounded(gt=0, le=1e6, unit="px")
+    cx: float = bounded(unit="px")
+    cy: float = bounded(unit="px")
+    distortion: list[float] = bounded(default_factory=lambda: [0.0] * 5, ge=-1e4, le=1e4)
+    mount: CameraMount = field(default_factory=CameraMount)
+    rms_reprojection_px: float | None = bounded(None, ge=0, le=1e4, unit="px")
 
 
 def ground_to_pixel_homography(cam: CameraModel, roll: float, pitch: float, yaw: float,

@@ -26,7 +26,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from ..config import bounded, load_config
+from ..config import Limits, bounded, load_config, read_csv
 from ..errors import MeanNavError
 from ..nav.camera_model import CameraModel
 from ..nav.telemetry import Telemetry
@@ -35,6 +35,8 @@ from .logs import TelemetryTrack, read_telemetry_csv, read_telemetry_log
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+FRAME_ID_LIMITS = Limits(ge=0, lt=10**9)
+TIME_LIMITS = Limits(ge=-1e10, le=1e10, unit="s")
 
 
 @dataclass
@@ -190,23 +192,21 @@ def read_frames_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise MeanNavError(f"{path}: frame timestamps not found; a flight needs frames.csv with columns frame,time_s")
     ids, times = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        for col in ("frame", "time_s"):
-            if col not in (reader.fieldnames or []):
-                raise MeanNavError(f"{path}: column {col!r} is missing; frames.csv needs frame,time_s")
-        previous = -math.inf
-        for line, row in enumerate(reader, start=2):
-            try:
-                fid, t = int(row["frame"]), float(row["time_s"])
-            except (TypeError, ValueError):
-                raise MeanNavError(f"{path}: line {line}: frame must be an integer and time_s a number") from None
-            if not t > previous:
-                raise MeanNavError(f"{path}: line {line}: time_s {t} does not increase (previous {previous}); "
-                                   "frames must be in time order without duplicates")
-            previous = t
-            ids.append(fid)
-            times.append(t)
+    _, rows = read_csv(path, "frames.csv", ("frame", "time_s"))
+    previous = -math.inf
+    for line, row in rows:
+        try:
+            fid, t = int(row["frame"]), float(row["time_s"])
+        except (TypeError, ValueError):
+            raise MeanNavError(f"{path}: line {line}: frame must be an integer and time_s a number") from None
+        FRAME_ID_LIMITS.check(fid, f"{path}: line {line}: frame")
+        TIME_LIMITS.check(t, f"{path}: line {line}: time_s")
+        if not t > previous:
+            raise MeanNavError(f"{path}: line {line}: time_s {t} does not increase (previous {previous}); "
+                               "frames must be in time order without duplicates")
+        previous = t
+        ids.append(fid)
+        times.append(t)
     if not ids:
         raise MeanNavError(f"{path}: frames.csv lists no frames")
     return np.array(ids, int), np.array(times, float)

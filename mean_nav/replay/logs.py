@@ -12,7 +12,9 @@ boot clock, .ulg its `timestamp` (boot clock, or Unix time in SITL logs). A flig
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Limits, read_csv, show
 from ..errors import MeanNavError
 from ..nav.telemetry import Telemetry
 
@@ -34,6 +37,17 @@ CSV_REQUIRED_COLUMNS = ("time_s", "lat", "lon", "alt_m", "rel_alt_m", "roll", "p
 # gimbal_*: the camera's own attitude (Telemetry.gimbal_*), written only when a flight has it
 GIMBAL_COLUMNS = ("gimbal_roll", "gimbal_pitch", "gimbal_yaw")
 CSV_COLUMNS = CSV_REQUIRED_COLUMNS + ("vn", "ve", "vd", "range_m") + GIMBAL_COLUMNS
+CHANNEL_COLUMN = {"alt_amsl_m": "alt_m"}  # channel names that differ from telemetry.csv's
+_ANGLE = Limits(ge=-2 * math.pi, le=2 * math.pi, unit="radians")
+# plausible values (units of telemetry.csv); log samples outside them are dropped
+CSV_LIMITS = {
+    "time_s": Limits(ge=-1e10, le=1e10, unit="s"),
+    "lat": Limits(ge=-90, le=90, unit="deg"), "lon": Limits(ge=-180, le=180, unit="deg"),
+    "alt_m": Limits(ge=-1000, le=100_000, unit="m"), "rel_alt_m": Limits(ge=-10_000, le=100_000, unit="m"),
+    "vn": Limits(ge=-1000, le=1000, unit="m/s"), "ve": Limits(ge=-1000, le=1000, unit="m/s"),
+    "vd": Limits(ge=-1000, le=1000, unit="m/s"), "range_m": Limits(ge=0, le=100_000, unit="m"),
+    **{c: _ANGLE for c in ("roll", "pitch", "yaw") + GIMBAL_COLUMNS},
+}
 
 DOWNWARD = 25  # MAV_SENSOR_ROTATION_PITCH_270: a rangefinder looking down
 
@@ -134,10 +148,16 @@ def wrap_pi(a):
 
 
 def _series(source: str, name: str, t, v, notes: list[str]) -> Series:
-    """Sorted-in-time series with non-finite values, repeated and backwards stamps dropped."""
+    """Sorted-in-time series with non-finite or implausible values, repeated and backwards
+    stamps dropped."""
     t = np.asarray(t, float)
     v = np.asarray(v, float)
-    ok = np.isfinite(t) & np.isfinite(v)
+    limits = CSV_LIMITS[CHANNEL_COLUMN.get(name, name)]
+    ok = np.isfinite(t) & limits.within(v)
+    implausible = int((np.isfinite(v) & ~ok).sum())
+    if implausible:
+        notes.append(f"{name}: dropped {implausible} implausible sample(s) ({limits.describe()})")
+        log.warning("%s: %s: dropped %d implausible sample(s)", source, name, implausible)
     t, v = t[ok], v[ok]
     if name in ANGLE_CHANNELS:  # e.g. DataFlash yaw is 0..360 degrees
         v = wrap_pi(v)
@@ -176,37 +196,36 @@ def read_telemetry_csv(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTra
     if not path.is_file():
         raise MeanNavError(f"{path}: telemetry file not found; a flight needs telemetry.csv or "
                            "flight.yaml telemetry_log")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in CSV_REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise MeanNavError(f"{path}: column {missing[0]!r} is missing; telemetry.csv needs "
-                               f"{', '.join(CSV_REQUIRED_COLUMNS)}")
-        rows = {c: [] for c in CSV_COLUMNS}
-        previous = -math.inf
-        for line, row in enumerate(reader, start=2):
+    _, lines = read_csv(path, "telemetry.csv", CSV_REQUIRED_COLUMNS)
+    rows = {c: [] for c in CSV_COLUMNS}
+    previous = -math.inf
+    for line, row in lines:
+        values = {}
+        for c in CSV_COLUMNS:
+            text = row.get(c)
+            if text is None or not text.strip():
+                values[c] = math.nan  # an empty cell: not measured
+                continue
             try:
-                values = {c: float(row[c]) if row.get(c) not in (None, "") else math.nan for c in CSV_COLUMNS}
-            except ValueError as exc:
-                raise MeanNavError(f"{path}: line {line}: not a number ({exc}); fix or delete the row") from None
-            t = values["time_s"]
-            if not math.isfinite(t):
-                raise MeanNavError(f"{path}: line {line}: time_s is empty; every row needs a time")
-            if t <= previous:
-                raise MeanNavError(f"{path}: line {line}: time_s {t} does not increase (previous {previous}); "
-                                   "sort the rows by time and remove duplicates")
-            previous = t
-            for c in CSV_COLUMNS:
-                rows[c].append(values[c])
+                values[c] = float(text)
+            except ValueError:
+                raise MeanNavError(f"{path}: line {line}: {c} {show(text)} is not a number; "
+                                   "fix the row (leave the cell empty when a value is missing)") from None
+            CSV_LIMITS[c].check(values[c], f"{path}: line {line}: {c}")
+        t = values["time_s"]
+        if not math.isfinite(t):
+            raise MeanNavError(f"{path}: line {line}: time_s is empty; every row needs a time")
+        if t <= previous:
+            raise MeanNavError(f"{path}: line {line}: time_s {t} does not increase (previous {previous}); "
+                               "sort the rows by time and remove duplicates")
+        previous = t
+        for c in CSV_COLUMNS:
+            rows[c].append(values[c])
     if not rows["time_s"]:
         raise MeanNavError(f"{path}: telemetry.csv has no rows")
     t = np.array(rows["time_s"])
-    names = {"alt_m": "alt_amsl_m"}
-    raw = {names.get(c, c): (t, np.array(rows[c])) for c in CSV_COLUMNS if c != "time_s"}
-    for c in ANGLE_CHANNELS:
-        if np.isfinite(raw[c][1]).any() and np.nanmax(np.abs(raw[c][1])) > 2 * np.pi + 1e-6:
-            raise MeanNavError(f"{path}: column {c!r} has values beyond 2*pi; angles must be radians")
+    column_channel = {c: ch for ch, c in CHANNEL_COLUMN.items()}
+    raw = {column_channel.get(c, c): (t, np.array(rows[c])) for c in CSV_COLUMNS if c != "time_s"}
     return _finish(str(path), raw, max_gap_s)
 
 
@@ -243,28 +262,30 @@ def read_tlog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
         raw[name][1].append(v)
 
     try:
-        conn = mavutil.mavlink_connection(str(path), dialect="common")
-        types = ["ATTITUDE", "GLOBAL_POSITION_INT", "DISTANCE_SENSOR"]
-        while True:
-            msg = conn.recv_match(type=types)
-            if msg is None:
-                break
-            kind = msg.get_type()
-            if kind == "BAD_DATA":
-                continue
-            t = msg.time_boot_ms / 1000.0
-            if kind == "ATTITUDE":
-                add("roll", t, msg.roll); add("pitch", t, msg.pitch); add("yaw", t, msg.yaw)
-            elif kind == "GLOBAL_POSITION_INT":
-                if msg.lat == 0 and msg.lon == 0:  # "unknown" in MAVLink
+        with _pymavlink_quiet():
+            conn = mavutil.mavlink_connection(str(path), dialect="common")
+            types = ["ATTITUDE", "GLOBAL_POSITION_INT", "DISTANCE_SENSOR"]
+            while True:
+                msg = conn.recv_match(type=types)
+                if msg is None:
+                    break
+                kind = msg.get_type()
+                if kind == "BAD_DATA":
                     continue
-                add("lat", t, msg.lat * 1e-7); add("lon", t, msg.lon * 1e-7)
-                add("alt_amsl_m", t, msg.alt / 1000.0); add("rel_alt_m", t, msg.relative_alt / 1000.0)
-                add("vn", t, msg.vx / 100.0); add("ve", t, msg.vy / 100.0); add("vd", t, msg.vz / 100.0)
-            elif kind == "DISTANCE_SENSOR" and msg.orientation == DOWNWARD:
-                add("range_m", t, msg.current_distance / 100.0 if msg.current_distance > 0 else math.nan)
-    except (OSError, ValueError, struct_error()) as exc:
-        raise MeanNavError(f"{path}: cannot read as a MAVLink telemetry log ({exc})") from None
+                t = msg.time_boot_ms / 1000.0
+                if kind == "ATTITUDE":
+                    add("roll", t, msg.roll); add("pitch", t, msg.pitch); add("yaw", t, msg.yaw)
+                elif kind == "GLOBAL_POSITION_INT":
+                    if msg.lat == 0 and msg.lon == 0:  # "unknown" in MAVLink
+                        continue
+                    add("lat", t, msg.lat * 1e-7); add("lon", t, msg.lon * 1e-7)
+                    add("alt_amsl_m", t, msg.alt / 1000.0); add("rel_alt_m", t, msg.relative_alt / 1000.0)
+                    add("vn", t, msg.vx / 100.0); add("ve", t, msg.vy / 100.0); add("vd", t, msg.vz / 100.0)
+                elif kind == "DISTANCE_SENSOR" and msg.orientation == DOWNWARD:
+                    add("range_m", t, msg.current_distance / 100.0 if msg.current_distance > 0 else math.nan)
+    except Exception as exc:  # pymavlink raises any exception type on damaged files
+        raise MeanNavError(f"{path}: cannot read as a MAVLink telemetry log ({_reason(exc)}); the file is "
+                           "damaged or not a .tlog, copy it again from the vehicle") from None
     return _finish(str(path), raw, max_gap_s)
 
 
@@ -284,32 +305,34 @@ def read_dataflash(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
         table[name][1].append(v)
 
     try:
-        conn = mavutil.mavlink_connection(str(path))
-        types = ["ATT", "POS", "GPS", "XKF1", "NKF1", "RFND"]
-        while True:
-            msg = conn.recv_match(type=types)
-            if msg is None:
-                break
-            kind = msg.get_type()
-            t = msg.TimeUS / 1e6
-            if kind == "ATT":
-                add(raw, "roll", t, math.radians(msg.Roll)); add(raw, "pitch", t, math.radians(msg.Pitch))
-                add(raw, "yaw", t, math.radians(msg.Yaw))
-            elif kind == "POS":
-                add(raw, "lat", t, msg.Lat); add(raw, "lon", t, msg.Lng)
-                add(raw, "alt_amsl_m", t, msg.Alt)
-                if hasattr(msg, "RelHomeAlt"):
-                    add(raw, "rel_alt_m", t, msg.RelHomeAlt)
-            elif kind == "GPS" and msg.Status >= 3:
-                add(gps, "lat", t, msg.Lat); add(gps, "lon", t, msg.Lng); add(gps, "alt_amsl_m", t, msg.Alt)
-            elif kind in ("XKF1", "NKF1") and getattr(msg, "C", 0) == 0:  # core 0 only
-                add(raw, "vn", t, msg.VN); add(raw, "ve", t, msg.VE); add(raw, "vd", t, msg.VD)
-            elif kind == "RFND":
-                dist = getattr(msg, "Dist", getattr(msg, "Dist1", math.nan))
-                if getattr(msg, "Orient", DOWNWARD) == DOWNWARD:
-                    add(raw, "range_m", t, dist if dist > 0 else math.nan)
-    except (OSError, ValueError, struct_error()) as exc:
-        raise MeanNavError(f"{path}: cannot read as a DataFlash log ({exc})") from None
+        with _pymavlink_quiet():
+            conn = mavutil.mavlink_connection(str(path))
+            types = ["ATT", "POS", "GPS", "XKF1", "NKF1", "RFND"]
+            while True:
+                msg = conn.recv_match(type=types)
+                if msg is None:
+                    break
+                kind = msg.get_type()
+                t = msg.TimeUS / 1e6
+                if kind == "ATT":
+                    add(raw, "roll", t, math.radians(msg.Roll)); add(raw, "pitch", t, math.radians(msg.Pitch))
+                    add(raw, "yaw", t, math.radians(msg.Yaw))
+                elif kind == "POS":
+                    add(raw, "lat", t, msg.Lat); add(raw, "lon", t, msg.Lng)
+                    add(raw, "alt_amsl_m", t, msg.Alt)
+                    if hasattr(msg, "RelHomeAlt"):
+                        add(raw, "rel_alt_m", t, msg.RelHomeAlt)
+                elif kind == "GPS" and msg.Status >= 3:
+                    add(gps, "lat", t, msg.Lat); add(gps, "lon", t, msg.Lng); add(gps, "alt_amsl_m", t, msg.Alt)
+                elif kind in ("XKF1", "NKF1") and getattr(msg, "C", 0) == 0:  # core 0 only
+                    add(raw, "vn", t, msg.VN); add(raw, "ve", t, msg.VE); add(raw, "vd", t, msg.VD)
+                elif kind == "RFND":
+                    dist = getattr(msg, "Dist", getattr(msg, "Dist1", math.nan))
+                    if getattr(msg, "Orient", DOWNWARD) == DOWNWARD:
+                        add(raw, "range_m", t, dist if dist > 0 else math.nan)
+    except Exception as exc:  # pymavlink raises any exception type on damaged files
+        raise MeanNavError(f"{path}: cannot read as a DataFlash log ({_reason(exc)}); the file is damaged "
+                           "or not a .bin, copy it again from the vehicle") from None
     if not raw["lat"][0] and gps["lat"][0]:
         for c in gps:
             raw[c] = gps[c]
@@ -338,7 +361,8 @@ def read_ulog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
         ulog = ULog(str(path), ["vehicle_attitude", "vehicle_local_position", "vehicle_global_position",
                                 "vehicle_gps_position", "sensor_gps", "distance_sensor"])
     except Exception as exc:  # pyulog raises bare exceptions on corrupt files
-        raise MeanNavError(f"{path}: cannot read as a PX4 ULog ({exc})") from None
+        raise MeanNavError(f"{path}: cannot read as a PX4 ULog ({_reason(exc)}); the file is damaged or "
+                           "not a .ulg, copy it again from the vehicle") from None
     topics = {}
     for d in ulog.data_list:
         if d.multi_id == 0 or d.name == "distance_sensor":
@@ -401,7 +425,15 @@ def _existing(path) -> Path:
     return path
 
 
-def struct_error():
-    import struct
+def _pymavlink_quiet():
+    """pymavlink prints every damaged header to stdout: keep it off the user's terminal."""
+    return contextlib.redirect_stdout(_Discard())
 
-    return struct.error
+
+class _Discard(io.TextIOBase):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {show(' '.join(str(exc).split()))}"
