@@ -222,7 +222,9 @@ def rectify_to_nadir(frame: np.ndarray, cam: CameraModel, roll: float, pitch: fl
     scale = (height_m / cam.fx) / gsd_m
     if scale < 0.66:
         frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        h_pix = np.diag([scale, scale, 1.0]) @ h_pix
+        # cv2.resize keeps pixel centres aligned: u' = (u + 0.5) * scale - 0.5
+        offset = 0.5 * (scale - 1.0)
+        h_pix = np.array([[scale, 0.0, offset], [0.0, scale, offset], [0.0, 0.0, 1.0]]) @ h_pix
     pixel_from_out = h_pix @ np.linalg.inv(ground_to_image(gsd_m, size_px))
     out = cv2.warpPerspective(frame, pixel_from_out, (size_px, size_px),
                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)

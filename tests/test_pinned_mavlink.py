@@ -1,0 +1,213 @@
+"""Pins GPS time and the GPS_INPUT encoding from independent sources: published GPS calendar
+facts, Python's datetime, and the message as pymavlink decodes it on the autopilot's side."""
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import itertools
+import math
+import socket
+
+import pytest
+
+from mean_nav.nav.estimate import Estimate, FixQuality
+from mean_nav.nav.gps_time import gps_minus_utc_s, gps_week_and_ms
+from mean_nav.nav.mavlink_io import MavlinkConfig, MavlinkLink, mavutil
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+GPS_EPOCH = dt.datetime(1980, 1, 6, tzinfo=dt.timezone.utc)
+
+
+def unix(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return float(calendar.timegm((year, month, day, hour, minute, second)))
+
+
+def gps_by_datetime(utc: dt.datetime, leap_s: int) -> tuple[int, int]:
+    """A second derivation: GPS time = UTC + leap seconds, counted from the GPS epoch by datetime."""
+    elapsed = utc + dt.timedelta(seconds=leap_s) - GPS_EPOCH
+    ms = round(elapsed / dt.timedelta(milliseconds=1))
+    return ms // WEEK_MS, ms % WEEK_MS
+
+
+# --- GPS time -------------------------------------------------------------------------------
+
+def test_the_2019_week_rollover_instant_is_week_2048_at_zero_ms():
+    # GPS week 2048 (the second 10-bit rollover) began at 2019-04-07 00:00:00 GPS time,
+    # i.e. 2019-04-06 23:59:42 UTC with GPS - UTC = 18 s.
+    rollover = unix(2019, 4, 6, 23, 59, 42)
+    assert gps_minus_utc_s(rollover) == 18
+    assert gps_week_and_ms(rollover) == (2048, 0)
+    assert gps_week_and_ms(rollover - 0.001) == (2047, WEEK_MS - 1)
+    assert gps_week_and_ms(rollover + 0.001) == (2048, 1)
+
+
+def test_rounding_up_to_the_end_of_a_week_carries_into_the_next_week():
+    rollover = unix(2019, 4, 6, 23, 59, 42)
+    week, ms = gps_week_and_ms(rollover - 0.0004)     # 0.4 ms before: rounds to the boundary
+    assert (week, ms) == (2048, 0)
+    for offset in (-0.0006, -0.0004, -0.0001, 0.0, 0.0004):
+        assert 0 <= gps_week_and_ms(rollover + offset)[1] < WEEK_MS
+
+
+# IERS Bulletin C: GPS - UTC steps since 1999 (the seconds inserted at the end of the day before)
+PUBLISHED_STEPS = [((2006, 1, 1), 14), ((2009, 1, 1), 15), ((2012, 7, 1), 16), ((2015, 7, 1), 17),
+                   ((2017, 1, 1), 18)]
+
+
+@pytest.mark.parametrize("day, after", PUBLISHED_STEPS)
+def test_leap_seconds_step_at_the_published_instants(day, after):
+    step = unix(*day)
+    assert gps_minus_utc_s(step - 1.0) == after - 1
+    assert gps_minus_utc_s(step) == after
+    assert gps_minus_utc_s(step + 86400.0 * 40) == after      # a month later still the same
+
+
+def test_leap_seconds_before_2006_and_today():
+    assert gps_minus_utc_s(unix(1999, 6, 1)) == 13
+    assert gps_minus_utc_s(unix(2005, 12, 31, 23, 59, 59)) == 13
+    assert gps_minus_utc_s(unix(2026, 3, 1)) == 18
+
+
+@pytest.mark.parametrize("utc", [dt.datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=dt.timezone.utc),
+                                 dt.datetime(2021, 8, 14, 3, 7, 11, 250000, tzinfo=dt.timezone.utc),
+                                 dt.datetime(2000, 2, 29, 23, 59, 59, tzinfo=dt.timezone.utc)])
+def test_week_and_ms_agree_with_a_datetime_derivation(utc):
+    leap = 18 if utc.year >= 2017 else 13
+    assert gps_week_and_ms(utc.timestamp()) == gps_by_datetime(utc, leap)
+
+
+def test_an_explicit_leap_second_count_overrides_the_table():
+    t = unix(2026, 3, 1, 10, 0, 0)
+    utc = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    assert gps_week_and_ms(t, leap_seconds=19) == gps_by_datetime(utc, 19)
+    assert gps_week_and_ms(t, leap_seconds=0) == gps_by_datetime(utc, 0)
+    assert gps_week_and_ms(t, leap_seconds=19)[1] - gps_week_and_ms(t)[1] == 1000
+
+
+# --- GPS_INPUT as the autopilot decodes it -----------------------------------------------
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def autopilot():
+    """A pymavlink peer standing in for the autopilot; returns a factory of links to it."""
+    port = _free_udp_port()
+    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=1, source_component=1,
+                                      dialect="common")
+    links = []
+
+    def connect(**cfg) -> MavlinkLink:
+        link = MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", **cfg))
+        links.append(link)
+        return link
+
+    yield connect, peer
+    for link in links:
+        link.close()
+    peer.close()
+
+
+def received_gps_input(peer, timeout_s: float = 2.0):
+    msg = peer.recv_match(type="GPS_INPUT", blocking=True, timeout=timeout_s)
+    assert msg is not None, "no GPS_INPUT arrived"
+    return msg
+
+
+def estimate(**kw) -> Estimate:
+    base = dict(time_s=1.0, fix=FixQuality.FIX, lat=51.8401685, lon=4.9866870, alt_m=70.5, vn=4.0, ve=-1.0,
+                vd=0.0, sigma_h_m=2.5, sigma_v_m=10.0, sigma_speed_ms=0.4)
+    base.update(kw)
+    return Estimate(**base)
+
+
+_SEND_CLOCK = itertools.count(1000)
+
+
+def send(link: MavlinkLink, est: Estimate, unix_s: float = 1.77e9) -> None:
+    now = float(next(_SEND_CLOCK))   # a second after the previous send: never inside the 50 ms minimum
+    assert link.send_estimate(est, unix_s, now=now) == (est.fix == FixQuality.FIX)
+
+
+def test_descending_vehicle_reports_positive_vd_in_ned(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(vn=3.0, ve=-2.0, vd=1.5))       # NED: +1.5 m/s down = descending
+    msg = received_gps_input(peer)
+    assert msg.vd == pytest.approx(1.5) and msg.vd > 0
+    assert (msg.vn, msg.ve) == (pytest.approx(3.0), pytest.approx(-2.0))
+
+
+def test_the_configured_gps_id_is_sent(autopilot):
+    connect, peer = autopilot
+    link = connect(gps_id=1)                           # GPS2 on the autopilot
+    send(link, estimate())
+    assert received_gps_input(peer).gps_id == 1
+    send(link, estimate(fix=FixQuality.COASTING))       # the no-fix message too
+    msg = received_gps_input(peer)
+    assert (msg.gps_id, msg.fix_type) == (1, 0)
+
+
+def test_dops_and_accuracies_follow_their_own_sigma(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    # hdop = 2.5 m / 2.5 m = 1.0 and vdop = 10 m / 2.5 m = 4.0 (the documented nominal range error)
+    send(link, estimate(sigma_h_m=2.5, sigma_v_m=10.0))
+    msg = received_gps_input(peer)
+    assert msg.hdop == pytest.approx(1.0) and msg.vdop == pytest.approx(4.0)
+    assert msg.horiz_accuracy == pytest.approx(2.5) and msg.vert_accuracy == pytest.approx(10.0)
+
+
+def test_dops_are_clamped_to_the_documented_range(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(sigma_h_m=0.25, sigma_v_m=500.0))     # 0.1 -> 0.5 and 200 -> 50
+    msg = received_gps_input(peer)
+    assert msg.hdop == pytest.approx(0.5) and msg.vdop == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("sigma_h, sats", [(1.5, 12), (2.0, 12), (4.0, 10), (9.0, 8), (15.0, 6), (40.0, 5)])
+def test_satellites_follow_the_horizontal_accuracy_only(autopilot, sigma_h, sats):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(sigma_h_m=sigma_h, sigma_v_m=30.0))   # a poor vertical sigma must not matter
+    assert received_gps_input(peer).satellites_visible == sats
+
+
+def test_unknown_altitude_is_flagged_with_the_vertical_fields(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(alt_m=math.nan))
+    msg = received_gps_input(peer)
+    expected = (mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_ALT | mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_VDOP
+                | mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_VERTICAL_ACCURACY)
+    assert msg.ignore_flags == expected == 1 | 4 | 128
+    assert math.isfinite(msg.alt)
+    send(link, estimate(alt_m=12.0))
+    assert received_gps_input(peer).ignore_flags == 0
+
+
+def test_position_time_and_fix_type_of_a_fix(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    t = unix(2019, 4, 6, 23, 59, 42) + 0.25               # 250 ms into GPS week 2048
+    send(link, estimate(lat=-33.8567844, lon=151.2152967, alt_m=123.25), t)
+    msg = received_gps_input(peer)
+    assert (msg.time_week, msg.time_week_ms) == (2048, 250)
+    assert msg.time_usec == int(t * 1e6)
+    assert msg.fix_type == 3
+    assert (msg.lat, msg.lon) == (-338567844, 1512152967)
+    assert msg.alt == pytest.approx(123.25)
+
+
+def test_no_fix_sends_no_position_and_ignores_every_field(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(fix=FixQuality.COASTING, lat=10.0, lon=20.0))
+    msg = received_gps_input(peer)
+    assert msg.fix_type == 0 and (msg.lat, msg.lon) == (0, 0)
+    assert msg.ignore_flags == 255
+    assert link.positions_sent == 0
