@@ -14,9 +14,9 @@ from onnx import numpy_helper  # noqa: E402
 from mean_nav.cli import main as cli_main  # noqa: E402
 from mean_nav.deploy.backends import OnnxRuntimeEmbedder, read_onnx_info  # noqa: E402
 from mean_nav.deploy.images import load_images, synthetic_aerial_images  # noqa: E402
-from mean_nav.deploy.quantize import quantize_model  # noqa: E402
+from mean_nav.deploy.quantize import explicit_quantization_problems, quantize_model  # noqa: E402
 from mean_nav.errors import MeanNavError  # noqa: E402
-from deploy_testing import sample_images  # noqa: E402
+from deploy_testing import sample_images, tiny_deploy_onnx  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAP = DATA / "orthophotos" / "test_tiled.tif"
@@ -93,7 +93,80 @@ def test_qdq_variant_is_in_tensorrt_explicit_quantization_form(quantized):
         weight, w_scale = init[w_dq.input[0]], init[w_dq.input[1]]
         assert weight.dtype == np.int8
         assert w_scale.size == weight.shape[0]       # one scale per output channel
-    assert not [n for n in model.graph.node if n.op_type.startswith("QLinear")]
+        assert not _axis(w_dq)                       # ... along the output-channel axis
+        if len(conv.input) > 2:                      # TensorRT dequantizes INT8 only: biases stay float
+            assert init[conv.input[2]].dtype == np.float32
+    _assert_tensorrt_explicit_quantization(model)
+    assert explicit_quantization_problems(model) == []
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _assert_tensorrt_explicit_quantization(model):
+    """TensorRT's Q/DQ rules, read straight from the ONNX (independent of the module's own checker)."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    assert not [n for n in model.graph.node if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer")]
+    dq_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq_nodes
+    for node in dq_nodes + [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        zero_point, scale = init[node.input[2]], init[node.input[1]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+        assert np.all(scale > 0), node.name
+    for dq in dq_nodes:
+        source = dq.input[0]
+        if source in init:                           # a weight: int8, symmetric per channel
+            q = init[source]
+            assert q.dtype == np.int8, f"{dq.name} dequantizes {q.dtype}"
+            if init[dq.input[1]].size > 1:
+                assert q.min() >= -127 and np.abs(q.astype(int)).max() == 127, dq.name
+        else:
+            assert producers[source].op_type == "QuantizeLinear", dq.name
+
+
+def test_qdq_per_channel_axes_and_float_biases_on_conv_gemm_and_matmul(tmp_path):
+    """Every weight kind: Conv [Cout,..] axis 0, Gemm transB [N,K] axis 0, MatMul [K,N] axis 1."""
+    from mean_nav.deploy.quantize import build_int8_qdq, preprocess_for_quantization
+
+    src = tiny_deploy_onnx(tmp_path / "tiny.onnx", size=32)
+    prepared = tmp_path / "prepared.onnx"
+    preprocess_for_quantization(src, prepared)
+    out = tmp_path / "tiny.int8-qdq.onnx"
+    build_int8_qdq(prepared, out, load_images(None, 8, 32), read_onnx_info(src))
+    model = onnx.load(str(out))
+    _assert_tensorrt_explicit_quantization(model)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    for name, axis, channels in (("conv1", 0, 8), ("conv2", 0, 16), ("fc", 0, 16), ("proj", 1, 16)):
+        w_dq = producers[nodes[name].input[1]]
+        assert w_dq.op_type == "DequantizeLinear" and _axis(w_dq) == axis, name
+        assert init[w_dq.input[1]].size == channels, name
+        if len(nodes[name].input) > 2:
+            assert nodes[name].input[2] in init and init[nodes[name].input[2]].dtype == np.float32, name
+
+
+def test_rule_check_catches_onnxruntime_default_int32_biases(tmp_path):
+    """onnxruntime's default QDQ output (INT32 bias behind a DequantizeLinear) is what TensorRT
+    cannot parse: the check must name it."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    from mean_nav.deploy.quantize import _quantize_static, preprocess_for_quantization
+
+    src = tiny_deploy_onnx(tmp_path / "tiny.onnx", size=32)
+    prepared = tmp_path / "prepared.onnx"
+    preprocess_for_quantization(src, prepared)
+    out = tmp_path / "default.onnx"
+    _quantize_static(prepared, out, load_images(None, 4, 32), read_onnx_info(src), "minmax", None,
+                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "Gemm"], per_channel=True,
+                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    problems = explicit_quantization_problems(out)
+    assert any("conv1: bias c1.b is quantized" in p for p in problems)
+    assert any("dequantizes int32" in p for p in problems)
 
 
 def test_fp16_variant_keeps_float32_io_and_layernorm(quantized):

@@ -4,8 +4,13 @@ Three artefacts from one command, all carrying the FP32 model's identity in meta
 
 - `<stem>.int8-qdq.onnx`: onnxruntime static quantization in QDQ format, symmetric signed
   int8 activations and per-channel symmetric int8 weights on Conv/MatMul/Gemm inputs (and
-  around ReLU/ReLU6): the explicit-quantization form TensorRT 10.x/11 builds from (no
-  calibrator API on device).
+  around ReLU/ReLU6), biases left float: the explicit-quantization form TensorRT 10.x/11
+  builds from (no calibrator API on device), checked against TensorRT's rules
+  (`explicit_quantization_problems`) before it is written. onnxruntime's quantizer rather
+  than NVIDIA ModelOpt (`modelopt.onnx.quantization`): ModelOpt 0.47's `[onnx]` extra pins
+  onnxruntime-gpu 1.24 (the same `onnxruntime` module, replacing the CPU package), onnx 1.21
+  and cupy-cuda12x, so it neither installs beside this project's onnxruntime nor calibrates
+  on a machine without CUDA.
   Its accuracy is checked here with onnxruntime, on CPU, before it reaches a device.
 - `<stem>.int8-cpu.onnx`: the fastest INT8 form for onnxruntime's CPU kernels. Several
   candidates are built and timed on this machine (dynamic int8 MatMul; static u8
@@ -328,7 +333,104 @@ def build_int8_qdq(prepared: Path, out: Path, calibration: list[np.ndarray] | No
         nodes_to_exclude=exclude or [], nodes_to_quantize=only,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        # TensorRT wants Q/DQ in front of every quantized input, nothing folded away
-                       "QDQKeepRemovableActivations": True, "CalibStridedMinMax": 1})
+                       "QDQKeepRemovableActivations": True, "CalibStridedMinMax": 1,
+                       # TensorRT's IDequantizeLayer takes INT8/FP8/INT4 only: an INT32 bias
+                       # behind a DequantizeLinear fails the parse; TensorRT fuses a float bias
+                       "QuantizeBias": False,
+                       "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "MatMul": -1}})
+    problems = explicit_quantization_problems(out)
+    if problems:
+        raise MeanNavError(f"{out}: the Q/DQ graph breaks TensorRT's explicit-quantization rules "
+                           f"({'; '.join(problems[:3])}); report this with the onnxruntime version")
+
+
+def _per_channel_axis(consumer, input_index: int, rank: int) -> int | None:
+    """The output-channel axis of a weight feeding `consumer` (None: not a weight input)."""
+    if input_index != 1:
+        return None
+    if consumer.op_type == "Conv":
+        return 0                                  # [C_out, C_in/g, kh, kw]
+    if consumer.op_type == "ConvTranspose":
+        return 1                                  # [C_in, C_out/g, kh, kw]
+    if consumer.op_type == "Gemm":
+        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if consumer.op_type == "MatMul":
+        return rank - 1                           # [..., K, N]
+    return None
+
+
+def explicit_quantization_problems(path_or_model) -> list[str]:
+    """Why TensorRT's explicit quantization would refuse this Q/DQ ONNX (empty: it follows the rules).
+
+    The rules (TensorRT 10.x/11 "Working with Quantized Types", onnx-tensorrt's Q/DQ import):
+    opset >= 13 (per-channel axis); no QLinear*/ *Integer operators; every DequantizeLinear
+    reads INT8 (an INT8 initializer or a QuantizeLinear), so biases stay float; zero points
+    present, INT8 and 0; scales positive and finite; per-channel weight scales along the
+    output-channel axis of the weight's consumer, one per channel, symmetric (q within
+    -127..127, the full range used).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    graph = model.graph
+    problems: list[str] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        problems.append(f"opset {opset} < 13 (per-channel DequantizeLinear needs 13)")
+    init = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    for n in graph.node:
+        if n.op_type.startswith("QLinear") or n.op_type in ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"):
+            problems.append(f"{n.name}: {n.op_type} is not explicit Q/DQ")
+        if n.op_type in ("Conv", "Gemm", "ConvTranspose") and len(n.input) > 2 and n.input[2]:
+            bias = producers.get(n.input[2])
+            if bias is not None and bias.op_type == "DequantizeLinear":
+                problems.append(f"{n.name}: bias {n.input[2]} is quantized (must stay float)")
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(n.input) < 3 or n.input[2] not in init:
+            problems.append(f"{n.name}: no INT8 zero point initializer")
+            continue
+        zero_point = numpy_helper.to_array(init[n.input[2]])
+        if zero_point.dtype != np.int8 or zero_point.any():
+            problems.append(f"{n.name}: zero point {zero_point.dtype} {zero_point.ravel()[:3]} (must be int8 0)")
+        scale = numpy_helper.to_array(init[n.input[1]]) if n.input[1] in init else None
+        if scale is None or not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"{n.name}: scale is not a positive finite initializer")
+            continue
+        if n.op_type != "DequantizeLinear":
+            continue
+        source = n.input[0]
+        if source in init:
+            q = numpy_helper.to_array(init[source])
+            if q.dtype != np.int8:
+                problems.append(f"{n.name}: dequantizes {q.dtype} {source} (TensorRT takes INT8 only)")
+                continue
+        elif source not in producers or producers[source].op_type != "QuantizeLinear":
+            problems.append(f"{n.name}: input {source} is neither an INT8 initializer nor a QuantizeLinear")
+            continue
+        if scale.size == 1 or source not in init:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % q.ndim
+        for consumer, index in consumers.get(n.output[0], []):
+            want = _per_channel_axis(consumer, index, q.ndim)
+            if want is not None and want != axis:
+                problems.append(f"{n.name}: per-channel axis {axis}, {consumer.op_type} weights need {want}")
+        if scale.size != q.shape[axis]:
+            problems.append(f"{n.name}: {scale.size} scales for {q.shape[axis]} channels")
+            continue
+        # symmetric: q in [-127, 127] with the full range used (onnxruntime gives near-dead
+        # channels, |w| ~ 1e-6, a floor scale, so not every channel reaches 127)
+        if q.min() < -127 or np.abs(q.astype(np.int16)).max() != 127:
+            problems.append(f"{n.name}: weights are not symmetric int8 (q in {q.min()}..{q.max()}, "
+                            "want -127..127)")
+    return problems
 
 
 def build_int8_cpu_static(prepared: Path, out: Path, calibration: list[np.ndarray] | None, info: DeployInfo,
