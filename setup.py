@@ -28,7 +28,14 @@ TRAIN = [
 ]
 EXTRAS = {
     "train": TRAIN,
-    "tensorrt": ["tensorrt>=10.3", "pycuda>=2022.1"],
+    # TensorRT device buffers: pycuda first, cuda-python as the fallback (engines/README.md).
+    # pycuda builds from source: `nvcc` must be on PATH (JetPack does not put it there);
+    # pycuda 2025.1.1 does not build against CUDA 13. A bare cuda-python pulls 13.x, which
+    # needs a CUDA 13 driver: pin it to the device's CUDA line.
+    "jetpack6": ["pycuda>=2024.1.2", "cuda-python~=12.6"],     # JetPack 6.1/6.2: TensorRT 10.3, CUDA 12.6
+    "jetpack7": ["pycuda>=2025.1.2", "cuda-python~=13.0"],     # JetPack 7.x: TensorRT 10.13+ / 11.4.1, CUDA 13
+    # x86/SBSA with an NVIDIA GPU: TensorRT from PyPI, cuda-python wheels (no compiler needed)
+    "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
     "faiss": ["faiss-cpu>=1.7"],
     "dev": TRAIN + ["faiss-cpu>=1.7", "pytest>=7", "pytest-benchmark>=4"],
 }

@@ -4,21 +4,23 @@
     python3 engines/build_engine.py runs/export/model.int8-qdq.onnx --max-batch 8
 
 ONNX (FP32, FP16 or Q/DQ INT8, from `mean-nav export` / `mean-nav quantize`) -> a
-serialized engine `<model_hash>.trt<ver>.<gpu>.<precision>.engine` plus its sidecar
-JSON (model hash, TensorRT version, GPU, compute capability, precision, input shape,
-sha256 of the engine). Precision comes from the ONNX itself: the network is built
+serialized engine `<model_hash>.<onnx_sha256[:12]>.trt<ver>.<gpu>.<precision>.engine` plus
+its sidecar JSON (model hash, source ONNX sha256, preprocessing, TensorRT version, GPU,
+compute capability, precision, input shape, sha256 of the engine). Precision comes from the ONNX itself: the network is built
 strongly typed (the only mode TensorRT 11 has), so FP16/INT8 are whatever the graph's
 types and Q/DQ nodes say; no builder precision flags, no calibrator.
 
 The new engine is checked against onnxruntime on sample images (cosine >= 0.99 per
 descriptor) and its latency printed; a failing engine is deleted. The equivalent
-`trtexec` command is printed too. Without TensorRT or a CUDA device this stops with
+`trtexec` command is printed too (saving to `<engine>.trtexec.engine`, so running it
+never replaces the checked engine). Without TensorRT or a CUDA device this stops with
 a clear message. Importable: `build_engine(onnx_path, ...) -> BuildResult`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +40,8 @@ from mean_nav.deploy.backends import OnnxRuntimeEmbedder, read_onnx_info
 from mean_nav.deploy.images import cosine_per_row, load_images
 from mean_nav.deploy.tensorrt_backend import (EngineSidecar, TensorRTEmbedder, engine_file_name, import_tensorrt,
                                               open_cuda, sanitize_gpu_name, sha256_file, sidecar_path)
+
+log = logging.getLogger("build_engine")
 
 ENGINE_MIN_COSINE = 0.99
 
@@ -60,18 +64,69 @@ def input_shapes(info, max_batch: int, opt_batch: int) -> tuple[tuple, tuple, tu
     return (1, *per_image), (opt_batch, *per_image), (max_batch, *per_image)
 
 
+def trtexec_engine_path(engine_path: Path) -> Path:
+    """Where the printed trtexec line saves: beside the checked engine, never over it."""
+    return engine_path.with_name(engine_path.name[:-len(".engine")] + ".trtexec.engine")
+
+
 def trtexec_command(onnx_path: Path, engine_path: Path, input_name: str, shapes, workspace_mib: int,
                     timing_cache: Path | None) -> str:
+    """The trtexec line building the same engine as `build_engine` (saved to `trtexec_engine_path`)."""
     fmt = lambda shape: "x".join(str(v) for v in shape)  # noqa: E731
     cmd = [
         "trtexec", f"--onnx={onnx_path}", "--stronglyTyped",
         f"--minShapes={input_name}:{fmt(shapes[0])}", f"--optShapes={input_name}:{fmt(shapes[1])}",
         f"--maxShapes={input_name}:{fmt(shapes[2])}", f"--memPoolSize=workspace:{workspace_mib}M",
-        f"--saveEngine={engine_path}",
+        f"--saveEngine={trtexec_engine_path(engine_path)}",
     ]
     if timing_cache:
         cmd.append(f"--timingCacheFile={timing_cache}")
     return " ".join(cmd)
+
+
+def parse_failure_hint(onnx_path: Path, info) -> str:
+    """What to do when TensorRT's ONNX parser refuses a MEAN deploy graph."""
+    if info.precision == "int8-qdq":
+        try:
+            from mean_nav.deploy.quantize import explicit_quantization_problems
+
+            problems = explicit_quantization_problems(onnx_path)
+        except ImportError:  # no onnx on the device: the rules cannot be read here
+            problems = []
+        if problems:
+            return ("the Q/DQ graph breaks TensorRT's explicit-quantization rules: " + "; ".join(problems[:3])
+                    + "; re-quantize it with this mean-nav (`mean-nav quantize`)")
+        return "re-quantize with `mean-nav quantize` from the FP32 export, or build the FP16/FP32 ONNX"
+    return "re-export with `mean-nav export` (opset 17), or report the TensorRT version and the parser error"
+
+
+def _timing_cache(config, path: Path):
+    """The builder's timing cache, from `path` when TensorRT accepts it, else a fresh one.
+
+    A cache from another TensorRT/GPU or a damaged file is rejected (set_timing_cache
+    returns False); the build then starts from an empty cache instead of failing after it.
+    """
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data) if data else None
+    except Exception:  # some versions raise on bytes they cannot read rather than returning None
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if data:
+        log.warning("%s: TensorRT rejected this timing cache (another TensorRT version or GPU, or damaged); "
+                    "building with a fresh one that replaces it", path)
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is None:       # nothing to keep: never worth failing a finished build over
+        log.warning("TensorRT returned no timing cache; %s not updated", path)
+        return
+    _write_atomic(path, bytes(cache.serialize()))
 
 
 def _strongly_typed_flags(trt) -> int:
@@ -103,7 +158,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
         cuda.close()
     out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    engine_path = out_dir / engine_file_name(info.model_hash, trt.__version__, gpu, info.precision)
+    onnx_sha256 = sha256_file(onnx_path)
+    engine_path = out_dir / engine_file_name(info.model_hash, onnx_sha256, trt.__version__, gpu, info.precision)
     timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -112,7 +168,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the ONNX ({errors}); re-export with a lower --opset")
+        raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the ONNX ({errors}); "
+                           f"{parse_failure_hint(onnx_path, info)}")
     if network.num_inputs != 1:
         raise MeanNavError(f"{onnx_path}: expected one image input, found {network.num_inputs}")
     input_name = network.get_input(0).name
@@ -120,9 +177,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _timing_cache(config, timing_cache)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, *shapes)
     config.add_optimization_profile(profile)
@@ -135,7 +190,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
     if serialized is None:
         raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger "
                            "--workspace-mib or the FP32/FP16 ONNX")
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(config, timing_cache)
 
     # engine and sidecar appear together and only after the check passes
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
@@ -147,7 +202,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
             preprocessing=info.preprocessing.to_json(), precision=info.precision, input_layout=info.input_layout,
             tensorrt_version=trt.__version__, gpu_name=gpu, compute_capability=cc, input_name=input_name,
             input_shape=list(shapes[1]), max_batch=max_batch, engine_sha256=sha256_file(tmp_engine),
-            source_onnx=str(onnx_path), source_onnx_sha256=sha256_file(onnx_path),
+            source_onnx=str(onnx_path), source_onnx_sha256=onnx_sha256,
             built_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         sidecar.save(sidecar_path(tmp_engine))
         cos_min = cos_mean = float("nan")
@@ -155,7 +210,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
         if verify:
             sample = load_images(images, check_count, info.preprocessing.img_size, seed=7)
             reference = OnnxRuntimeEmbedder(onnx_path, providers=["CPUExecutionProvider"]).embed(sample)
-            emb = TensorRTEmbedder(tmp_engine, expect=info)
+            emb = TensorRTEmbedder(tmp_engine, expect=info, source_onnx_sha256=onnx_sha256)
             try:
                 got = emb.embed(sample, batch_size=max_batch)
                 cos = cosine_per_row(reference, got)
@@ -206,11 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", help="timing cache file (default: engines/trt<ver>.<gpu>.timing_cache)")
     p.add_argument("--images", help="check images: folder, list file or GeoTIFF (default: procedural images)")
     p.add_argument("--check-count", type=int, default=16)
+    p.add_argument("--min-cosine", type=float, default=ENGINE_MIN_COSINE,
+                   help=f"per-descriptor cosine vs onnxruntime an engine must reach to be kept (default {ENGINE_MIN_COSINE})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="build_engine: %(message)s")
     try:
         r = build_engine(args.onnx, args.out_dir, args.max_batch, args.opt_batch, args.workspace_mib,
-                         args.timing_cache, args.images, args.check_count, verify=not args.no_verify)
+                         args.timing_cache, args.images, args.check_count, verify=not args.no_verify,
+                         min_cosine=args.min_cosine)
     except MeanNavError as exc:
         print(f"build_engine: error: {exc}", file=sys.stderr)
         return 1

@@ -59,6 +59,9 @@ class MeanNavNode(Node):
                                       "with inflated variance (install proj-data egm96_15.gtx to fix)")
         from pathlib import Path
 
+        # the embedder is loaded here, on rclpy's thread, and runs on the "mean-nav" thread below:
+        # the TensorRT backend makes the CUDA context current around each inference (pycuda
+        # push/pop, or the runtime API's primary context), so no context has to follow the thread
         self.daemon = NavDaemon(load_nav_config(config), config_dir=Path(config).resolve().parent)
         self.daemon.on_estimate.append(self.publish)
         self.thread = threading.Thread(target=self._run, name="mean-nav", daemon=True)

@@ -75,6 +75,10 @@ def test_uint8_nhwc_graph_does_the_preprocessing_itself(lite0, exported, tmp_pat
     sess = ort.InferenceSession(str(u8), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     assert inp.type == "tensor(uint8)" and inp.shape[1:] == [SIZE, SIZE, 3]
+    import onnx
+
+    readers = [n.op_type for n in onnx.load(str(u8)).graph.node if inp.name in n.input]
+    assert readers == ["Cast"]     # cast before the transpose: TensorRT transposes no UINT8 tensor
     images = _images(4)
     a = OnnxRuntimeEmbedder(f32, threads=1).embed(images)
     b = OnnxRuntimeEmbedder(u8, threads=1).embed(images)

@@ -215,9 +215,10 @@ class TorchEmbedder(Embedder):
 def load_embedder(path: str | Path, backend: BackendName = "auto", threads: int | None = None) -> Embedder:
     """An Embedder for a checkpoint (.pt/.pth: torch), an .onnx or an .engine (TensorRT).
 
-    backend="auto": an .onnx runs on a matching TensorRT engine found next to it (same
-    model hash and precision, this TensorRT version and GPU, intact checksum) when
-    TensorRT and a CUDA device are present; otherwise on onnxruntime.
+    backend="auto": an .onnx runs on a matching TensorRT engine found next to it (built
+    from this very ONNX file, this TensorRT version and GPU, intact checksum) when
+    TensorRT and a CUDA device are present; otherwise, and when that engine fails to
+    load (corrupt, tampered, refused), on onnxruntime with a warning.
     """
     path = Path(path)
     if not path.exists():
@@ -240,28 +241,35 @@ def load_embedder(path: str | Path, backend: BackendName = "auto", threads: int 
     if backend == "torch":
         raise MeanNavError(f"{path}: the torch backend needs the training checkpoint (.pt), not an ONNX file")
     if backend in ("auto", "tensorrt"):
-        engine = find_matching_engine(path, required=backend == "tensorrt")
-        if engine is not None:
+        found = find_matching_engine(path, required=backend == "tensorrt")
+        if found is not None:
             from .tensorrt_backend import TensorRTEmbedder
 
-            return TensorRTEmbedder(engine, expect=read_onnx_info(path))
+            engine, info, onnx_sha256 = found
+            try:
+                return TensorRTEmbedder(engine, expect=info, source_onnx_sha256=onnx_sha256)
+            except MeanNavError as exc:
+                if backend == "tensorrt":
+                    raise
+                log.warning("%s; running %s on onnxruntime instead", exc, path)
     return OnnxRuntimeEmbedder(path, threads=threads)
 
 
-def find_matching_engine(onnx_path: Path, required: bool = False) -> Path | None:
-    """A loadable engine for this ONNX next to it (or in ./engines), or None.
-
-    With required=True the reason no engine fits becomes a MeanNavError instead.
+def find_matching_engine(onnx_path: Path, required: bool = False) -> tuple[Path, DeployInfo, str] | None:
+    """(engine, the ONNX's DeployInfo, its sha256) for an engine built from this ONNX, found
+    next to it or in ./engines ($MEAN_NAV_ENGINE_DIR); None if TensorRT, a GPU or the engine is
+    missing. With required=True the reason no engine fits becomes a MeanNavError instead.
     """
     from . import tensorrt_backend as trt_backend
 
     reason = trt_backend.runtime_unavailable_reason()
     if reason is None:
         info = read_onnx_info(onnx_path)
+        onnx_sha256 = trt_backend.sha256_file(onnx_path)
         dirs = [onnx_path.parent, Path(os.environ.get("MEAN_NAV_ENGINE_DIR", "engines"))]
-        engine, reason = trt_backend.find_engine(info, dirs)
+        engine, reason = trt_backend.find_engine(info, onnx_sha256, dirs)
         if engine is not None:
-            return engine
+            return engine, info, onnx_sha256
     if required:
         raise MeanNavError(f"{onnx_path}: no usable TensorRT engine ({reason}); "
                            "build one on this device with engines/build_engine.py")

@@ -66,7 +66,8 @@ def _deploy_graph(model, preprocessing: Preprocessing, input_layout: str):
 
         def forward(self, x):
             if self.uint8_input:
-                x = x.permute(0, 3, 1, 2).float() * self.scale + self.shift
+                # cast first: TensorRT's Transpose (Shuffle) takes no UINT8 tensor
+                x = x.float().permute(0, 3, 1, 2) * self.scale + self.shift
             # MEAN's deploy module already L2-normalises; the check below holds it to that
             return self.backbone(x)
 
