@@ -11,6 +11,7 @@ RUNTIME = [
     "opencv-python>=4.8",
     "pyproj>=3.5",
     "pymavlink>=2.4.40",
+    "pyserial>=3.5",                # serial MAVLink links (/dev/ttyTHS1): pymavlink imports it lazily
     "rasterio>=1.3",
     "pyyaml>=6.0",
     "tqdm>=4.60",

@@ -178,3 +178,109 @@ def test_file_source_end_is_reported():
         assert grabber.state == "ended"
     finally:
         grabber.stop()
+
+
+class FakeSimulator:
+    """A TCP port streaming HEARTBEAT and SIM_STATE (the vehicle's true pose) as ArduPilot SITL does."""
+
+    def __init__(self, lat, lon, alt):
+        import socket
+        import threading
+
+        from mean_nav.nav.mavlink_io import MAV, mavutil
+
+        self.pose = [lat, lon, alt, 0.0, 0.0, 0.0]
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.port = self.server.getsockname()[1]
+        self.mav = mavutil.mavlink.MAVLink(None, srcSystem=1, srcComponent=1)
+        self.MAV = MAV
+        self.sent_at = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        self.server.settimeout(0.5)
+        while not self.stop.is_set():       # a client that reconnects is served again
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    self.stream(conn)
+                except OSError:
+                    pass
+
+    def stream(self, conn):
+        while not self.stop.is_set():
+            lat, lon, alt, roll, pitch, yaw = self.pose
+            msg = self.mav.sim_state_encode(1, 0, 0, 0, roll, pitch, yaw, 0, 0, -9.8, 0, 0, 0, lat, lon, alt,
+                                            0, 0, 0, 0, 0, int(lat * 1e7), int(lon * 1e7))
+            conn.sendall(msg.pack(self.mav) + self.mav.heartbeat_encode(
+                self.MAV.MAV_TYPE_QUADROTOR, self.MAV.MAV_AUTOPILOT_ARDUPILOTMEGA, 0, 0, 4).pack(self.mav))
+            self.sent_at.append(time.monotonic())
+            time.sleep(0.02)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.server.close()
+
+
+def test_sim_camera_renders_what_a_downward_camera_sees_from_the_true_pose(tmp_path):
+    from mean_nav.data.world import generate_world
+    from mean_nav.geo.crs import to_lonlat
+    from mean_nav.geo.raster import read_metric_raster
+    from mean_nav.nav.camera_model import CameraModel, rectify_to_nadir
+
+    world = generate_world(tmp_path / "world.tif", seed=3, size_px=400, gsd_m=0.5)
+    CameraModel.from_fov(320, 240, 70).to_yaml(tmp_path / "camera.yaml")
+    raster = read_metric_raster([world], 0.5)
+    left, bottom, right, top = raster.bounds
+    x, y = (left + right) / 2 + 15, (bottom + top) / 2 - 10
+    lon, lat = (float(v) for v in to_lonlat(raster.crs, x, y))
+    sim = FakeSimulator(lat, lon, 10.0 + 40.0)        # 40 m above ground at 10 m AMSL
+    pause = tmp_path / "camera-lost"
+    source = open_source(f"sim://world.tif?camera=camera.yaml&mavlink=tcp:127.0.0.1:{sim.port}&fps=10&ground=10"
+                         f"&gsd=0.5&pause_file={pause.name}", base_dir=tmp_path)
+    try:
+        source.open()
+        frame = source.read()
+        assert frame is not None and frame.image.shape == (240, 320, 3)
+        assert min(abs(frame.time_s - t) for t in sim.sent_at) < 0.015   # stamped on the pose's arrival
+        # rectified at the true pose, the frame is the map around the vehicle and not 15 m away
+        view, valid = rectify_to_nadir(frame.image, source.cam, 0.0, 0.0, 0.0, 40.0, 0.5, 80)
+        col, row = (int(round(float(v))) for v in raster.xy_to_pixel(x, y))
+
+        def crop_error(dc):
+            crop = raster.image[row - 40:row + 40, col - 40 + dc:col + 40 + dc].astype(float)
+            return float(np.abs(view.astype(float) - crop)[valid].mean())
+
+        assert crop_error(0) < 6.0 and crop_error(30) > 3 * crop_error(0), (crop_error(0), crop_error(30))
+        pause.touch()                                   # the camera is lost while the file exists
+        assert source.read() is None
+        with pytest.raises(MeanNavError, match="paused"):
+            source.open()
+        pause.unlink()
+        source.open()
+        assert source.read() is not None
+    finally:
+        source.close()
+        sim.close()
+
+
+@pytest.mark.parametrize("query, words", [("camera=nope.yaml", "camera model"), ("camera=camera.yaml&fps=0", "fps"),
+                                          ("camera=camera.yaml&zoom=2", "unknown option")])
+def test_bad_sim_uris_are_clear_errors(tmp_path, query, words):
+    from mean_nav.nav.camera_model import CameraModel
+
+    (tmp_path / "map.tif").write_bytes(b"")
+    CameraModel.from_fov(64, 48, 70).to_yaml(tmp_path / "camera.yaml")
+    with pytest.raises(MeanNavError, match=words):
+        open_source(f"sim://map.tif?{query}", base_dir=tmp_path)
+    with pytest.raises(MeanNavError, match="map"):
+        open_source("sim://missing.tif?camera=camera.yaml", base_dir=tmp_path)

@@ -9,8 +9,9 @@ import pytest
 
 from mean_nav.nav.estimate import Estimate, FixQuality
 from mean_nav.nav.gps_time import gps_week_and_ms
-from mean_nav.nav.mavlink_io import (MAV, MavlinkConfig, MavlinkLink, TelemetryHistory, dop_for_accuracy,
-                                     mavutil, satellites_for_accuracy)
+from mean_nav.errors import MeanNavError
+from mean_nav.nav.mavlink_io import (IGNORE_ALT, IGNORE_VEL_VERT, MAV, MavlinkConfig, MavlinkLink, TelemetryHistory,
+                                     dop_for_accuracy, mavutil, satellites_for_accuracy)
 
 
 def free_udp_port() -> int:
@@ -38,6 +39,14 @@ def recv(peer, kind, timeout=2.0, cond=lambda m: True):
         if msg is not None and cond(msg):
             return msg
     return None
+
+
+def quaternion_zyx(yaw, pitch, roll):
+    """(w, x, y, z) of the aerospace rotation yaw about z, then pitch about y, then roll about x."""
+    cy, sy, cp, sp = math.cos(yaw / 2), math.sin(yaw / 2), math.cos(pitch / 2), math.sin(pitch / 2)
+    cr, sr = math.cos(roll / 2), math.sin(roll / 2)
+    return [cr * cp * cy + sr * sp * sy, sr * cp * cy - cr * sp * sy,
+            cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy]
 
 
 def fix_estimate(**kw):
@@ -68,7 +77,9 @@ def test_gps_input_carries_a_gated_fix_with_policy_fields(pair):
     assert msg.horiz_accuracy == pytest.approx(2.4) and msg.vert_accuracy == pytest.approx(3.0)
     assert msg.speed_accuracy == pytest.approx(0.4, abs=1e-6)
     assert (msg.vn, msg.ve) == (pytest.approx(4.0), pytest.approx(-1.0))
-    assert msg.ignore_flags == 0        # velocity is a real filter estimate, never ignored
+    # horizontal velocity is a real filter estimate; vision measures no vertical velocity, and
+    # EK3_SRC1_VELZ defaults to GPS: vd must be flagged, never the vehicle's own vz echoed back
+    assert msg.ignore_flags == IGNORE_VEL_VERT and msg.vd == 0
     assert msg.hdop == pytest.approx(dop_for_accuracy(2.4))
     assert msg.satellites_visible == satellites_for_accuracy(2.4) == 10
     assert (msg.time_week, msg.time_week_ms) == gps_week_and_ms(unix)
@@ -80,8 +91,9 @@ def test_without_a_fix_no_position_is_sent(pair):
     coasting = fix_estimate(fix=FixQuality.COASTING, reason="fix gated out")
     assert not link.send_estimate(coasting, time.time())
     msg = recv(peer, "GPS_INPUT")
-    assert msg is not None and msg.fix_type == 0
+    assert msg is not None and msg.fix_type == 1         # "connected, no fix"; 0 would mean "no GPS"
     assert msg.lat == 0 and msg.lon == 0                 # the coasting prediction is not leaked
+    assert msg.horiz_accuracy > 1000                     # the last fix's accuracy does not linger
     link.cfg.send_no_fix = False
     time.sleep(0.06)
     link.send_estimate(coasting, time.time())
@@ -139,8 +151,9 @@ def test_reads_telemetry_and_requests_rates_with_acknowledgement(pair):
     link.start()
     link.send_heartbeat(MAV.MAV_STATE_STANDBY)          # lets the udpin peer learn our address
     assert recv(peer, "HEARTBEAT") is not None
-    requested = []
+    requested, origin_requests = [], []
     stop = threading.Event()
+    gimbal_q = quaternion_zyx(yaw=0.5, pitch=math.radians(-80), roll=math.radians(2))
 
     def autopilot():
         while not stop.is_set():
@@ -148,10 +161,15 @@ def test_reads_telemetry_and_requests_rates_with_acknowledgement(pair):
             peer.mav.attitude_send(int(time.monotonic() * 1000) % 2**32, 0.1, -0.05, 3.0, 0, 0, 0)
             peer.mav.global_position_int_send(0, int(51.84e7), int(4.98e7), 70_500, 60_250, 400, -100, 20, 9000)
             peer.mav.distance_sensor_send(0, 20, 10000, 5830, 0, 0, 25, 0)   # cm, facing down
+            # gimbal: camera pitched 80 deg down, rolled 2 deg, yawed 0.5 rad right of the vehicle's nose
+            peer.mav.gimbal_device_attitude_status_send(0, 0, 0, 0, gimbal_q, 0, 0, 0, 0)
             msg = peer.recv_match(type="COMMAND_LONG", blocking=True, timeout=0.05)
             if msg is not None and msg.command == MAV.MAV_CMD_SET_MESSAGE_INTERVAL:
                 requested.append((int(msg.param1), msg.param2))
                 peer.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
+            elif msg is not None and msg.command == MAV.MAV_CMD_REQUEST_MESSAGE:
+                origin_requests.append(int(msg.param1))
+                peer.mav.gps_global_origin_send(int(51.84e7), int(4.98e7), 9_800)
 
     thread = threading.Thread(target=autopilot, daemon=True)
     thread.start()
@@ -170,6 +188,12 @@ def test_reads_telemetry_and_requests_rates_with_acknowledgement(pair):
     assert (tel.roll, tel.pitch, tel.yaw) == (pytest.approx(0.1), pytest.approx(-0.05), pytest.approx(3.0))
     assert tel.rel_alt_m == pytest.approx(60.25) and tel.alt_amsl_m == pytest.approx(70.5)
     assert tel.vn == pytest.approx(4.0) and tel.ve == pytest.approx(-1.0)
+    # the camera attitude of the gimbal: yaw in the vehicle frame, so the vehicle's 3.0 rad is added
+    assert tel.gimbal_roll == pytest.approx(math.radians(2), abs=1e-4)   # float32 quaternion
+    assert tel.gimbal_pitch == pytest.approx(math.radians(-80), abs=1e-4)
+    assert tel.gimbal_yaw == pytest.approx(math.remainder(3.5, 2 * math.pi), abs=1e-4)
+    assert origin_requests and origin_requests[0] == MAV.MAVLINK_MSG_ID_GPS_GLOBAL_ORIGIN
+    assert link.telemetry.origin_alt_m == pytest.approx(9.8)
     assert tel.range_m == pytest.approx(58.3)
     assert tel.height_above_ground_m == pytest.approx(58.3)   # rangefinder preferred
     assert link.link_up
@@ -227,7 +251,7 @@ def test_link_loss_is_detected_and_rates_are_requested_again_when_it_returns():
                 peer.mav.heartbeat_send(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_PX4, 0, 0, 4)
                 peer.mav.attitude_send(0, 0.0, 0.0, 0.0, 0, 0, 0)
                 msg = peer.recv_match(type="COMMAND_LONG", blocking=True, timeout=0.03)
-                if msg is not None:
+                if msg is not None and msg.command == MAV.MAV_CMD_SET_MESSAGE_INTERVAL:
                     requests.append(int(msg.param1))
                     peer.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
             up_states.append(link.link_up)
@@ -250,3 +274,96 @@ def test_waiting_for_the_attitude_after_a_frame_allows_interpolation():
     threading.Timer(0.05, lambda: h.add_attitude(1.1, 0.2, 0.0, 0.0)).start()
     assert h.wait_for_attitude_after(1.05, timeout_s=1.0)
     assert h.at(1.05).roll == pytest.approx(0.1)
+
+
+def test_hdop_passes_copters_arming_check_exactly_when_the_fix_is_good_enough():
+    gps_hdop_good = 1.4          # ArduCopter GPS_HDOP_GOOD default; EKF3 starts on hAcc <= 5 m
+    assert dop_for_accuracy(4.8) <= gps_hdop_good < dop_for_accuracy(5.0)
+
+
+@pytest.mark.parametrize("bad", [dict(lat=math.nan), dict(lon=math.inf), dict(lat=91.0), dict(lon=-180.5),
+                                 dict(sigma_h_m=0.0), dict(sigma_h_m=-1.0), dict(sigma_h_m=math.nan),
+                                 dict(vn=math.nan), dict(alt_m=1e7)])
+def test_an_implausible_position_is_never_sent_whatever_produced_it(pair, bad):
+    link, peer = pair
+    assert not link.send_estimate(fix_estimate(**bad), time.time())
+    msg = recv(peer, "GPS_INPUT")
+    assert msg is not None and msg.fix_type == 1 and msg.lat == 0 and msg.lon == 0
+    assert link.positions_sent == 0 and link.refused_positions == 1
+
+
+def test_without_an_honest_altitude_the_altitude_is_flagged_ignored(pair):
+    link, peer = pair
+    assert link.send_estimate(fix_estimate(alt_m=math.nan), time.time())
+    msg = recv(peer, "GPS_INPUT")
+    assert msg.fix_type == 3 and msg.ignore_flags & IGNORE_ALT and msg.ignore_flags & IGNORE_VEL_VERT
+
+
+@pytest.mark.parametrize("connection, words", [
+    ("udpin:0.0.0.0:99999", "port"), ("udpout:127.0.0.1:0", "port"), ("tcp:127.0.0.1:http", "port"),
+    ("udpout:no-such-host.invalid:14550", "resolved"), ("tcp:5760", "host:port"), ("bogus:1:2", "unknown kind"),
+    ("", "empty")])
+def test_bad_connection_strings_are_one_clear_error(connection, words):
+    with pytest.raises(MeanNavError, match=words):
+        MavlinkLink(MavlinkConfig(connection=connection))
+
+
+def test_tcp_link_waits_for_the_autopilot_port_and_connects_when_it_comes_up():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]     # free now: nothing listens yet
+    link = MavlinkLink(MavlinkConfig(connection=f"tcp:127.0.0.1:{port}", reconnect_s=0.2, request_rates=False))
+    assert not link.connected and "Refused" in link.connect_error
+    link.start()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        time.sleep(0.5)
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+        server.settimeout(3.0)
+        peer_sock, _ = server.accept()     # the daemon connected by itself
+        vehicle = mavutil.mavlink.MAVLink(None, srcSystem=1, srcComponent=1)
+        peer_sock.sendall(vehicle.heartbeat_encode(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_ARDUPILOTMEGA,
+                                                   0, 0, 0).pack(vehicle))
+        deadline = time.monotonic() + 3.0
+        while not link.link_up and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.connected and link.link_up and link.vehicle_system == 1
+        peer_sock.close()
+    finally:
+        link.close()
+        server.close()
+
+
+def test_serial_link_opens_through_a_pseudo_terminal():
+    """pyserial must be installed and a serial MAVLink device must work (the example config's
+    /dev/ttyTHS1): the vehicle writes to one end of a pty pair, the daemon's link reads the other."""
+    import os
+    import pty
+
+    vehicle_fd, device_fd = pty.openpty()
+    device = os.ttyname(device_fd)
+    link = MavlinkLink(MavlinkConfig(connection=device, baud=57600, request_rates=False)).start()
+    try:
+        assert link.connected
+        vehicle = mavutil.mavlink.MAVLink(None, srcSystem=3, srcComponent=1)
+        deadline = time.monotonic() + 3.0
+        while not link.link_up and time.monotonic() < deadline:
+            os.write(vehicle_fd, vehicle.heartbeat_encode(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_ARDUPILOTMEGA,
+                                                          0, 0, 0).pack(vehicle))
+            time.sleep(0.1)
+        assert link.vehicle_system == 3
+        link.send_heartbeat(MAV.MAV_STATE_STANDBY)      # and the daemon's bytes reach the vehicle
+        parser = mavutil.mavlink.MAVLink(None)
+        got = []
+        deadline = time.monotonic() + 3.0
+        while not got and time.monotonic() < deadline:
+            import select
+            if select.select([vehicle_fd], [], [], 0.1)[0]:
+                got = [m for m in parser.parse_buffer(os.read(vehicle_fd, 4096)) or [] if m.get_type() == "HEARTBEAT"]
+        assert got and got[0].type == 18 and got[0].get_srcSystem() == 3
+    finally:
+        link.close()
+        os.close(vehicle_fd)
+        os.close(device_fd)

@@ -132,7 +132,7 @@ def test_tlog_holds_the_daemons_gps_input_for_every_frame_on_the_frame_clock(fli
     assert len(msgs) == 8  # frames 2 s apart: none dropped by the 50 ms limit
     assert [round(m._timestamp, 3) for m in msgs] == [round(replay_unix_time(t), 3) for t in cols["time_s"]]
     fix = cols["fix"] == 3
-    assert [m.fix_type for m in msgs] == [3 if f else 0 for f in fix]
+    assert [m.fix_type for m in msgs] == [3 if f else 1 for f in fix]     # 1: connected, no fix
     fixed = [m for m in msgs if m.fix_type == 3]
     assert fixed and all(abs(m.lat * 1e-7 - lat) < 1e-6 and abs(m.lon * 1e-7 - lon) < 1e-6
                          for m, lat, lon in zip(fixed, cols["lat"][fix], cols["lon"][fix]))

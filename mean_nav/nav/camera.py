@@ -7,6 +7,13 @@ URIs (as jetson-inference users know them):
   /path/video.mp4          video file; timestamps from frames.csv beside it or the container
   /path/folder             image folder: a flight folder (frames.csv + frames/) or plain images
                            in name order at `fps`
+  sim://map.tif?camera=camera.yaml[&mavlink=tcp:127.0.0.1:5763&fps=2&ground=10&gsd=0.25]
+                           a simulated downward camera over a GeoTIFF, rendered with the
+                           simulator's renderer from the vehicle's true pose (SIM_STATE, as
+                           ArduPilot SITL streams it on every MAVLink port); `ground` is the
+                           terrain elevation (m AMSL; default: the first SIM_STATE altitude,
+                           the vehicle standing on the ground); `pause_file=PATH`: no frames
+                           while PATH exists (a lost camera, for fault tests)
 
 Live sources stamp each frame with the host monotonic clock when it is grabbed. File
 sources either play back in real time (`realtime=True`, stamped on delivery, like a live
@@ -16,11 +23,12 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import cv2
 import numpy as np
@@ -236,13 +244,167 @@ class VideoFileSource(_RecordedSource):
             self._cap = None
 
 
+class SimulatedCamera(FrameSource):
+    """sim://: what a downward camera sees of a map from the simulated vehicle's true pose.
+
+    A reader thread stamps every SIM_STATE with the host monotonic clock on arrival (the
+    clock the daemon stamps telemetry with); each frame is rendered from the newest one and
+    carries its stamp, so frames agree with the attitude the daemon receives.
+    """
+
+    live = True
+
+    def __init__(self, uri: str, map_path: Path, camera_yaml: Path, mavlink: str = "tcp:127.0.0.1:5763",
+                 fps: float = 2.0, ground_amsl_m: float | None = None, gsd_m: float = 0.25,
+                 pause_file: Path | None = None, pad_m: float = 300.0):
+        self.uri, self.map_path, self.camera_yaml, self.mavlink = uri, map_path, camera_yaml, mavlink
+        self.fps, self.ground_amsl_m, self.gsd_m, self.pause_file, self.pad_m = fps, ground_amsl_m, gsd_m, pause_file, pad_m
+        self.cam = None
+        self._ground = None
+        self._conn = None
+        self._state = None              # (stamp, lat, lon, alt, roll, pitch, yaw)
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_due = 0.0
+        self._count = 0
+
+    def _load_map(self) -> None:
+        from ..geo.raster import read_metric_raster
+        from ..replay.simulate import ground_image
+        from .camera_model import CameraModel
+
+        self.cam = CameraModel.from_yaml(self.camera_yaml)
+        self.raster = read_metric_raster([self.map_path], self.gsd_m)
+        # beyond the map the camera sees mirrored map imagery: plausible ground that is in no cache
+        self._ground, pad = ground_image(self.raster, self.pad_m, "mirror")
+        self._shift = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1.0]])
+
+    def open(self) -> None:
+        if self.pause_file is not None and self.pause_file.exists():
+            raise MeanNavError(f"camera {self.uri}: paused ({self.pause_file} exists)")
+        if self._ground is None:
+            self._load_map()
+        self.close()
+        from .mavlink_io import MAV, mavutil
+        try:
+            conn = mavutil.mavlink_connection(self.mavlink, source_system=254, source_component=100,
+                                              dialect="common", retries=0)
+        except (OSError, ValueError) as exc:
+            raise MeanNavError(f"camera {self.uri}: cannot reach the simulator at {self.mavlink} ({exc})") from None
+        self._conn = conn
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._reader, args=(conn, MAV), name="sim-camera", daemon=True)
+        self._thread.start()
+
+    def _reader(self, conn, MAV) -> None:
+        requested_at = -math.inf
+        while not self._stop.is_set():
+            try:
+                msg = conn.recv_match(type=["SIM_STATE", "HEARTBEAT"], blocking=True, timeout=0.1)
+            except Exception:
+                return
+            now = time.monotonic()
+            if msg is None:
+                continue
+            if msg.get_type() == "HEARTBEAT":
+                if (self._state is None or now - self._state[0] > 1.0) and now - requested_at > 2.0:
+                    requested_at = now   # ask for the truth at 50 Hz on this link
+                    conn.mav.command_long_send(msg.get_srcSystem(), msg.get_srcComponent(),
+                                               MAV.MAV_CMD_SET_MESSAGE_INTERVAL, 0,
+                                               MAV.MAVLINK_MSG_ID_SIM_STATE, 20000, 0, 0, 0, 0, 0)
+                continue
+            lat = msg.lat_int / 1e7 if msg.lat_int else msg.lat
+            lon = msg.lon_int / 1e7 if msg.lon_int else msg.lon
+            if self.ground_amsl_m is None:
+                self.ground_amsl_m = float(msg.alt)
+                log.info("camera %s: ground at %.1f m AMSL (first SIM_STATE)", self.uri, msg.alt)
+            with self._cond:
+                self._state = (now, lat, lon, float(msg.alt), msg.roll, msg.pitch, msg.yaw)
+                self._cond.notify_all()
+
+    def read(self) -> Frame | None:
+        from ..geo.crs import from_lonlat
+        from .camera_model import render_view
+
+        now = time.monotonic()
+        if self._next_due > now:
+            time.sleep(self._next_due - now)
+        self._next_due = max(self._next_due + 1.0 / self.fps, time.monotonic())
+        if self.pause_file is not None and self.pause_file.exists():
+            return None     # the camera is "lost": the grabber reopens (and open() waits for the file to go)
+        with self._cond:
+            self._cond.wait_for(lambda: self._state is not None and time.monotonic() - self._state[0] < 0.5,
+                                timeout=2.0)
+            state = self._state
+        if state is None or time.monotonic() - state[0] >= 0.5:
+            return None     # the simulator is not streaming its true state
+        stamp, lat, lon, alt, roll, pitch, yaw = state
+        x, y = from_lonlat(self.raster.crs, lon, lat)
+        height = max(alt - self.ground_amsl_m, 0.5)
+        m = self._shift @ self.raster.map_from_ground(float(x), float(y))
+        view = render_view(self._ground, m, self.cam, roll, pitch, yaw, height)
+        self._count += 1
+        return Frame(view, stamp, self._count - 1)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._state = None
+
+
+def simulated_camera(uri: str, base_dir: Path | None) -> SimulatedCamera:
+    """Parse sim://MAP?camera=...&mavlink=...&fps=...&ground=...&gsd=...&pause_file=..."""
+    parsed = urlparse(uri)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    known = {"camera", "mavlink", "fps", "ground", "gsd", "pause_file"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise MeanNavError(f"camera.uri {uri!r}: unknown option {unknown[0]!r}; use {', '.join(sorted(known))}")
+
+    def path(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+
+    map_path = path(parsed.netloc + parsed.path)
+    if not map_path.is_file():
+        raise MeanNavError(f"camera.uri {uri!r}: map {map_path} not found; give a GeoTIFF after sim://")
+    if "camera" not in query or not path(query["camera"]).is_file():
+        raise MeanNavError(f"camera.uri {uri!r}: give the camera model, e.g. ?camera=camera.yaml")
+
+    def number(name: str, default):
+        if name not in query:
+            return default
+        try:
+            value = float(query[name])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (name != "ground" and value <= 0):
+            raise MeanNavError(f"camera.uri {uri!r}: {name}={query[name]!r} must be a "
+                               f"{'' if name == 'ground' else 'positive '}number")
+        return value
+
+    return SimulatedCamera(uri, map_path, path(query["camera"]), query.get("mavlink", "tcp:127.0.0.1:5763"),
+                           number("fps", 2.0), number("ground", None), number("gsd", 0.25),
+                           path(query["pause_file"]) if "pause_file" in query else None)
+
+
 def open_source(uri: str, width: int = 1280, height: int = 720, fps: int = 30,
-                realtime: bool = True, loop: bool = False, folder_fps: float = 2.0) -> FrameSource:
-    """Make a FrameSource from a URI (not yet opened)."""
+                realtime: bool = True, loop: bool = False, folder_fps: float = 2.0,
+                base_dir: Path | None = None) -> FrameSource:
+    """Make a FrameSource from a URI (not yet opened). Relative paths inside a sim:// URI are
+    relative to `base_dir` (the config's folder)."""
     uri = str(uri).strip()
     if not uri:
         raise MeanNavError("camera.uri: empty; give csi://0, v4l2:///dev/video0, rtsp://..., a video file or an image folder")
     parsed = urlparse(uri)
+    if parsed.scheme == "sim":
+        return simulated_camera(uri, base_dir)
     if parsed.scheme == "csi":
         try:
             sensor = int(parsed.netloc or parsed.path.strip("/") or 0)
@@ -264,7 +426,7 @@ def open_source(uri: str, width: int = 1280, height: int = 720, fps: int = 30,
             return VideoFileSource(path, realtime=realtime, loop=loop)
         raise MeanNavError(f"camera.uri {uri!r}: no such file or folder; check the path")
     raise MeanNavError(f"camera.uri {uri!r}: unknown scheme {parsed.scheme!r}; use csi://, v4l2://, rtsp://, "
-                       "a video file or an image folder")
+                       "sim://, a video file or an image folder")
 
 
 class LatestFrameGrabber:

@@ -1,0 +1,215 @@
+"""The fixed-rate output loop: what the autopilot receives, whatever the camera does.
+
+ArduPilot calls a GPS unhealthy when the mean interval between its messages exceeds
+215 ms (or two in a row exceed 245 ms), so positions cannot go out when frames happen to
+be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
+
+  - position and velocity are the Kalman filter's state *propagated to the send time*
+    (the frame that produced the last fix was captured hundreds of milliseconds earlier),
+    and the reported accuracy is the propagated covariance: it grows honestly between fixes;
+  - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`;
+    otherwise "no fix" (GPS_INPUT fix_type 1);
+  - altitude from the source the user configures (`altitude`), never the autopilot's own
+    GPS-derived altitude echoed back: `baro` (GLOBAL_POSITION_INT.alt once the autopilot
+    reports an EKF origin: then it is origin + barometric height), `field_elevation`
+    (`field_elevation_m` + the autopilot's relative altitude), `dem` (a DEM GeoTIFF sampled
+    at the fix + the downward rangefinder) or `none`; without an honest value the message
+    carries IGNORE_ALT.
+
+Since positions are propagated to the send time, GPS1_DELAY_MS should stay near 0.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..config import bounded, validate
+from ..errors import MeanNavError
+from .estimate import Estimate, FixQuality
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputConfig:
+    # GPS_INPUT rate: ArduPilot calls a GPS unhealthy below 5 Hz (mean interval > 215 ms; 4.5 Hz fails)
+    # and drops samples closer than 50 ms
+    rate_hz: float = bounded(5.0, ge=5, le=20, unit="Hz")
+    fix_max_age_s: float = bounded(3.0, gt=0, le=60, unit="s")  # fix_type 3 only while the last gated fix is younger
+    altitude: Literal["baro", "field_elevation", "dem", "none"] = "baro"
+    # take-off ground AMSL, for altitude: field_elevation
+    field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
+    dem: str | None = None               # DEM GeoTIFF (metres AMSL), for altitude: dem
+
+
+def check_output_config(cfg: OutputConfig, where: str = "config") -> None:
+    """The declared limits, and the settings each altitude source needs."""
+    validate(cfg, where, "output.")
+    if cfg.altitude not in ("baro", "field_elevation", "dem", "none"):
+        raise MeanNavError(f"{where}: output.altitude {cfg.altitude!r}: use baro, field_elevation, dem or none")
+    if cfg.altitude == "field_elevation" and cfg.field_elevation_m is None:
+        raise MeanNavError(f"{where}: output.field_elevation_m: set the take-off ground elevation (m AMSL) "
+                           "for altitude: field_elevation")
+    if cfg.altitude == "dem" and not cfg.dem:
+        raise MeanNavError(f"{where}: output.dem: give the DEM GeoTIFF for altitude: dem")
+
+
+class Dem:
+    """Terrain elevation (m AMSL) from a single-band GeoTIFF, sampled bilinearly at lon/lat."""
+
+    def __init__(self, path: str | Path):
+        import rasterio
+
+        from ..geo.crs import from_lonlat
+
+        self._from_lonlat = from_lonlat
+        try:
+            with rasterio.open(path) as ds:
+                band = ds.read(1, masked=True).astype(np.float64)
+                self.crs, self.transform = ds.crs, ds.transform
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            raise MeanNavError(f"output.dem {path}: cannot read the DEM ({exc}); give a GeoTIFF of heights") from None
+        if self.crs is None:
+            raise MeanNavError(f"output.dem {path}: the DEM has no coordinate reference system")
+        self.height = band.filled(np.nan)
+        self.path = path
+
+    def elevation(self, lon: float, lat: float) -> float:
+        x, y = self._from_lonlat(self.crs, lon, lat)
+        col, row = ~self.transform @ (float(x), float(y))
+        c, r = col - 0.5, row - 0.5        # pixel centres
+        c0, r0 = math.floor(c), math.floor(r)
+        h, w = self.height.shape
+        if not (0 <= c0 < w - 1 and 0 <= r0 < h - 1):
+            return math.nan
+        fc, fr = c - c0, r - r0
+        patch = self.height[r0:r0 + 2, c0:c0 + 2]
+        return float((patch[0, 0] * (1 - fc) + patch[0, 1] * fc) * (1 - fr)
+                     + (patch[1, 0] * (1 - fc) + patch[1, 1] * fc) * fr)
+
+
+class AltitudeSource:
+    """The altitude (m AMSL) that goes out with a fix, NaN when there is no honest one."""
+
+    def __init__(self, cfg: OutputConfig, config_dir: Path = Path(".")):
+        self.kind = cfg.altitude
+        self.field_elevation_m = cfg.field_elevation_m
+        self.dem = None
+        if cfg.altitude == "dem":
+            dem = Path(cfg.dem).expanduser()
+            self.dem = Dem(dem if dem.is_absolute() else config_dir / dem)
+
+    def altitude(self, telemetry, origin_alt_m: float, lat: float, lon: float) -> float:
+        if telemetry is None or self.kind == "none":
+            return math.nan
+        if self.kind == "baro":
+            # before an EKF origin exists the autopilot reports 0 (or its own GPS altitude): never echo that
+            return telemetry.alt_amsl_m if math.isfinite(origin_alt_m) else math.nan
+        if self.kind == "field_elevation":
+            return self.field_elevation_m + telemetry.rel_alt_m
+        if math.isfinite(telemetry.range_m) and telemetry.range_m > 0:
+            return self.dem.elevation(lon, lat) + telemetry.range_m
+        return math.nan
+
+
+@dataclass
+class TrackSnapshot:
+    """The filter as the last processed frame left it, with the time of its last gated fix."""
+    filter: object               # a private copy of the localizer's PositionFilter
+    last_fix_s: float            # monotonic capture time of the newest FIX estimate
+    xy_to_lonlat: object         # the tile cache's CRS conversion
+
+
+class OutputLoop:
+    """Sends the propagated filter state at a fixed rate on its own thread."""
+
+    def __init__(self, cfg: OutputConfig, link, altitude: AltitudeSource, vertical_sigma_m: float,
+                 epoch_minus_monotonic: float):
+        self.cfg, self.link, self.altitude = cfg, link, altitude
+        self.vertical_sigma_m = vertical_sigma_m
+        self.epoch_minus_monotonic = epoch_minus_monotonic
+        self.stats = {"ticks": 0, "sent": 0, "fixes_sent": 0, "errors": 0, "intervals_s": []}
+        self.last_error = ""
+        self.last_sent: Estimate | None = None
+        self._snapshot: TrackSnapshot | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="output", daemon=True)
+        self._last_tick = math.nan
+
+    def update(self, position_filter, last_fix_s: float, xy_to_lonlat) -> None:
+        """Called after every processed frame: copy the filter state for the loop to propagate."""
+        snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat) \
+            if position_filter.tracking else None
+        with self._lock:
+            self._snapshot = snap
+
+    def start(self) -> "OutputLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+
+    def estimate_at(self, t: float, telemetry=None, origin_alt_m: float = math.nan) -> Estimate:
+        """What goes out at monotonic time t."""
+        with self._lock:
+            snap = self._snapshot
+        if snap is None:
+            return Estimate(time_s=t, fix=FixQuality.NONE, reason="no track")
+        age = t - snap.last_fix_s
+        if not age <= self.cfg.fix_max_age_s:
+            return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"last visual fix {age:.1f} s old")
+        flt = copy.deepcopy(snap.filter)
+        out = flt.predict(t)
+        if not out.tracking:
+            return Estimate(time_s=t, fix=FixQuality.NONE, reason=out.reason)
+        lon, lat = snap.xy_to_lonlat(out.x, out.y)
+        alt = self.altitude.altitude(telemetry, origin_alt_m, float(lat), float(lon))
+        return Estimate(time_s=t, fix=FixQuality.FIX, lat=float(lat), lon=float(lon), alt_m=float(alt),
+                        vn=float(out.vy), ve=float(out.vx), vd=0.0, sigma_h_m=float(out.sigma_h_m),
+                        sigma_v_m=self.vertical_sigma_m, sigma_speed_ms=float(out.sigma_speed_ms))
+
+    def tick(self, now: float) -> Estimate:
+        telemetry = self.link.telemetry.at(now)
+        est = self.estimate_at(now, telemetry, self.link.telemetry.origin_alt_m)
+        sent = self.link.send_estimate(est, now + self.epoch_minus_monotonic, now=now)
+        self.stats["ticks"] += 1
+        self.stats["fixes_sent"] += bool(sent)
+        if math.isfinite(self._last_tick):
+            self.stats["intervals_s"].append(now - self._last_tick)
+            del self.stats["intervals_s"][:-1000]
+        self._last_tick = now
+        self.last_sent = est
+        return est
+
+    def achieved_rate_hz(self) -> float:
+        iv = self.stats["intervals_s"][-100:]
+        return 1.0 / float(np.mean(iv)) if iv else math.nan
+
+    def _run(self) -> None:
+        period = 1.0 / self.cfg.rate_hz
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < next_t:
+                self._stop.wait(next_t - now)
+                continue
+            # a late tick is sent now; the schedule does not try to catch up with a burst
+            next_t = max(next_t + period, now + 0.5 * period)
+            try:
+                self.tick(now)
+            except Exception as exc:   # never let one bad sample stop the stream
+                self.stats["errors"] += 1
+                self.last_error = str(exc)
+                log.exception("output loop: sending failed")

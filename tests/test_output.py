@@ -1,0 +1,148 @@
+"""The fixed-rate output loop: steady rate, propagation to the send time, honest accuracy,
+fix age, and where the altitude comes from."""
+import math
+import time
+
+import numpy as np
+import pytest
+
+from mean_nav.errors import MeanNavError
+from mean_nav.nav.estimate import FixQuality
+from mean_nav.nav.filter import PositionFilter
+from mean_nav.nav.mavlink_io import TelemetryHistory
+from mean_nav.nav.output import AltitudeSource, OutputConfig, OutputLoop, check_output_config
+from mean_nav.nav.telemetry import Telemetry
+
+
+class RecordingLink:
+    def __init__(self):
+        self.telemetry = TelemetryHistory()
+        self.sent = []
+
+    def send_estimate(self, est, capture_unix_s, processing_s=0.0, now=None):
+        self.sent.append((now, capture_unix_s, est))
+        return est.fix == FixQuality.FIX
+
+
+def moving_track(t0=100.0, speed_e=8.0, n=6, dt=0.5):
+    """A filter that has tracked a vehicle flying east at speed_e m/s, last fix at t0 + (n-1) dt."""
+    flt = PositionFilter()
+    R = np.eye(2) * 0.5 ** 2
+    for i in range(n):
+        t = t0 + i * dt
+        flt.update(t, np.array([speed_e * (t - t0), 0.0]), R)
+    assert flt.tracking
+    return flt, t0 + (n - 1) * dt
+
+
+def identity_lonlat(x, y):
+    return 10.0 + x * 1e-5, 50.0 + y * 1e-5
+
+
+def make_loop(cfg=None, link=None):
+    return OutputLoop(cfg or OutputConfig(), link or RecordingLink(), AltitudeSource(OutputConfig(altitude="none")),
+                      3.0, epoch_minus_monotonic=1000.0)
+
+
+def test_the_fix_is_propagated_to_the_send_time_and_its_accuracy_grows():
+    flt, last = moving_track()
+    loop = make_loop()
+    loop.update(flt, last, identity_lonlat)
+    at_fix, later = loop.estimate_at(last), loop.estimate_at(last + 1.5)
+    assert at_fix.fix == later.fix == FixQuality.FIX
+    # 1.5 s at 8 m/s east: 12 m further east, same north
+    assert (later.lon - at_fix.lon) / 1e-5 == pytest.approx(12.0, abs=1.0)
+    assert abs(later.lat - at_fix.lat) / 1e-5 < 1.0
+    assert later.ve == pytest.approx(8.0, abs=1.0) and later.vd == 0.0
+    assert later.sigma_h_m > 2 * at_fix.sigma_h_m
+    # the snapshot is a copy: propagating it never moves the localizer's own filter
+    assert flt.t == last
+
+
+def test_fix_type_3_only_while_the_last_gated_fix_is_young_enough():
+    flt, last = moving_track()
+    loop = make_loop(OutputConfig(fix_max_age_s=2.0))
+    assert loop.estimate_at(last).fix == FixQuality.NONE      # nothing yet: no track
+    loop.update(flt, last, identity_lonlat)
+    assert loop.estimate_at(last + 1.9).fix == FixQuality.FIX
+    stale = loop.estimate_at(last + 2.1)
+    assert stale.fix == FixQuality.NONE and "old" in stale.reason and math.isnan(stale.lat)
+    flt.reset()
+    loop.update(flt, last, identity_lonlat)                     # the localizer dropped its track
+    assert loop.estimate_at(last + 0.1).fix == FixQuality.NONE
+
+
+def test_the_loop_sends_at_a_steady_rate_whatever_the_frame_rate():
+    link = RecordingLink()
+    loop = make_loop(OutputConfig(rate_hz=5.0), link).start()
+    try:
+        time.sleep(1.25)
+    finally:
+        loop.stop()
+    times = np.array([now for now, _, _ in link.sent])
+    assert 6 <= len(times) <= 7
+    assert np.all(np.abs(np.diff(times) - 0.2) < 0.04), np.diff(times)
+    # stamped with the send time (unix = monotonic + offset): the estimate is valid then
+    assert all(unix == pytest.approx(now + 1000.0) for now, unix, _ in link.sent)
+    assert 4.5 < loop.achieved_rate_hz() < 5.5
+
+
+def test_a_failing_send_is_counted_and_the_loop_carries_on():
+    class Flaky(RecordingLink):
+        def send_estimate(self, est, capture_unix_s, processing_s=0.0, now=None):
+            super().send_estimate(est, capture_unix_s, processing_s, now)
+            if len(self.sent) == 2:
+                raise OSError("link hiccup")
+            return False
+
+    link = Flaky()
+    loop = make_loop(OutputConfig(rate_hz=10.0), link).start()
+    try:
+        time.sleep(0.55)
+    finally:
+        loop.stop()
+    assert loop.stats["errors"] == 1 and "hiccup" in loop.last_error and len(link.sent) >= 5
+
+
+def telemetry(**kw):
+    base = dict(time_s=0.0, roll=0.0, pitch=0.0, yaw=0.0, rel_alt_m=60.0, alt_amsl_m=0.0)
+    base.update(kw)
+    return Telemetry(**base)
+
+
+def test_altitude_is_never_the_autopilots_own_echoed_back_before_it_has_an_origin():
+    baro = AltitudeSource(OutputConfig(altitude="baro"))
+    assert math.isnan(baro.altitude(telemetry(alt_amsl_m=0.0), math.nan, 50.0, 10.0))   # no origin yet
+    assert baro.altitude(telemetry(alt_amsl_m=70.2), 10.0, 50.0, 10.0) == pytest.approx(70.2)
+    field = AltitudeSource(OutputConfig(altitude="field_elevation", field_elevation_m=12.5))
+    assert field.altitude(telemetry(alt_amsl_m=0.0), math.nan, 50.0, 10.0) == pytest.approx(72.5)
+    assert math.isnan(AltitudeSource(OutputConfig(altitude="none")).altitude(telemetry(), 10.0, 50.0, 10.0))
+
+
+def test_dem_altitude_is_terrain_at_the_fix_plus_the_rangefinder(tmp_path):
+    import rasterio
+    from affine import Affine
+
+    from mean_nav.geo.crs import from_lonlat, utm_crs_for
+
+    crs = utm_crs_for(10.0, 50.0)
+    x0, y0 = from_lonlat(crs, 10.0, 50.0)
+    heights = np.add.outer(np.zeros(50), np.arange(50.0)).astype(np.float32)   # rises 1 m per 10 m east
+    path = tmp_path / "dem.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=50, count=1, dtype="float32", crs=crs,
+                       transform=Affine(10.0, 0, float(x0) - 250, 0, -10.0, float(y0) + 250)) as ds:
+        ds.write(heights, 1)
+    dem = AltitudeSource(OutputConfig(altitude="dem", dem="dem.tif"), config_dir=tmp_path)
+    assert dem.altitude(telemetry(range_m=40.0), math.nan, 50.0, 10.0) == pytest.approx(24.5 + 40.0, abs=0.2)
+    assert math.isnan(dem.altitude(telemetry(), math.nan, 50.0, 10.0))      # no rangefinder: no honest altitude
+
+
+@pytest.mark.parametrize("cfg, field", [(OutputConfig(rate_hz=4.0), "rate_hz"),
+                                        (OutputConfig(rate_hz=math.nan), "rate_hz"),
+                                        (OutputConfig(fix_max_age_s=-1), "fix_max_age_s"),
+                                        (OutputConfig(altitude="field_elevation"), "field_elevation_m"),
+                                        (OutputConfig(altitude="dem"), "dem"),
+                                        (OutputConfig(altitude="gps"), "altitude")])
+def test_bad_output_settings_are_refused(cfg, field):
+    with pytest.raises(MeanNavError, match=field):
+        check_output_config(cfg)
