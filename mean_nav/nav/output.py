@@ -21,6 +21,7 @@ Since positions are propagated to the send time, GPS1_DELAY_MS should stay near 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import threading
@@ -48,6 +49,7 @@ class OutputConfig:
     # take-off ground AMSL, for altitude: field_elevation
     field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
     dem: str | None = None               # DEM GeoTIFF (metres AMSL), for altitude: dem
+    output_log: str | None = None        # JSON lines, one per message sent (time, fix, position, accuracy)
 
 
 def check_output_config(cfg: OutputConfig, where: str = "config") -> None:
@@ -144,6 +146,7 @@ class OutputLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="output", daemon=True)
         self._last_tick = math.nan
+        self._log = None
 
     def update(self, position_filter, last_fix_s: float, xy_to_lonlat) -> None:
         """Called after every processed frame: copy the filter state for the loop to propagate."""
@@ -153,6 +156,9 @@ class OutputLoop:
             self._snapshot = snap
 
     def start(self) -> "OutputLoop":
+        if self.cfg.output_log:
+            Path(self.cfg.output_log).parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.cfg.output_log, "a", buffering=1, encoding="utf-8")
         self._thread.start()
         return self
 
@@ -160,6 +166,9 @@ class OutputLoop:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def estimate_at(self, t: float, telemetry=None, origin_alt_m: float = math.nan) -> Estimate:
         """What goes out at monotonic time t."""
@@ -191,6 +200,14 @@ class OutputLoop:
             del self.stats["intervals_s"][:-1000]
         self._last_tick = now
         self.last_sent = est
+        if self._log is not None:
+            fix = est.fix == FixQuality.FIX
+            self._log.write(json.dumps({"unix_s": round(now + self.epoch_minus_monotonic, 4), "fix": 3 if fix else 1,
+                                        "lat": round(est.lat, 8) if fix else None,
+                                        "lon": round(est.lon, 8) if fix else None,
+                                        "alt_m": round(est.alt_m, 2) if fix and math.isfinite(est.alt_m) else None,
+                                        "sigma_h_m": round(est.sigma_h_m, 2) if fix else None,
+                                        "reason": est.reason}) + "\n")
         return est
 
     def achieved_rate_hz(self) -> float:
