@@ -331,7 +331,11 @@ def _convert(tp: Any, value: Any, source: str, field: str, limits: Limits = DEFA
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad()
-        return dict(value)
+        if not args:
+            return dict(value)
+        key_type, value_type = args
+        return {_convert(key_type, k, source, f"{field} key", limits):
+                _convert(value_type, v, source, f"{field}[{show(k)}]", limits) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -195,3 +195,79 @@ def test_bit_flipped_dataflash_log_is_an_error_or_a_clean_track(tmp_path, capsys
             outcomes.add("track")
     assert "error" in outcomes  # a format-table flip (unsupported format char) must be caught
     assert "bad header" not in capsys.readouterr().out  # pymavlink's prints stay off the terminal
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    from mean_nav.bench.cache import generate_cache
+
+    return generate_cache(tmp_path_factory.mktemp("cache") / "c", n=20, dim=8, tile_size_m=60.0, stride_m=20.0,
+                          progress=False)
+
+
+def _edited_cache(small_cache, tmp_path, edit):
+    import json
+    import shutil
+
+    folder = tmp_path / "cache"
+    shutil.copytree(small_cache, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    edit(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _set(path: str, value):
+    def edit(meta):
+        *parents, last = path.split(".")
+        d = meta
+        for p in parents:
+            d = d[p]
+        d[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("files", {}), "files does not list embeddings.npy"),
+    (lambda m: m["files"].pop("tiles.npy"), "files does not list tiles.npy"),
+    (_set("files", []), "field 'files' should be dict"),
+    (_set("dim", "abc"), "field 'dim' should be int"),
+    (_set("grid", None), "grid: expected a mapping"),
+    (_set("grid.crs_wkt", "PROJCS[nonsense"), "grid.crs_wkt is not a CRS"),
+    (_set("grid.crs_wkt", 'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+                          'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]'), "not a projected"),
+    (_set("grid.gsd_m", 0), "field 'grid.gsd_m' must be > 0 m"),
+    (_set("num_tiles", -1), "field 'num_tiles' must be >= 0"),
+    (lambda m: m["files"]["embeddings.npy"].update(sha256="not-a-digest"),
+     r"files\['embeddings.npy'\].sha256 is not a sha256"),
+    (_set("surprise", 1), "unknown field 'surprise'"),
+    (_set("format_version", "1"), "format version '1' is not supported"),
+])
+def test_edited_cache_meta_is_one_clear_error(small_cache, tmp_path, edit, message):
+    from mean_nav.geo.cache import TileCache
+
+    folder = _edited_cache(small_cache, tmp_path, edit)
+    with pytest.raises(MeanNavError, match=rf"meta.json: .*{message}"):
+        TileCache.load(folder)
+
+
+def test_empty_manifest_no_longer_switches_off_the_checksums(small_cache, tmp_path):
+    from mean_nav.geo.cache import TileCache
+
+    folder = _edited_cache(small_cache, tmp_path, _set("files", {}))
+    emb = np.load(folder / "embeddings.npy")
+    emb[0, 0] += 1
+    np.save(folder / "embeddings.npy", emb)
+    with pytest.raises(MeanNavError, match="manifest is incomplete"):
+        TileCache.load(folder)
+    TileCache.load(small_cache)  # the untouched cache still loads
+
+
+def test_manifest_paths_stay_inside_the_cache(small_cache, tmp_path):
+    from mean_nav.geo.cache import TileCache
+
+    def edit(meta):
+        meta["files"]["../outside"] = {"bytes": 1, "sha256": "0" * 64}
+    folder = _edited_cache(small_cache, tmp_path, edit)
+    with pytest.raises(MeanNavError, match="not a path inside the cache"):
+        TileCache.load(folder)

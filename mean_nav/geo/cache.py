@@ -33,7 +33,9 @@ from pyproj import CRS
 from pyproj.exceptions import CRSError
 
 from ..deploy.embedder import Embedder
+from ..config import show
 from ..errors import MeanNavError
+from .cache_meta import check_manifest, read_meta
 from .crs import from_lonlat, to_lonlat
 from .raster import area_crs, check_georeferenced, union_bounds
 from .spatial_index import GridIndex
@@ -527,30 +529,18 @@ class TileCache:
                 raise MeanNavError(f"{folder}: cache build did not finish (no {META}); rerun the same "
                                    "`mean-nav cache build` command to resume it")
             raise MeanNavError(f"{folder}: not a tile cache (no {META}); build one with `mean-nav cache build`")
+        meta, checked = read_meta(meta_path, FORMAT, FORMAT_VERSION)
+        required = [EMBEDDINGS, TILES] + [p.file for p in checked.maps] + ([APPROX] if checked.approx_index else [])
+        check_manifest(folder, checked, required, verify, sha256_file)
+        grid = checked.grid
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MeanNavError(f"{meta_path}: not valid JSON ({exc}); the cache is damaged, rebuild it") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise MeanNavError(f"{meta_path}: not a mean-nav tile cache description; rebuild the cache")
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise MeanNavError(f"{meta_path}: cache format version {version} is not supported by this "
-                               f"mean-nav (reads version {FORMAT_VERSION}); rebuild the cache")
-        for key in ("num_tiles", "dim", "model_hash", "grid", "files", "model"):
-            if key not in meta:
-                raise MeanNavError(f"{meta_path}: field {key!r} is missing; the cache is damaged, rebuild it")
-        for name, entry in meta["files"].items():
-            path = folder / name
-            if not path.is_file():
-                raise MeanNavError(f"{path}: file of the cache is missing; rebuild the cache")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise MeanNavError(f"{path}: {size} bytes, meta.json records {entry['bytes']}; the file is "
-                                   "truncated or modified, rebuild the cache")
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise MeanNavError(f"{path}: checksum does not match meta.json; the file is corrupt or "
-                                   "was modified, rebuild the cache")
+            crs = CRS.from_wkt(grid.crs_wkt)
+        except CRSError as exc:
+            raise MeanNavError(f"{meta_path}: grid.crs_wkt is not a CRS pyproj reads ({show(str(exc))}); the "
+                               "cache is damaged, rebuild it") from None
+        if not crs.is_projected:
+            raise MeanNavError(f"{meta_path}: grid.crs_wkt is not a projected (metric) CRS; the cache is "
+                               "damaged, rebuild it")
         if expect_model_hash is not None and expect_model_hash != meta["model_hash"]:
             raise MeanNavError(
                 f"{folder}: cache was built with model {meta['model_hash']}, but the loaded model is "
