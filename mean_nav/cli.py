@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mean_nav.train", "train MEAN from a YAML config (torchrun for several GPUs)"),
     "evaluate": ("mean_nav.evaluate", "University-1652 / SUES-200 retrieval metrics"),
     "export": ("mean_nav.deploy.export", "checkpoint -> ONNX deploy graph, checked against PyTorch"),
+    "export-features": ("mean_nav.deploy.export_features", "XFeat + LighterGlue -> ONNX (learned local features), checked against PyTorch"),
     "quantize": ("mean_nav.deploy.quantize", "ONNX -> INT8 (TensorRT Q/DQ and CPU) and FP16 ONNX"),
     "cache": ("mean_nav.geo.cache_cli", "build, inspect and search satellite-tile embedding caches"),
     "calibrate-camera": ("mean_nav.nav.calibrate", "chessboard images -> camera YAML"),

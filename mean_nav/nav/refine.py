@@ -24,8 +24,11 @@ __all__ = ["RefineConfig", "Features", "MatchResult", "FeatureMatcher"]
 
 @dataclass
 class RefineConfig:
-    detector: str = "sift"            # sift | orb (nav/features/)
-    matcher: str | None = None        # ratio | mnn; None: the detector's usual matcher (ratio for sift/orb)
+    detector: str = "sift"            # sift | orb | xfeat (nav/features/)
+    # ratio | mnn | lighterglue (xfeat only); None: the detector's usual matcher (ratio for sift/orb,
+    # lighterglue for xfeat)
+    matcher: str | None = None
+    xfeat_models: str | None = None   # folder with xfeat.onnx + lighterglue.onnx (`mean-nav export-features -o`)
     # per query image and per map region (the region's strongest)
     max_features: int = bounded(1500, ge=2, le=100_000)
     ratio_test: float = bounded(0.8, gt=0, le=1)  # Lowe's ratio for the two nearest neighbours

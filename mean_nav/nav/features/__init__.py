@@ -9,6 +9,7 @@ map-feature store (geo/map_features.py) see only these two interfaces, so a new 
     extractor  module       default matcher
     sift       sift.py      ratio     (ratio_test.py: Lowe's two-nearest-neighbour test)
     orb        orb.py       ratio
+    xfeat      xfeat.py     lighterglue (lighterglue.py; both ONNX from `mean-nav export-features`)
                             mnn       (mutual_nn.py: mutual nearest neighbours)
 """
 from __future__ import annotations
@@ -75,19 +76,21 @@ class Matcher(Protocol):
 
 
 def _extractors() -> dict[str, Callable[..., Extractor]]:
-    from . import orb, sift
+    from . import orb, sift, xfeat
 
-    return {"sift": sift.SiftExtractor.from_refine, "orb": orb.OrbExtractor.from_refine}
+    return {"sift": sift.SiftExtractor.from_refine, "orb": orb.OrbExtractor.from_refine,
+            "xfeat": xfeat.XFeatExtractor.from_refine}
 
 
 def _matchers() -> dict[str, Callable[..., Matcher]]:
-    from . import mutual_nn, ratio_test
+    from . import lighterglue, mutual_nn, ratio_test
 
-    return {"ratio": ratio_test.RatioTestMatcher.from_refine, "mnn": mutual_nn.MutualNNMatcher.from_refine}
+    return {"ratio": ratio_test.RatioTestMatcher.from_refine, "mnn": mutual_nn.MutualNNMatcher.from_refine,
+            "lighterglue": lighterglue.LighterGlueMatcher.from_refine}
 
 
 # the matcher each extractor is verified with when refine.matcher is not set
-DEFAULT_MATCHER = {"sift": "ratio", "orb": "ratio"}
+DEFAULT_MATCHER = {"sift": "ratio", "orb": "ratio", "xfeat": "lighterglue"}
 
 
 def make_extractor(cfg: "RefineConfig", max_features: int | None = None) -> Extractor:

