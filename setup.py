@@ -18,6 +18,8 @@ RUNTIME = [
     "matplotlib>=3.7",
     "onnxruntime>=1.17",
     "pyulog>=1.0",
+    "Pillow>=10",        # EXIF of drone photos (flight import-photos)
+    "defusedxml>=0.7",   # their XMP (DJI gimbal/flight attitude), parsed safely
 ]
 # Training, export, quantization. torch is pinned by the installer (see README):
 # a bare `torch` requirement on a machine without torch pulls a multi-GB CUDA build.

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("mean_nav.nav.daemon", "onboard daemon: camera -> localizer -> MAVLink"),
     "simulate-flight": ("mean_nav.replay.simulate", "render a flight folder from a GeoTIFF orthophoto"),
     "replay": ("mean_nav.replay.runner", "replay a recorded flight through the localizer and score it"),
+    "flight": ("mean_nav.replay.photos", "flight folders: import-photos (geotagged drone photos -> flight folder)"),
     "bench": ("mean_nav.bench", "benchmarks: inference backends, tile cache (mean_nav/bench/)"),
 }
 

@@ -8,11 +8,16 @@ flight/
   video.mp4        ...or a video instead of frames/ (any name via flight.yaml `video`);
                    frames.csv then gives the time of each video frame in order
   telemetry.csv    time_s,lat,lon,alt_m,rel_alt_m,roll,pitch,yaw[,vn,ve,vd,range_m]
+                   [,gimbal_roll,gimbal_pitch,gimbal_yaw]: the camera's own attitude on a
+                   stabilising gimbal (radians, ZYX in NED of a frame whose x is the optical
+                   axis: pitch -pi/2 looks down); where set it replaces attitude + mount
   flight.yaml      optional: telemetry_log (a .tlog/.bin/.ulg instead of telemetry.csv),
                    time_offset_s (frame_time = log_time + offset), video, max_telemetry_gap_s,
                    map (orthophoto used for the report and for in-map scoring)
 ```
 Telemetry lat/lon is GNSS: ground truth for scoring and at most the initial prior.
+Frames are used as stored: an EXIF orientation tag is ignored, because camera.yaml and the
+attitude describe the sensor's pixel grid, not how a viewer displays it.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ class FlightConfig:
     map: list[str] | None = None         # orthophoto(s) of the area (report background, in-map scoring)
     description: str = ""
     simulated: dict | None = None        # what simulate-flight used (seed, speed, ...), informative
+    imported: dict | None = None         # what `flight import-photos` read and assumed, informative
 
 
 @dataclass
@@ -166,7 +172,7 @@ class Flight:
         path = self.frame_path(frame_id)
         if path is None:
             return None
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def _video_frames(self, start: int) -> Iterator[np.ndarray]:
