@@ -230,7 +230,8 @@ def read_telemetry_csv(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTra
 
 
 def write_telemetry_csv(path: str | Path, rows: list[Telemetry]) -> None:
-    """Write telemetry.csv (temp file then rename); gimbal columns only when a row has them."""
+    """Write telemetry.csv (temp file then rename); unknown values as empty cells, gimbal
+    columns only when a row has them."""
     path = Path(path)
     gimbal = any(r.has_gimbal_attitude for r in rows)
     num = lambda v, fmt: "" if not math.isfinite(v) else format(v, fmt)
@@ -239,9 +240,9 @@ def write_telemetry_csv(path: str | Path, rows: list[Telemetry]) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS if gimbal else CSV_COLUMNS[:-len(GIMBAL_COLUMNS)])
         for r in rows:
-            row = [f"{r.time_s:.6f}", f"{r.lat:.9f}", f"{r.lon:.9f}", f"{r.alt_amsl_m:.3f}",
+            row = [f"{r.time_s:.6f}", num(r.lat, ".9f"), num(r.lon, ".9f"), num(r.alt_amsl_m, ".3f"),
                    f"{r.rel_alt_m:.3f}", f"{r.roll:.6f}", f"{r.pitch:.6f}", f"{r.yaw:.6f}",
-                   f"{r.vn:.4f}", f"{r.ve:.4f}", f"{r.vd:.4f}", num(r.range_m, ".3f")]
+                   num(r.vn, ".4f"), num(r.ve, ".4f"), num(r.vd, ".4f"), num(r.range_m, ".3f")]
             if gimbal:
                 row += [num(r.gimbal_roll, ".6f"), num(r.gimbal_pitch, ".6f"), num(r.gimbal_yaw, ".6f")]
             w.writerow(row)
