@@ -271,3 +271,105 @@ def test_manifest_paths_stay_inside_the_cache(small_cache, tmp_path):
     folder = _edited_cache(small_cache, tmp_path, edit)
     with pytest.raises(MeanNavError, match="not a path inside the cache"):
         TileCache.load(folder)
+
+
+def _write_geotiff(path, bands, dtype):
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=3,
+                       dtype=dtype, crs="EPSG:32632", transform=Affine(1, 0, 500000, 0, -1, 5200000)) as dst:
+        dst.write(bands.astype(dtype))
+    return path
+
+
+def test_float_map_with_values_beyond_8_bit_is_refused(tmp_path):
+    from mean_nav.geo.raster import read_metric_raster
+
+    bands = np.random.default_rng(0).uniform(0, 255_000, (3, 64, 64))
+    path = _write_geotiff(tmp_path / "f32.tif", bands, "float32")
+    with pytest.raises(MeanNavError, match=r"f32.tif: map bands are float32 with values .* gdal_translate -ot Byte"):
+        read_metric_raster(path, 1.0)
+
+
+def test_float_map_holding_8_bit_values_is_read_like_the_uint8_one(tmp_path):
+    from mean_nav.geo.raster import read_metric_raster
+
+    bands = np.random.default_rng(0).integers(0, 256, (3, 64, 64))
+    as_float = read_metric_raster(_write_geotiff(tmp_path / "f.tif", bands, "float32"), 1.0)
+    as_bytes = read_metric_raster(_write_geotiff(tmp_path / "b.tif", bands, "uint8"), 1.0)
+    assert np.array_equal(as_float.image, as_bytes.image)
+
+
+def test_map_that_is_a_text_file_is_one_error(tmp_path):
+    from mean_nav.replay.runner import MapCoverage
+
+    (tmp_path / "notes.tif").write_text("not a map\n")
+    with pytest.raises(MeanNavError, match="notes.tif: cannot read as a GeoTIFF"):
+        MapCoverage([tmp_path / "notes.tif"])
+
+
+def _tiny_flight(root, telemetry_rows: str):
+    import cv2
+
+    from mean_nav.nav.camera_model import CameraModel
+
+    (root / "frames").mkdir(parents=True)
+    CameraModel.from_fov(64, 48, 70).to_yaml(root / "camera.yaml")
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cv2.imwrite(str(root / "frames" / "000000.jpg"), image)
+    cv2.imwrite(str(root / "frames" / "000001.png"), image)
+    (root / "frames.csv").write_text("frame,time_s\n0,0.0\n1,0.5\n")
+    (root / "telemetry.csv").write_text(TELEMETRY_HEADER + telemetry_rows)
+    return root
+
+
+GOOD_TELEMETRY = "0,52,5,60,50,0,0,0\n1,52,5,60,50,0,0,0\n"
+
+
+@pytest.mark.parametrize("name, keep", [("000000.jpg", 0.6), ("000001.png", 0.6), ("000000.jpg", 0.98)])
+def test_truncated_frames_are_refused_whole_with_a_reason(tmp_path, name, keep):
+    from mean_nav.replay.flight import Flight
+
+    root = _tiny_flight(tmp_path / "f", GOOD_TELEMETRY)
+    path = root / "frames" / name
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    frames = {f.frame_id: f for f in Flight(root).frames()}
+    hit, other = frames[int(name[:6])], frames[1 - int(name[:6])]
+    assert hit.image is None and "truncated or damaged" in hit.problem and name in hit.problem
+    assert other.image is not None and other.problem == ""
+
+
+def test_replay_refuses_a_flight_with_latitude_200_before_writing_anything(tmp_path, capsys):
+    root = _tiny_flight(tmp_path / "f", "0,200,5,60,50,0,0,0\n1,52,5,60,50,0,0,0\n")
+    out = tmp_path / "out"
+    code = main(["replay", str(root), "--model", str(tmp_path / "m.onnx"), "--cache", str(tmp_path / "c"),
+                 "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "telemetry.csv: line 2: lat must be >= -90 deg" in err and "\n" not in err
+    assert not out.exists()
+
+
+class _Payload:
+    """Pickles to a call that creates a file: what a hostile checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from mean_nav.model.checkpoint import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(MeanNavError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()

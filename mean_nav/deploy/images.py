@@ -26,16 +26,37 @@ GEOTIFF_SUFFIXES = {".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
-def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Read one image file as HxWx3 uint8 RGB; a MeanNavError if it does not decode."""
+def read_image_rgb(path: str | Path, ignore_orientation: bool = False) -> np.ndarray:
+    """Read one image file as HxWx3 uint8 RGB; a MeanNavError if it is incomplete or does not
+    decode. ignore_orientation: the stored pixels, not rotated by the EXIF orientation."""
     path = Path(path)
     if not path.is_file():
         raise MeanNavError(f"{path}: image file not found; check the path or the list file")
     data = np.fromfile(str(path), np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    problem = incomplete_image(data.tobytes())
+    if problem:
+        raise MeanNavError(f"{path}: {problem}; the file is truncated or damaged, copy it again")
+    flags = cv2.IMREAD_COLOR | (cv2.IMREAD_IGNORE_ORIENTATION if ignore_orientation else 0)
+    bgr = cv2.imdecode(data, flags) if data.size else None
     if bgr is None:
         raise MeanNavError(f"{path}: cannot decode as an image; remove it or replace it with a JPEG/PNG")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def incomplete_image(data: bytes) -> str | None:
+    """Why a JPEG or PNG file is incomplete, or None. OpenCV decodes a truncated JPEG into
+    a partly grey image with only a warning on stderr: such a frame must not be localized."""
+    if data[:3] == b"\xff\xd8\xff":
+        if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+            return "JPEG has no end-of-image marker"
+    elif data[:8] == PNG_SIGNATURE:
+        if data[-12:] != PNG_END:
+            return "PNG has no IEND chunk"
+    return None
 
 
 def list_image_files(folder: str | Path) -> list[Path]:

@@ -80,13 +80,30 @@ def check_georeferenced(path: str | Path) -> None:
                 raise MeanNavError(f"{path}: map has no geotransform; georeference it (gdal_translate -a_ullr ...) and retry")
             if src.count < 3:
                 raise MeanNavError(f"{path}: map has {src.count} band(s); an RGB orthophoto (3 bands) is needed")
-    except rasterio.errors.RasterioIOError as exc:
+            _check_8bit(path, src)
+    except rasterio.errors.RasterioError as exc:
         raise MeanNavError(f"{path}: cannot read as a GeoTIFF ({exc}); check the file is complete") from None
+
+
+def _check_8bit(path: Path, src) -> None:
+    """Maps are read as 8-bit RGB: other sample types must hold 0..255 values, or GDAL's
+    conversion would clip them (a float map with values up to 255000 becomes white)."""
+    if all(dtype == "uint8" for dtype in src.dtypes[:3]):
+        return
+    scale = max(1, max(src.width, src.height) // 512)  # a decimated read finds the value range
+    sample = src.read([1, 2, 3], out_shape=(3, max(1, src.height // scale), max(1, src.width // scale)),
+                      masked=True)
+    lo, hi = sample.min(), sample.max()
+    if sample.count() and not (np.isfinite([lo, hi]).all() and 0 <= lo and hi <= 255):
+        raise MeanNavError(f"{path}: map bands are {src.dtypes[0]} with values {lo:g}..{hi:g}, which do not fit "
+                           "8-bit imagery; convert it to 8-bit RGB with an explicit scale, e.g. gdal_translate "
+                           f"-ot Byte -scale {lo:g} {hi:g} 0 255 {path.name} {path.stem}_8bit.tif")
 
 
 def union_bounds(paths: Sequence[str | Path], crs: CRS) -> tuple[float, float, float, float]:
     lefts, bottoms, rights, tops = [], [], [], []
     for p in paths:
+        check_georeferenced(p)
         with rasterio.open(p) as src:
             l, b, r, t = transform_bounds(src.crs, crs, *src.bounds, densify_pts=21)
         lefts.append(l); bottoms.append(b); rights.append(r); tops.append(t)

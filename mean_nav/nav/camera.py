@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlparse
 import cv2
 import numpy as np
 
+from ..deploy.images import read_image_rgb
 from ..errors import MeanNavError
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,11 @@ class ImageFolderSource(_RecordedSource):
             self._pos = 0
         path, t = self._items[self._pos]
         self._pos += 1
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            return self._deliver(None, t, f"{path}: missing or unreadable image")
-        return self._deliver(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t)
+        try:  # a truncated or corrupt file is refused whole, never partly decoded
+            rgb = read_image_rgb(path, ignore_orientation=True)
+        except MeanNavError as exc:
+            return self._deliver(None, t, str(exc))
+        return self._deliver(rgb, t)
 
 
 class VideoFileSource(_RecordedSource):

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from ..config import Limits, bounded, load_config, read_csv
+from ..deploy.images import read_image_rgb
 from ..errors import MeanNavError
 from ..nav.camera_model import CameraModel
 from ..nav.telemetry import Telemetry
@@ -161,19 +162,21 @@ class Flight:
                                       f"{self.video_path}: video ended after {i} frame(s) but frames.csv "
                                       f"lists {len(self)}; the remaining frames are not replayed")
                     return
+                image_problem = ""
             else:
-                image = self._read_image(fid)
-            problem = telemetry.problem[k]
-            if image is None:
-                problem = f"{self.root / 'frames'}: frame {fid:06d} is missing or unreadable"
+                image, image_problem = self._read_image(fid)
+            problem = image_problem or telemetry.problem[k]
             yield FlightFrame(i, fid, t, image, telemetry.telemetry[k], problem)
 
-    def _read_image(self, frame_id: int) -> np.ndarray | None:
+    def _read_image(self, frame_id: int) -> tuple[np.ndarray | None, str]:
+        """(RGB image, "") or (None, why not): a truncated or corrupt file is refused whole."""
         path = self.frame_path(frame_id)
         if path is None:
-            return None
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            return None, f"{self.root / 'frames'}: frame {frame_id:06d} is missing"
+        try:  # pixels as stored: camera.yaml calibrates the sensor, not an EXIF-rotated view
+            return read_image_rgb(path, ignore_orientation=True), ""
+        except MeanNavError as exc:
+            return None, str(exc)
 
     def _video_frames(self, start: int) -> Iterator[np.ndarray]:
         cap = cv2.VideoCapture(str(self.video_path))

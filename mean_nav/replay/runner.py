@@ -214,7 +214,8 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
 def problem_kind(reason: str) -> str:
     """Group per-frame problems for the summary."""
     for key, kind in (("video ended", "video ended early"), ("gap", "telemetry gap"),
-                      ("no telemetry", "no telemetry at frame time"), ("missing or unreadable", "frame image missing")):
+                      ("no telemetry", "no telemetry at frame time"), ("is missing", "frame image missing"),
+                      ("truncated or damaged", "frame image damaged"), ("cannot decode", "frame image damaged")):
         if key in reason:
             return kind
     return reason
