@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # module -> the test files that pin it (globs relative to the repository root)
 TARGETS: dict[str, list[str]] = {
     "mean_nav.nav.filter": ["tests/test_filter.py", "tests/test_pinned_filter.py"],
-    "mean_nav.nav.refine": ["tests/test_refine.py", "tests/test_pinned_refine.py"],
+    "mean_nav.nav.refine": ["tests/test_refine.py", "tests/test_features.py", "tests/test_pinned_refine.py"],
+    # refine's ratio test and no-data border live in nav/features/ since the extractor split
+    "mean_nav.nav.features.ratio_test": ["tests/test_features.py", "tests/test_pinned_refine.py"],
+    "mean_nav.nav.features.opencv_image": ["tests/test_features.py", "tests/test_pinned_refine.py"],
     "mean_nav.nav.gps_time": ["tests/test_pinned_mavlink.py"],
     "mean_nav.nav.mavlink_io": ["tests/test_mavlink.py", "tests/test_pinned_mavlink.py"],
     "mean_nav.nav.camera_model": ["tests/test_camera_model.py", "tests/test_pinned_camera_model.py"],

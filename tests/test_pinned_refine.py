@@ -1,0 +1,119 @@
+"""Pins the refinement gates with correspondences built by hand: descriptors that decide the
+ratio test, point sets with a known similarity, inlier share, rotation and scale, and the
+no-data border measured with OpenCV's distance transform."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from mean_nav.nav.features import Features
+from mean_nav.nav.features.ratio_test import RatioTestMatcher
+from mean_nav.nav.refine import FeatureMatcher, RefineConfig
+
+
+def one_hot_features(points: np.ndarray, size=(480, 480)) -> Features:
+    """Descriptor k is the k-th unit vector: query k matches map k exactly, second best is sqrt(2) away."""
+    n = len(points)
+    return Features(np.asarray(points, np.float32), np.eye(n, dtype=np.float32), None, size)
+
+
+def similarity(points: np.ndarray, angle_deg: float = 0.0, scale: float = 1.0, shift=(0.0, 0.0)) -> np.ndarray:
+    a = math.radians(angle_deg)
+    m = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return points @ m.T + np.asarray(shift)
+
+
+def pair(n_inliers: int, n_outliers: int, seed: int = 0, **transform):
+    rng = np.random.default_rng(seed)
+    query = rng.uniform(0, 240, (n_inliers + n_outliers, 2))
+    region = similarity(query, **transform) + rng.normal(0, 0.2, query.shape)
+    region[n_inliers:] = rng.uniform(0, 480, (n_outliers, 2))      # matched, but to the wrong place
+    return one_hot_features(query), one_hot_features(region)
+
+
+def test_the_query_centre_lands_where_the_similarity_takes_it():
+    q, r = pair(60, 10, angle_deg=6.0, shift=(150.0, 90.0))
+    res = FeatureMatcher().match(q, r, (119.5, 119.5))
+    assert res.ok, res.reason
+    expected = similarity(np.array([[119.5, 119.5]]), angle_deg=6.0, shift=(150.0, 90.0))[0]
+    assert res.nadir_px == (pytest.approx(expected[0], abs=0.2), pytest.approx(expected[1], abs=0.2))
+    assert res.rotation_deg == pytest.approx(6.0, abs=0.2)
+    assert res.scale == pytest.approx(1.0, abs=0.005)
+    assert res.inliers == 60 and res.matches == 70
+
+
+def test_a_small_share_of_inliers_is_not_a_place():
+    # 30 consistent matches clear min_inliers (15) but are only 30 / 230 = 13 % < 15 % of the matches
+    q, r = pair(30, 200, shift=(100.0, 100.0))
+    res = FeatureMatcher().match(q, r, (119.5, 119.5))
+    assert not res.ok and "inliers" in res.reason
+    q, r = pair(40, 200, shift=(100.0, 100.0))           # 17 %: accepted
+    assert FeatureMatcher().match(q, r, (119.5, 119.5)).ok
+
+
+def test_too_few_inliers_is_not_a_place():
+    q, r = pair(12, 0, shift=(100.0, 100.0))
+    assert not FeatureMatcher().match(q, r, (119.5, 119.5)).ok
+    q, r = pair(16, 0, shift=(100.0, 100.0))
+    assert FeatureMatcher().match(q, r, (119.5, 119.5)).ok
+
+
+@pytest.mark.parametrize("angle_deg, ok", [(-10.0, True), (10.0, True), (-15.0, False), (20.0, False)])
+def test_the_rotation_left_after_rectification_is_bounded(angle_deg, ok):
+    q, r = pair(60, 0, angle_deg=angle_deg, shift=(200.0, 120.0))
+    res = FeatureMatcher(RefineConfig(max_rotation_deg=12.0)).match(q, r, (119.5, 119.5))
+    assert res.ok is ok, res.reason
+    assert res.rotation_deg == pytest.approx(angle_deg, abs=0.3)
+
+
+@pytest.mark.parametrize("scale, ok", [(0.9, True), (1.1, True), (0.8, False), (1.25, False)])
+def test_the_scale_left_after_rectification_is_bounded(scale, ok):
+    q, r = pair(60, 0, scale=scale, shift=(150.0, 150.0))
+    res = FeatureMatcher(RefineConfig(max_scale_error=0.15)).match(q, r, (119.5, 119.5))
+    assert res.ok is ok, res.reason
+    assert res.scale == pytest.approx(scale, abs=0.005)
+
+
+def test_the_nadir_covariance_grows_with_the_residual_noise():
+    rng = np.random.default_rng(1)
+    query = rng.uniform(0, 240, (80, 2))
+    sigmas = []
+    for noise in (0.5, 2.0):
+        region = query + (120.0, 60.0) + rng.normal(0, noise, query.shape)
+        res = FeatureMatcher(RefineConfig(ransac_threshold_px=10.0)).match(
+            one_hot_features(query), one_hot_features(region), (119.5, 119.5))
+        assert res.ok
+        sigmas.append(math.sqrt(np.trace(res.cov_px) / 2))
+    # the centre of 80 points with per-axis noise s is known to about s / sqrt(80) per axis
+    assert sigmas[0] == pytest.approx(0.5 / math.sqrt(80), rel=0.5)
+    assert sigmas[1] == pytest.approx(2.0 / math.sqrt(80), rel=0.5)
+
+
+def test_lowe_ratio_test_keeps_only_distinctive_matches():
+    # query 0: nearest 1.0, second 2.0 (ratio 0.5, kept); query 1: 1.0 and 1.1 (ratio 0.91, dropped)
+    query = Features(np.zeros((2, 2), np.float32), np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], np.float32))
+    ref = Features(np.zeros((4, 2), np.float32),
+                   np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [11.0, 0.0, 0.0], [10.0, 1.1, 0.0]], np.float32))
+    m = RatioTestMatcher("l2", ratio=0.8).match(query, ref)
+    assert list(zip(m.query_idx, m.ref_idx)) == [(0, 0)]
+    m = RatioTestMatcher("l2", ratio=0.95).match(query, ref)
+    assert sorted(zip(m.query_idx.tolist(), m.ref_idx.tolist())) == [(0, 0), (1, 2)]
+
+
+@pytest.mark.parametrize("detector", ["sift", "orb"])
+def test_no_keypoint_sits_on_the_no_data_border(detector):
+    rng = np.random.default_rng(2)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (320, 320)).astype(np.float32), (0, 0), 2.0)
+    image = np.dstack([cv2.normalize(tex, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)] * 3)
+    valid = np.zeros((320, 320), np.uint8)
+    cv2.circle(valid, (160, 160), 120, 1, -1)
+    image[valid == 0] = 0
+    feats = FeatureMatcher(RefineConfig(detector=detector)).features(image, valid.astype(bool))
+    assert len(feats) > 50
+    # distance of each pixel to the nearest no-data pixel
+    dist = cv2.distanceTransform(valid, cv2.DIST_L2, 5)
+    at = np.round(feats.points).astype(int)
+    assert dist[at[:, 1], at[:, 0]].min() >= 3.0
