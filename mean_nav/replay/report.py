@@ -133,8 +133,37 @@ def _savefig(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _error_scale_m(errors: np.ndarray) -> float:
+    """Top of the colour scale: the 95th percentile of the fix errors, rounded up to a
+    readable step, so the colours spread over the errors that occur (a few large ones are
+    drawn in the top colour and said to be clipped)."""
+    finite = errors[np.isfinite(errors)]
+    if not finite.size:
+        return 1.0
+    p95 = float(np.percentile(finite, 95))
+    for step in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0):
+        if p95 <= 10 * step:
+            return max(step, math.ceil(p95 / step) * step)
+    return math.ceil(p95 / 100.0) * 100.0
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index ranges where mask is True."""
+    edges = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def _legend_outside(ax, ncol: int = 3, below: float = 0.14) -> None:
+    """Legend under the axis labels (`below`: axes fractions), never over the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -below), ncol=ncol, fontsize=8,
+                  frameon=False)
+
+
 def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
-    """Truth track, fixes coloured by error and coasting estimates, over the map when known."""
+    """Truth track over the map, fixes coloured by error (scale fitted to the errors), false
+    fixes and no-fix stretches marked; the view stays on the map when the flight leaves it far."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +172,7 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
 
     from ..geo.crs import from_lonlat
 
-    fig, ax = plt.subplots(figsize=(8, 8))
+    fig, ax = plt.subplots(figsize=(8, 8.6))
     fix = cols["fix"] == int(FixQuality.FIX)
     coast = cols["fix"] == int(FixQuality.COASTING)
     if raster is not None:
@@ -157,37 +186,69 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
         lon0 = float(np.nanmedian(cols["truth_lon"][ok] if ok.any() else cols["lon"]))
         lat0 = float(np.nanmedian(cols["truth_lat"][ok] if ok.any() else cols["lat"]))
         crs = utm_crs_for(lon0, lat0)
-    tx, ty = from_lonlat(crs, cols["truth_lon"], cols["truth_lat"])
+    tx, ty = (np.asarray(v, float) for v in from_lonlat(crs, cols["truth_lon"], cols["truth_lat"]))
+    ex, ey = (np.asarray(v, float) for v in from_lonlat(crs, cols["lon"], cols["lat"]))
     ax.plot(tx, ty, "-", color="white", lw=3, alpha=0.8)
     ax.plot(tx, ty, "-", color="black", lw=1.2, label="GNSS truth")
-    ex, ey = from_lonlat(crs, cols["lon"], cols["lat"])
+    no_fix = ~fix
+    for k, (i0, i1) in enumerate(_runs(no_fix)):
+        seg = slice(max(i0 - 1, 0), min(i1 + 1, len(tx)))   # join the neighbouring fixes
+        ax.plot(tx[seg], ty[seg], "-", color="tab:orange", lw=2.5, alpha=0.9,
+                label="no fix sent" if k == 0 else None, zorder=2)
     if coast.any():
-        ax.plot(np.asarray(ex)[coast], np.asarray(ey)[coast], ".", color="0.6", ms=3, label="coasting (not sent)")
+        ax.plot(ex[coast], ey[coast], ".", color="0.45", ms=3, label="coasting (not sent)")
     if fix.any():
         err = cols["error_m"][fix]
-        finite = err[np.isfinite(err)]
-        vmax = float(max(5.0, np.ceil(np.percentile(finite, 98)))) if finite.size else 5.0
-        sc = ax.scatter(np.asarray(ex)[fix], np.asarray(ey)[fix], c=np.clip(err, 0, vmax),
-                        cmap="viridis", s=14, vmin=0, vmax=vmax, label="fix", zorder=3)
-        fig.colorbar(sc, ax=ax, shrink=0.7, label=f"fix error, m (clipped at {vmax:g})")
+        vmax = _error_scale_m(err)
+        sc = ax.scatter(ex[fix], ey[fix], c=np.clip(err, 0, vmax), cmap="viridis", s=16, vmin=0, vmax=vmax,
+                        label="fix (colour: error)", zorder=3, edgecolors="none")
+        clipped = int(np.sum(err > vmax))
+        note = f"; {clipped} above, drawn in the top colour" if clipped else ""
+        fig.colorbar(sc, ax=ax, shrink=0.7, extend="max" if clipped else "neither",
+                     label=f"fix error, m (0 to {vmax:g} = 95th percentile{note})")
         false_fix = fix & (cols["error_m"] > FALSE_FIX_SIGMAS * cols["sigma_h_m"])
         if false_fix.any():
-            ax.plot(np.asarray(ex)[false_fix], np.asarray(ey)[false_fix], "x", color="red", ms=8,
-                    label=f"false fix (> {FALSE_FIX_SIGMAS:g} sigma)", zorder=4)
+            ax.plot(ex[false_fix], ey[false_fix], "x", color="red", ms=9, mew=2,
+                    label=f"false fix: error > {FALSE_FIX_SIGMAS:g} sigma ({int(false_fix.sum())})", zorder=4)
     ax.set_aspect("equal")
+    if raster is not None:
+        _keep_map_in_view(ax, raster.bounds, tx, ty, ex[fix], ey[fix])
     ax.set_xlabel(f"easting, m ({crs.to_string()})")
     ax.set_ylabel("northing, m")
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))  # 7-digit eastings overlap otherwise
     ax.tick_params(axis="x", labelrotation=20)
-    ax.legend(loc="best", fontsize=8)
+    _legend_outside(ax, below=0.2)   # under the rotated easting labels
     ax.set_title("replay track")
     _savefig(fig, path)
     plt.close(fig)
 
 
+def _keep_map_in_view(ax, bounds, *xy_pairs, max_outside: float = 0.5) -> None:
+    """Show the whole track unless it reaches further than max_outside map sizes beyond the
+    map: then show the map plus that margin, and say how far the track went beyond the view."""
+    left, bottom, right, top = bounds
+    xs = np.concatenate([np.asarray(v, float) for v in xy_pairs[0::2]])
+    ys = np.concatenate([np.asarray(v, float) for v in xy_pairs[1::2]])
+    xs, ys = xs[np.isfinite(xs)], ys[np.isfinite(ys)]
+    if not xs.size:
+        return
+    mx, my = (right - left) * max_outside, (top - bottom) * max_outside
+    view = (max(min(xs.min(), left), left - mx), max(min(ys.min(), bottom), bottom - my),
+            min(max(xs.max(), right), right + mx), min(max(ys.max(), top), top + my))
+    pad_x, pad_y = 0.03 * (view[2] - view[0]), 0.03 * (view[3] - view[1])
+    ax.set_xlim(view[0] - pad_x, view[2] + pad_x)
+    ax.set_ylim(view[1] - pad_y, view[3] + pad_y)
+    beyond = max(view[0] - xs.min(), xs.max() - view[2], view[1] - ys.min(), ys.max() - view[3], 0.0)
+    if beyond > 0:
+        ax.text(0.01, 0.01, f"view clipped: the track goes up to {beyond:.0f} m beyond it",
+                transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                bbox=dict(facecolor="white", alpha=0.85, edgecolor="0.5"))
+
+
 def plot_error(cols: dict[str, np.ndarray], path: Path) -> None:
-    """Fix error and reported sigma over time; frames outside the map shaded."""
+    """Fix error and reported sigma over time: false fixes, no-fix stretches and frames
+    outside the map marked; values above the (stated) axis limit drawn on the top edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,26 +256,50 @@ def plot_error(cols: dict[str, np.ndarray], path: Path) -> None:
 
     t = cols["time_s"] - cols["time_s"][0]
     fix = cols["fix"] == int(FixQuality.FIX)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    err = cols["error_m"]
+    fig, ax = plt.subplots(figsize=(10, 5))
     outside = cols["in_map"] == 0
     if outside.any():
         ax.fill_between(t, 0, 1, where=outside, transform=ax.get_xaxis_transform(),
-                        color="orange", alpha=0.2, step="mid", label="nadir outside map")
+                        color="orange", alpha=0.25, step="mid", label="nadir outside map")
+    no_fix = ~fix & ~outside
+    if no_fix.any():
+        ax.fill_between(t, 0, 1, where=no_fix, transform=ax.get_xaxis_transform(),
+                        color="0.5", alpha=0.18, step="mid", label="no fix sent (over the map)")
     sigma = np.where(np.isfinite(cols["sigma_h_m"]) & (cols["fix"] > 0), cols["sigma_h_m"], np.nan)
     ax.plot(t, sigma, "-", color="tab:blue", lw=1, label="reported sigma_h (68 %)")
-    ax.plot(t, FALSE_FIX_SIGMAS * sigma, ":", color="tab:blue", lw=1, label=f"{FALSE_FIX_SIGMAS:g} sigma")
-    ax.plot(t[fix], cols["error_m"][fix], ".", color="tab:green", ms=4, label="fix error")
+    ax.plot(t, FALSE_FIX_SIGMAS * sigma, ":", color="tab:blue", lw=1,
+            label=f"{FALSE_FIX_SIGMAS:g} sigma (false-fix line)")
+    ax.plot(t[fix], err[fix], ".", color="tab:green", ms=4, label="fix error")
     coast = cols["fix"] == int(FixQuality.COASTING)
     if coast.any():
-        ax.plot(t[coast], cols["error_m"][coast], ".", color="0.6", ms=3, label="coasting error")
-    finite = cols["error_m"][np.isfinite(cols["error_m"]) & (cols["fix"] > 0)]
-    top = max(20.0, float(np.percentile(finite, 98)) * 1.2) if finite.size else 20.0
-    ax.set_ylim(0, min(top, 200.0))
+        ax.plot(t[coast], err[coast], ".", color="0.45", ms=3, label="coasting error (not sent)")
+    false_fix = fix & (err > FALSE_FIX_SIGMAS * cols["sigma_h_m"])
+    if false_fix.any():
+        ax.plot(t[false_fix], err[false_fix], "x", color="red", ms=8, mew=2,
+                label=f"false fix ({int(false_fix.sum())})", zorder=4)
+    # the axis covers the fix errors (and a sigma band over them), not a diverging coast
+    fix_err = err[fix & np.isfinite(err)]
+    top = max(5.0, 1.5 * float(np.percentile(fix_err, 99))) if fix_err.size else 20.0
+    top = max(top, 1.2 * float(np.nanpercentile(FALSE_FIX_SIGMAS * sigma[fix], 50))) if fix.any() else top
+    top = float(min(top, 200.0))
+    ax.set_ylim(0, top)
+    shown = [(err, cols["fix"] > 0, "tab:green"), (sigma, np.isfinite(sigma), "tab:blue")]
+    clipped_notes = []
+    for values, where, colour in shown:
+        over = where & (values > top)
+        if over.any():
+            ax.plot(t[over], np.full(int(over.sum()), top), "^", color=colour, ms=5, clip_on=False, zorder=5)
+            clipped_notes.append(f"{'error' if values is err else 'sigma'} up to {np.nanmax(values[over]):.0f} m")
+    title = "horizontal error and reported accuracy"
+    if clipped_notes:
+        title += (f"\naxis clipped at {top:.3g} m: triangles on the top edge are above it ("
+                  + ", ".join(clipped_notes) + ")")
     ax.set_xlabel("time since first frame, s")
     ax.set_ylabel("metres")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("horizontal error and reported accuracy")
+    _legend_outside(ax, ncol=4)
+    ax.set_title(title, fontsize=10)
     _savefig(fig, path)
     plt.close(fig)
 
