@@ -41,6 +41,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# libraries that log their own progress at INFO (font cache scans, GDAL drivers, ...)
+THIRD_PARTY_LOGGERS = ("matplotlib", "PIL", "rasterio", "fiona", "urllib3", "onnx", "onnxruntime", "torch",
+                       "numexpr", "h5py", "asyncio", "faiss")
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """mean-nav's own messages at INFO (DEBUG with -v, WARNING with -q); everyone else's at
+    WARNING, so a run shows the user's progress and nothing from the libraries' internals."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mean_nav").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line (not a call from Python): start over on huge pages where that helps
         reexec_with_huge_pages()
@@ -60,13 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mean-nav {name}", description=help_)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages from mean-nav")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (progress bars stay)")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose, args.quiet)
     try:
         return int(module.run(args) or 0)
     except MeanNavError as exc:

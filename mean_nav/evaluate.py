@@ -23,7 +23,7 @@ from .data.metrics import CONVENTIONS, retrieval_metrics
 from .deploy.embedder import Preprocessing, normalize, to_batch_uint8
 from .errors import MeanNavError
 
-log = logging.getLogger("mean_nav.evaluate")
+log = logging.getLogger(__name__)
 
 CONVENTION_HELP = {
     "family": "gallery ids absent from the queries are junk (Sample4Geo/CAMP/MEAN)",
@@ -43,7 +43,7 @@ def embed_arrays(model, images: Sequence[np.ndarray], prep: Preprocessing, devic
     model.eval()
     out = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
             batch = normalize(to_batch_uint8(images[start:start + batch_size], prep.img_size), prep)
             out.append(model.embed(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     model.train(was_training)
@@ -71,7 +71,7 @@ def embed_paths(model, paths: Sequence[Path], prep: Preprocessing, device, batch
     model.eval()
     out = []
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=desc is None, leave=False):
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
             out.append(model.embed(batch.to(device)).float().cpu().numpy())
     return np.concatenate(out)
 

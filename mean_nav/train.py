@@ -32,7 +32,7 @@ from .config import to_dict
 from .errors import MeanNavError
 from .train_config import TrainConfig, check_train_config, load_train_config
 
-log = logging.getLogger("mean_nav.train")
+log = logging.getLogger(__name__)
 
 
 # --- data -------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def train(cfg: TrainConfig, model_cfg, loss_cfg, resume: str | None = None, devi
         siamese.train()
         for norm in frozen_norms:
             norm.eval()  # frozen layers keep their ImageNet statistics too
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not is_main,
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step", disable=not is_main,
                    dynamic_ncols=True)
         t0, sums, count = time.time(), {}, 0
         for i, (sat, drone, labels) in enumerate(loader):

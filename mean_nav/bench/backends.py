@@ -188,7 +188,7 @@ def bench_backends(models: list[Path], backend: str = "auto", batch: int = 8, re
     net_batched_cpu: list[list[float]] = [[] for _ in embedders]
     batch_repeats = max(3, repeats // 4)
     try:
-        for _ in tqdm(range(repeats), desc="frame-paced batch 1 rounds", leave=False):
+        for _ in tqdm(range(repeats), desc="frame-paced batch 1", unit="round", leave=False):
             for i, emb in enumerate(embedders):
                 settle()
                 single[i].append(_timed(lambda: emb._embed_batch(inputs[i][0])))

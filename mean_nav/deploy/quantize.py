@@ -236,7 +236,7 @@ def layer_sensitivity(prepared: Path, work: Path, calibration: list[np.ndarray],
     nodes = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
              if n.op_type in QUANTIZED_OPS]
     scores = []
-    for name in tqdm(nodes, desc="layer sensitivity", leave=False):
+    for name in tqdm(nodes, desc="layer sensitivity", unit="layer", leave=False):
         out = work / "one.onnx"
         build_int8_qdq(prepared, out, None, info, calibrate_method, only=[name], cache=cache)
         _stamp(out, info.replace(precision="int8-qdq"))
@@ -488,7 +488,7 @@ def interleaved_latency_ms(paths: list[Path], info: DeployInfo, threads: int | N
         emb.session.run(None, feed)  # warm-up
         sessions.append((emb.session, feed))
     best = [float("inf")] * len(paths)
-    for _ in tqdm(range(repeats), desc="timing", leave=False):
+    for _ in tqdm(range(repeats), desc="timing", unit="round", leave=False):
         for i, (sess, feed) in enumerate(sessions):
             settle()
             t0 = time.perf_counter()
@@ -629,7 +629,7 @@ def quantize_model(onnx_path: str | Path, calibration: list[np.ndarray], check_i
                 cache=qdq_ranges)))
             final["int8-qdq"] = path
         if "int8-cpu" in variants:
-            for name in tqdm(cpu_candidates, desc="CPU INT8 candidates", leave=False):
+            for name in tqdm(cpu_candidates, desc="CPU INT8 candidates", unit="candidate", leave=False):
                 path = tmp / f"candidate-{name}.onnx"
                 if name == "dynamic-matmul" and not _has_ops(prepared, ("MatMul", "Gemm")):
                     # it would return the FP32 graph unchanged (e.g. EfficientNet: convolutions only)

@@ -198,7 +198,7 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
 
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(b.num_tiles for b in blocks), unit="tile", desc=f"cache {out.name}",
+    bar = tqdm(total=sum(b.num_tiles for b in blocks), unit="tile", desc=f"embedding tiles into {out.name}",
                disable=not progress, smoothing=0.1)
     started = time.perf_counter()
     embedded = 0

@@ -81,7 +81,7 @@ def run_probe(cfg, ortho_dir: Path, tile_px: int, max_rotation_deg: float, seed:
     def embed(images: np.ndarray, what: str) -> np.ndarray:
         out = []
         with torch.no_grad():
-            for i in tqdm(range(0, len(images), batch), desc=f"embed {what}", leave=False):
+            for i in tqdm(range(0, len(images), batch), desc=f"embed {what}", unit="batch", leave=False):
                 out.append(model.embed(torch.from_numpy(normalize(images[i:i + batch], prep))).numpy())
         return np.concatenate(out)
 

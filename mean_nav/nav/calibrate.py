@@ -66,7 +66,7 @@ def calibrate(images: list[Path], board: tuple[int, int], square_m: float,
     object_points, image_points, used, rejected = [], [], [], []
     size = None
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 40, 1e-4)
-    for path in tqdm(images, desc="chessboards", unit="img"):
+    for path in tqdm(images, desc="chessboards", unit="image"):
         grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if grey is None:
             log.warning("%s: unreadable, skipped", path)

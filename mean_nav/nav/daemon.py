@@ -43,7 +43,7 @@ from .localizer import Localizer, LocalizerConfig
 from .mavlink_io import MAV, MavlinkConfig, MavlinkLink
 from .output import AltitudeSource, OutputConfig, OutputLoop, check_output_config
 
-log = logging.getLogger("mean_nav.daemon")
+log = logging.getLogger(__name__)
 
 
 @dataclass
