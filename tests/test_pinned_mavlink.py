@@ -132,13 +132,18 @@ def send(link: MavlinkLink, est: Estimate, unix_s: float = 1.77e9) -> None:
     assert link.send_estimate(est, unix_s, now=now) == (est.fix == FixQuality.FIX)
 
 
-def test_descending_vehicle_reports_positive_vd_in_ned(autopilot):
+FLAG = mavutil.mavlink      # GPS_INPUT_IGNORE_FLAG_* as pymavlink's dialect defines them
+
+
+def test_velocity_keeps_its_ned_signs_and_the_unmeasured_vertical_is_flagged(autopilot):
     connect, peer = autopilot
     link = connect()
-    send(link, estimate(vn=3.0, ve=-2.0, vd=1.5))       # NED: +1.5 m/s down = descending
+    send(link, estimate(vn=3.0, ve=-2.0, vd=1.5))       # north-east-down: flying north-west, sinking
     msg = received_gps_input(peer)
-    assert msg.vd == pytest.approx(1.5) and msg.vd > 0
     assert (msg.vn, msg.ve) == (pytest.approx(3.0), pytest.approx(-2.0))
+    # vision measures no vertical velocity: the autopilot is told to ignore vd (EK3_SRC1_VELZ)
+    assert msg.ignore_flags & FLAG.GPS_INPUT_IGNORE_FLAG_VEL_VERT
+    assert not msg.ignore_flags & FLAG.GPS_INPUT_IGNORE_FLAG_VEL_HORIZ
 
 
 def test_the_configured_gps_id_is_sent(autopilot):
@@ -148,23 +153,26 @@ def test_the_configured_gps_id_is_sent(autopilot):
     assert received_gps_input(peer).gps_id == 1
     send(link, estimate(fix=FixQuality.COASTING))       # the no-fix message too
     msg = received_gps_input(peer)
-    assert (msg.gps_id, msg.fix_type) == (1, 0)
+    assert (msg.gps_id, msg.fix_type) == (1, 1)
 
 
 def test_dops_and_accuracies_follow_their_own_sigma(autopilot):
     connect, peer = autopilot
     link = connect()
-    # hdop = 2.5 m / 2.5 m = 1.0 and vdop = 10 m / 2.5 m = 4.0 (the documented nominal range error)
-    send(link, estimate(sigma_h_m=2.5, sigma_v_m=10.0))
+    # hdop = 3.5 m / 3.5 m = 1.0 and vdop = 14 m / 3.5 m = 4.0 (the documented nominal range error)
+    send(link, estimate(sigma_h_m=3.5, sigma_v_m=14.0))
     msg = received_gps_input(peer)
     assert msg.hdop == pytest.approx(1.0) and msg.vdop == pytest.approx(4.0)
-    assert msg.horiz_accuracy == pytest.approx(2.5) and msg.vert_accuracy == pytest.approx(10.0)
+    assert msg.horiz_accuracy == pytest.approx(3.5) and msg.vert_accuracy == pytest.approx(14.0)
+    # the documented arming link: 4.9 m is exactly Copter's GPS_HDOP_GOOD of 1.4
+    send(link, estimate(sigma_h_m=4.9, sigma_v_m=14.0))
+    assert received_gps_input(peer).hdop == pytest.approx(1.4)
 
 
 def test_dops_are_clamped_to_the_documented_range(autopilot):
     connect, peer = autopilot
     link = connect()
-    send(link, estimate(sigma_h_m=0.25, sigma_v_m=500.0))     # 0.1 -> 0.5 and 200 -> 50
+    send(link, estimate(sigma_h_m=0.35, sigma_v_m=700.0))     # 0.1 -> 0.5 and 200 -> 50
     msg = received_gps_input(peer)
     assert msg.hdop == pytest.approx(0.5) and msg.vdop == pytest.approx(50.0)
 
@@ -182,12 +190,13 @@ def test_unknown_altitude_is_flagged_with_the_vertical_fields(autopilot):
     link = connect()
     send(link, estimate(alt_m=math.nan))
     msg = received_gps_input(peer)
-    expected = (mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_ALT | mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_VDOP
-                | mavutil.mavlink.GPS_INPUT_IGNORE_FLAG_VERTICAL_ACCURACY)
-    assert msg.ignore_flags == expected == 1 | 4 | 128
+    vertical = (FLAG.GPS_INPUT_IGNORE_FLAG_ALT | FLAG.GPS_INPUT_IGNORE_FLAG_VDOP
+                | FLAG.GPS_INPUT_IGNORE_FLAG_VERTICAL_ACCURACY)
+    assert vertical == 1 | 4 | 128
+    assert msg.ignore_flags == vertical | FLAG.GPS_INPUT_IGNORE_FLAG_VEL_VERT
     assert math.isfinite(msg.alt)
     send(link, estimate(alt_m=12.0))
-    assert received_gps_input(peer).ignore_flags == 0
+    assert received_gps_input(peer).ignore_flags == FLAG.GPS_INPUT_IGNORE_FLAG_VEL_VERT
 
 
 def test_position_time_and_fix_type_of_a_fix(autopilot):
@@ -203,11 +212,25 @@ def test_position_time_and_fix_type_of_a_fix(autopilot):
     assert msg.alt == pytest.approx(123.25)
 
 
-def test_no_fix_sends_no_position_and_ignores_every_field(autopilot):
+def test_no_fix_sends_no_position_and_no_usable_accuracy(autopilot):
     connect, peer = autopilot
     link = connect()
     send(link, estimate(fix=FixQuality.COASTING, lat=10.0, lon=20.0))
     msg = received_gps_input(peer)
-    assert msg.fix_type == 0 and (msg.lat, msg.lon) == (0, 0)
-    assert msg.ignore_flags == 255
+    assert msg.fix_type == 1 and (msg.lat, msg.lon) == (0, 0)     # 1: "no fix" (0 would be "no GPS")
+    for flag in ("ALT", "VEL_HORIZ", "VEL_VERT", "SPEED_ACCURACY", "VERTICAL_ACCURACY"):
+        assert msg.ignore_flags & getattr(FLAG, f"GPS_INPUT_IGNORE_FLAG_{flag}"), flag
+    assert msg.horiz_accuracy > 1000.0                              # no old accuracy lingers
+    assert link.positions_sent == 0
+
+
+@pytest.mark.parametrize("bad", [dict(lat=95.0), dict(lon=-181.0), dict(lat=math.nan), dict(sigma_h_m=0.0),
+                                 dict(vn=math.inf)])
+def test_an_implausible_fix_goes_out_as_no_fix(autopilot, bad):
+    connect, peer = autopilot
+    link = connect()
+    now = float(next(_SEND_CLOCK))
+    assert not link.send_estimate(estimate(**bad), 1.77e9, now=now)
+    msg = received_gps_input(peer)
+    assert msg.fix_type == 1 and (msg.lat, msg.lon) == (0, 0)
     assert link.positions_sent == 0
