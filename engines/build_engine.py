@@ -15,6 +15,16 @@ descriptor) and its latency printed; a failing engine is deleted. The equivalent
 `trtexec` command is printed too (saving to `<engine>.trtexec.engine`, so running it
 never replaces the checked engine). Without TensorRT or a CUDA device this stops with
 a clear message. Importable: `build_engine(onnx_path, ...) -> BuildResult`.
+
+The learned local features (`xfeat.onnx`, `lighterglue.onnx` from `mean-nav export-features`)
+build the same way, FP16 (converted here; `build_feature_engine`):
+
+    python3 engines/build_engine.py models/xfeat.onnx --keypoints 1024 --max-image-px 1024
+    python3 engines/build_engine.py models/lighterglue.onnx --max-points 2048
+
+named `<kind>-<weights sha256[:12]>[-k<K>].<onnx_sha256[:12]>.trt<ver>.<gpu>.fp16.engine`
+with a JSON sidecar, and kept only when keypoints, descriptors and matches agree with
+onnxruntime FP32 on image pairs (mean_nav/deploy/feature_engines.py).
 """
 from __future__ import annotations
 
@@ -232,6 +242,138 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
                        build_seconds)
 
 
+@dataclass
+class FeatureBuildResult:
+    engine: Path
+    sidecar: Path
+    check: str
+    latency_ms_p50: float
+    build_seconds: float
+
+
+def _feature_profile(kind: str, keypoints: int, opt_image_px: int, max_image_px: int, opt_points: int,
+                     max_points: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape per input of a feature graph."""
+    if kind == "xfeat":
+        # a fixed K needs at least K pixels; sides are multiples of 32
+        side = max(64, -(-int(np.ceil(np.sqrt(keypoints))) // 32) * 32)
+        if not side <= opt_image_px <= max_image_px:
+            raise MeanNavError(f"--opt-image-px / --max-image-px: need {side} <= opt <= max for {keypoints} keypoints")
+        return {"image": ((1, 1, side, side), (1, 1, opt_image_px, opt_image_px), (1, 1, max_image_px, max_image_px))}
+    if not 1 <= opt_points <= max_points:
+        raise MeanNavError("--opt-points / --max-points: need 1 <= opt <= max")
+    shapes = {}
+    for i in "01":
+        shapes[f"keypoints{i}"] = ((1, 1, 2), (1, opt_points, 2), (1, max_points, 2))
+        shapes[f"descriptors{i}"] = ((1, 1, 64), (1, opt_points, 64), (1, max_points, 64))
+        shapes[f"size{i}"] = ((1, 2), (1, 2), (1, 2))
+    return shapes
+
+
+def build_feature_engine(onnx_path: str | Path, out_dir: str | Path | None = None, keypoints: int = 1024,
+                         opt_image_px: int = 512, max_image_px: int = 1024, opt_points: int = 1024,
+                         max_points: int = 2048, workspace_mib: int = 1024, timing_cache: str | Path | None = None,
+                         images: str | None = None, check_count: int = 4, verify: bool = True) -> FeatureBuildResult:
+    """An FP16 engine of xfeat.onnx or lighterglue.onnx, checked against onnxruntime FP32."""
+    import json
+
+    from mean_nav.deploy.export_features import check_pairs
+    from mean_nav.deploy.feature_engines import (FeatureEngine, compare_features, engine_key, feature_kind,
+                                                 onnxruntime_runner, prepare_fp16)
+
+    onnx_path = Path(onnx_path)
+    kind = feature_kind(onnx_path)
+    if kind not in ("xfeat", "lighterglue"):
+        raise MeanNavError(f"{onnx_path}: not an XFeat or LighterGlue graph from `mean-nav export-features`")
+    shapes = _feature_profile(kind, keypoints, opt_image_px, max_image_px, opt_points, max_points)
+    xfeat_onnx = onnx_path if kind == "xfeat" else onnx_path.with_name("xfeat.onnx")
+    if verify and not xfeat_onnx.is_file():
+        raise MeanNavError(f"{xfeat_onnx}: the check of a LighterGlue engine matches XFeat keypoints; keep the "
+                           "export's xfeat.onnx beside it (or pass --no-verify)")
+    trt = import_tensorrt()
+    cuda = open_cuda()
+    try:
+        gpu, cc = cuda.device_info()
+    finally:
+        cuda.close()
+    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
+    onnx_sha256 = sha256_file(onnx_path)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
+    try:
+        prepared = tmp_dir / f"{kind}.fp16.onnx"
+        meta = prepare_fp16(onnx_path, prepared, keypoints if kind == "xfeat" else None)
+        engine_path = out_dir / engine_file_name(engine_key(meta), onnx_sha256, trt.__version__, gpu, "fp16")
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(_strongly_typed_flags(trt))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(prepared)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the FP16 graph ({errors})")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+        _timing_cache(config, timing_cache)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        print(f"building {engine_path.name} from {onnx_path} (fp16, TensorRT {trt.__version__}, {gpu} sm{cc}) ...",
+              flush=True)
+        t0 = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config)
+        build_seconds = time.perf_counter() - t0
+        if serialized is None:
+            raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger "
+                               "--workspace-mib or smaller --max-image-px / --max-points")
+        _save_timing_cache(config, timing_cache)
+        tmp_engine = tmp_dir / engine_path.name
+        tmp_engine.write_bytes(bytes(serialized))
+        sidecar = {**meta, "precision": "fp16", "tensorrt_version": trt.__version__, "gpu_name": gpu,
+                   "compute_capability": cc, "profile": {k: [list(v) for v in s] for k, s in shapes.items()},
+                   "engine_sha256": sha256_file(tmp_engine), "source_onnx": str(onnx_path),
+                   "source_onnx_sha256": onnx_sha256,
+                   "built_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        sidecar_path(tmp_engine).write_text(json.dumps(sidecar, indent=1))
+        check, latency = "not checked (--no-verify)", float("nan")
+        if verify:
+            size = min(320, opt_image_px if kind == "xfeat" else 320)
+            pairs = check_pairs(load_images(images, check_count, size + 64, seed=7), size)
+            engine = FeatureEngine(tmp_engine, source_onnx_sha256=onnx_sha256)
+            try:
+                ref_x = onnxruntime_runner(xfeat_onnx)
+                ref_g = onnxruntime_runner(onnx_path) if kind == "lighterglue" else None
+                k = keypoints if kind == "xfeat" else 1024
+                result = compare_features(ref_x, ref_g, engine if kind == "xfeat" else None,
+                                          engine if kind == "lighterglue" else None, pairs, k)
+                feeds = {"image": np.zeros((1, 1, size, size), np.float32)} if kind == "xfeat" else None
+                latency = _feature_latency_ms(engine, feeds) if feeds else float("nan")
+            finally:
+                engine.close()
+            check = result.summary()
+            if not result.ok():
+                raise MeanNavError(f"{engine_path.name}: engine disagrees with onnxruntime ({check}); not kept")
+        os.replace(sidecar_path(tmp_engine), sidecar_path(engine_path))
+        os.replace(tmp_engine, engine_path)
+    finally:
+        for p in tmp_dir.iterdir():
+            p.unlink()
+        tmp_dir.rmdir()
+    return FeatureBuildResult(engine_path, sidecar_path(engine_path), check, latency, build_seconds)
+
+
+def _feature_latency_ms(engine, feeds: dict, repeats: int = 20) -> float:
+    for _ in range(3):
+        engine(feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine(feeds)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
 def _latency_ms(emb, repeats: int = 50) -> float:
     s = emb.preprocessing.img_size
     one = np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8)
@@ -253,7 +395,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("onnx", help="MEAN deploy ONNX (fp32, fp16 or int8-qdq)")
+    p.add_argument("onnx", help="MEAN deploy ONNX (fp32, fp16 or int8-qdq), or xfeat.onnx / lighterglue.onnx")
     p.add_argument("-o", "--out-dir", help="where the engine goes (default: this engines/ folder)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of the optimization profile (default 8)")
     p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
@@ -264,8 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-cosine", type=float, default=ENGINE_MIN_COSINE,
                    help=f"per-descriptor cosine vs onnxruntime an engine must reach to be kept (default {ENGINE_MIN_COSINE})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    features = p.add_argument_group("xfeat.onnx / lighterglue.onnx (from `mean-nav export-features`)")
+    features.add_argument("--keypoints", type=int, default=1024, help="XFeat: the engine's fixed keypoint count")
+    features.add_argument("--opt-image-px", type=int, default=512, help="XFeat: image side TensorRT tunes for")
+    features.add_argument("--max-image-px", type=int, default=1024, help="XFeat: largest image side (multiple of 32)")
+    features.add_argument("--opt-points", type=int, default=1024, help="LighterGlue: keypoints per image tuned for")
+    features.add_argument("--max-points", type=int, default=2048, help="LighterGlue: most keypoints per image")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="build_engine: %(message)s")
+    if Path(args.onnx).is_file():
+        from mean_nav.deploy.feature_engines import feature_kind
+
+        if feature_kind(args.onnx) in ("xfeat", "lighterglue"):
+            return _main_features(args)
     try:
         r = build_engine(args.onnx, args.out_dir, args.max_batch, args.opt_batch, args.workspace_mib,
                          args.timing_cache, args.images, args.check_count, verify=not args.no_verify,
@@ -278,6 +431,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check vs onnxruntime: cosine min {r.min_cosine:.5f} mean {r.mean_cosine:.5f}; "
               f"latency batch 1: {r.latency_ms_p50:.2f} ms")
     print(f"equivalent trtexec command:\n  {r.trtexec}")
+    return 0
+
+
+def _main_features(args) -> int:
+    try:
+        r = build_feature_engine(args.onnx, args.out_dir, args.keypoints, args.opt_image_px, args.max_image_px,
+                                 args.opt_points, args.max_points, args.workspace_mib, args.timing_cache,
+                                 args.images, min(args.check_count, 8), verify=not args.no_verify)
+    except MeanNavError as exc:
+        print(f"build_engine: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {r.engine} (+ {r.sidecar.name}) in {r.build_seconds:.0f} s")
+    print(f"check vs onnxruntime: {r.check}; latency {r.latency_ms_p50:.2f} ms")
     return 0
 
 

@@ -189,3 +189,25 @@ def test_runtime_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "False"
+
+
+def test_fp16_graphs_for_tensorrt_pass_the_engine_check(models, images, tmp_path):
+    """What build_engine.py hands TensorRT (FP16, fixed K) still agrees with FP32 by the engine
+    check's own measure; here onnxruntime runs the FP16 graphs in place of an engine."""
+    from mean_nav.deploy.feature_engines import compare_features, engine_key, onnxruntime_runner, prepare_fp16
+
+    out, _ = models
+    meta = prepare_fp16(out / "xfeat.onnx", tmp_path / "x16.onnx", keypoints=200)
+    prepare_fp16(out / "lighterglue.onnx", tmp_path / "g16.onnx")
+    assert engine_key(meta).startswith("xfeat-" + meta["weights_sha256"][:12]) and engine_key(meta).endswith("-k200")
+    pairs = [crops(images[0], 128), crops(images[1], 128)]
+    check = compare_features(onnxruntime_runner(out / "xfeat.onnx"), onnxruntime_runner(out / "lighterglue.onnx"),
+                             onnxruntime_runner(tmp_path / "x16.onnx"), onnxruntime_runner(tmp_path / "g16.onnx"),
+                             pairs, 200)
+    assert check.ok(), check.summary()
+    # the same check catches a runner that is wrong: descriptors of another image
+    shuffled = onnxruntime_runner(tmp_path / "x16.onnx")
+    wrong = lambda feeds: shuffled({"image": feeds["image"][..., ::-1, :].copy()})  # noqa: E731
+    assert not compare_features(onnxruntime_runner(out / "xfeat.onnx"), None, wrong, None, pairs, 200).ok()
+    with pytest.raises(MeanNavError, match="fixed keypoint count"):
+        prepare_fp16(out / "xfeat.onnx", tmp_path / "bad.onnx")

@@ -13,6 +13,7 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "backends": ("mean_nav.bench.backends", "latency, throughput and GEMM efficiency per backend and precision"),
     "cache": ("mean_nav.bench.cache", "tile cache build and search benchmark"),
+    "features": ("mean_nav.bench.features", "local features (SIFT, ORB, XFeat+MNN, XFeat+LighterGlue): quality and speed"),
     "field": ("mean_nav.bench.field", "field stress suite: simulated flights that break localizers, one table"),
     "mutation": ("mean_nav.bench.mutation", "mutation testing: kill rate of the tests on the safety-critical modules"),
 }
