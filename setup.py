@@ -45,7 +45,8 @@ EXTRAS = {
     # x86/SBSA with an NVIDIA GPU: TensorRT from PyPI, cuda-python wheels (no compiler needed)
     "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
     "faiss": ["faiss-cpu>=1.7"],
-    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "pytest>=7", "pytest-benchmark>=4"],
+    "ray": ["ray>=2.9"],     # `cache build --ray`: on the driver and every worker
+    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "ray>=2.9", "pytest>=7", "pytest-benchmark>=4"],
 }
 
 setup(

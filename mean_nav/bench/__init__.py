@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "features": ("mean_nav.bench.features", "local features (SIFT, ORB, XFeat+MNN, XFeat+LighterGlue): quality and speed"),
     "field": ("mean_nav.bench.field", "field stress suite: simulated flights that break localizers, one table"),
     "mutation": ("mean_nav.bench.mutation", "mutation testing: kill rate of the tests on the safety-critical modules"),
+    "ray": ("mean_nav.bench.ray", "cache build on a local Ray cluster (1 and N workers) against the local build"),
 }
 
 

@@ -145,14 +145,52 @@ def _source_entries(maps: Sequence[Path]) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything building one block needs besides the embedder (picklable: a Ray task's input)."""
+
+    grid: TileGrid
+    maps: tuple[Path, ...]
+    map_bounds: tuple          # per map, in the grid CRS
+    out: Path
+    batch_size: int
+    min_valid_fraction: float
+
+    def block_file(self, block: Block) -> Path:
+        return self.out / WORK / f"block-{block.index:06d}.npz"
+
+    def build(self, block: Block, embedder: Embedder) -> int:
+        """Embed the block's tiles and write its map part and block file; tiles embedded."""
+        return _build_block(block, self.grid, list(self.maps), list(self.map_bounds), self.out, embedder,
+                            self.batch_size, self.min_valid_fraction, self.block_file(block))
+
+
+class LocalBlockRunner:
+    """Runs blocks one after the other in this process (the default; see geo/ray_build.py for Ray)."""
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+
+    def run(self, job: BlockJob, blocks: Sequence[Block]):
+        """Yield (block, tiles embedded) as each block's files are written."""
+        for block in blocks:
+            yield block, job.build(block, self.embedder)
+
+    def summary(self) -> str:
+        return ""
+
+
 def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, tile_size_m: float,
                 stride_m: float, crs=None, batch_size: int = 32, shard: tuple[int, int] | None = None,
-                min_valid_fraction: float = 0.5, progress: bool = True, block_px: int = 4096) -> Path:
+                min_valid_fraction: float = 0.5, progress: bool = True, block_px: int = 4096,
+                runner=None) -> Path:
     """Tile the maps at `gsd_m` on a north-up metric grid, embed every tile, write a cache.
 
     Resumable: finished blocks are kept in `out/work/` and skipped when the same command
     runs again. `shard=(i, n)` builds the i-th of n contiguous parts of the area (merge the
     parts with `merge_caches`). meta.json is written last, so a failed build never loads.
+    `runner` decides where the blocks run (default: `LocalBlockRunner(embedder)`, here;
+    `geo.ray_build.RayBlockRunner`: a Ray cluster); everything else is the same either way.
     """
     maps = [Path(m) for m in maps]
     if not maps:
@@ -203,19 +241,23 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     started = time.perf_counter()
     embedded = 0
     # each block reads only the maps that touch it (large areas come as many map sheets)
-    map_bounds = [union_bounds([m], grid.crs) for m in maps]
+    job = BlockJob(grid, tuple(maps), tuple(union_bounds([m], grid.crs) for m in maps), out, batch_size,
+                   min_valid_fraction)
+    todo = []
     for block in blocks:
-        done = work / f"block-{block.index:06d}.npz"
-        if done.exists():
+        if job.block_file(block).exists():
             bar.update(block.num_tiles)
-            continue
-        embedded += _build_block(block, grid, maps, map_bounds, out, embedder, batch_size, min_valid_fraction,
-                                 done)
+        else:
+            todo.append(block)
+    runner = runner or LocalBlockRunner(embedder)
+    for block, tiles in runner.run(job, todo):
+        embedded += tiles
         bar.update(block.num_tiles)
     bar.close()
     elapsed = time.perf_counter() - started
     if embedded:
-        log.info("embedded %d tiles in %.1f s (%.1f tiles/s)", embedded, elapsed, embedded / max(elapsed, 1e-9))
+        log.info("embedded %d tiles in %.1f s (%.1f tiles/s)%s", embedded, elapsed, embedded / max(elapsed, 1e-9),
+                 runner.summary())
     _assemble(out, grid, blocks, model, settings, tile_range, shard)
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -239,7 +281,7 @@ def _build_block(block: Block, grid: TileGrid, maps: list[Path], map_bounds: lis
     has_part = bool(own_valid.any())
     if has_part:
         write_map_part(out / MAPS_DIR / f"part-{block.index:06d}.tif", grid, col0, row0, own_img, own_valid)
-    tmp = done.with_name(done.stem + ".tmp.npz")
+    tmp = done.with_name(f"{done.stem}.tmp-{os.getpid()}.npz")   # a retried block never shares a temp file
     np.savez(tmp, i=ii, j=jj, valid_fraction=fracs, embeddings=emb.astype(np.float16),
              part=np.array([col0, row0, own_w, own_h, int(has_part)], np.int64))
     os.replace(tmp, done)

@@ -31,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--block-px", type=int, default=4096, help="pixels per processing block side (memory vs. overhead)")
     b.add_argument("--approx", default=None, metavar="FACTORY",
                    help="also build a faiss index (`auto` or a faiss factory string such as IVF1024,PQ96)")
+    b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the blocks as tasks on a Ray cluster (`[ray]` extra): ADDRESS of its head (e.g. "
+                   "head:6379, ray://head:10001); without one $RAY_ADDRESS, else a local cluster. Maps, model "
+                   "and --out must be paths every node sees, unless --ray-ship")
+    b.add_argument("--ray-ship", action="store_true",
+                   help="no shared storage: send model and maps to the workers through Ray's object store and "
+                   "the block results back to this machine")
+    b.add_argument("--ray-cpus-per-task", type=float, default=1.0,
+                   help="CPUs each block task reserves (default 1; also the inference threads unless --threads)")
+    b.add_argument("--ray-gpus-per-task", type=float, default=None,
+                   help="GPUs each block task reserves (default: 1 when the cluster has GPUs, else 0)")
     b.add_argument("--no-progress", action="store_true")
 
     i = sub.add_parser("info", help="print what a cache holds (meta.json summary)")
@@ -96,10 +107,18 @@ def _build(args) -> int:
         out = out / f"shard-{shard[0]:03d}-of-{shard[1]:03d}"
     embedder = load_embedder(args.model, backend=args.backend, threads=args.threads)
     stride = args.stride if args.stride is not None else args.tile_size / 2
+    runner = None
+    if args.ray is not None:
+        from .ray_build import ModelSpec, RayBlockRunner
+
+        threads = args.threads or max(1, int(args.ray_cpus_per_task))
+        runner = RayBlockRunner(ModelSpec(str(Path(args.model).resolve()), args.backend, threads),
+                                embedder.model_hash, address=args.ray or None, ship=args.ray_ship,
+                                gpus_per_task=args.ray_gpus_per_task, cpus_per_task=args.ray_cpus_per_task)
     try:
         build_cache(args.maps, out, embedder, gsd_m=args.gsd, tile_size_m=args.tile_size, stride_m=stride,
                     crs=args.crs, batch_size=args.batch_size, shard=shard, min_valid_fraction=args.min_valid,
-                    progress=not args.no_progress, block_px=args.block_px)
+                    progress=not args.no_progress, block_px=args.block_px, runner=runner)
     finally:
         embedder.close()
     cache = TileCache.load(out, verify=False)
