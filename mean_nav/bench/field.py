@@ -16,6 +16,7 @@ them:
   first fix     seconds from the first frame to the first fix
   frames/s      1 / mean localizer time per frame on this machine
 
+The table also goes to WORK/field.json and a bar chart per target to WORK/field.png.
 Worlds, caches and flights are built once in the work folder (default runs/bench/field),
 each under a key of its settings (and the model hash for caches), and reused by later
 runs; only the replays run every time. `--short` runs a reduced suite (small maps, few
@@ -370,6 +371,44 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_results(results: list[dict], path: Path) -> None:
+    """One panel per target: fix rate, 68 % coverage, error / attitude floor, false fixes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    names = [r["name"] for r in ok]
+    y = np.arange(len(ok))
+    value = lambda key: np.array([np.nan if r[key] is None else r[key] for r in ok], float)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 0.35 * len(ok) + 1.8), sharey=True)
+    panels = (("fix_rate", "fix rate over the map", (0.95, None)), ("coverage_68", "68 % coverage", (0.60, 0.75)),
+              ("error_per_floor", "median error / attitude floor", (None, 1.3)), ("false_fixes", "false fixes",
+                                                                                    (None, 0)))
+    for ax, (key, title, (low, high)) in zip(axes, panels):
+        v = value(key)
+        ax.barh(y, np.nan_to_num(v), color="tab:blue")
+        for k in np.flatnonzero(~np.isfinite(v)):
+            ax.text(0, y[k], " n/a", va="center", color="tab:red", fontsize=8)
+        ax.set_xlim(left=0, right=max(1.0, float(np.nanmax(v, initial=0)) * 1.1))
+        for x in (low, high):
+            if x is not None:
+                ax.axvline(x, color="tab:green", ls="--", lw=1)
+        if low is not None and high is not None:
+            ax.axvspan(low, high, color="tab:green", alpha=0.1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("mean-nav bench field (green: target)", fontsize=11)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..demo import ASSET
 
@@ -406,7 +445,8 @@ def run_suite(work: Path, flights: list[FieldFlight], model: Path, threads: int 
               "definitions": DEFINITIONS, "targets": TARGETS, "flights": results, "table": table}
     json_path = json_path or work / ("field_short.json" if short else "field.json")
     write_json(json_path, report)
-    print(f"results: {json_path}")
+    plot_results(results, json_path.with_suffix(".png"))
+    print(f"results: {json_path}, {json_path.with_suffix('.png')}")
     return report
 
 
