@@ -24,6 +24,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -229,6 +231,31 @@ def write_frames_csv(path: Path, frame_ids, times) -> None:
         for fid, t in zip(frame_ids, times):
             w.writerow([int(fid), f"{float(t):.6f}"])
     tmp.replace(path)
+
+
+def check_new_flight_folder(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise MeanNavError(f"{out}: output folder exists and is not empty; choose a new folder or delete it")
+
+
+@contextmanager
+def new_flight_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temp folder (with frames/) to write a flight into; it becomes `out` only when
+    the block finishes, so a failure never leaves a half-written flight. Refuses a non-empty `out`."""
+    out = Path(out)
+    check_new_flight_folder(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "frames").mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
 
 
 def open_flight(root: str | Path) -> Flight:

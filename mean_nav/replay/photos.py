@@ -249,14 +249,13 @@ def import_photos(folder: Path, out: Path, camera_yaml: Path | None = None, sens
     """Write the flight folder `out` from the photos in `folder`; returns `out`."""
     from tqdm import tqdm
 
-    from .flight import write_frames_csv
+    from .flight import check_new_flight_folder, new_flight_folder, write_frames_csv
     from .logs import write_telemetry_csv
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise MeanNavError(f"{folder}: photo folder not found")
-    if out.exists() and any(out.iterdir()):
-        raise MeanNavError(f"{out}: output folder exists and is not empty; choose a new folder or delete it")
+    check_new_flight_folder(out)
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
     if not paths:
         raise MeanNavError(f"{folder}: no .jpg/.jpeg photos found")
@@ -275,11 +274,8 @@ def import_photos(folder: Path, out: Path, camera_yaml: Path | None = None, sens
                            f"{photos[0].width}x{photos[0].height}; give the YAML of this camera and resolution")
     rows = telemetry_rows(photos, ground_alt_m)
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "frames").mkdir(parents=True)
-    try:
+    notes = sorted({n for p in photos for n in p.notes})
+    with new_flight_folder(out) as tmp:
         camera.to_yaml(tmp / "camera.yaml")
         for i, photo in enumerate(tqdm(photos, desc="copy photos", unit="photo", disable=not progress)):
             shutil.copyfile(photo.path, tmp / "frames" / f"{i:06d}.jpg")
@@ -288,18 +284,11 @@ def import_photos(folder: Path, out: Path, camera_yaml: Path | None = None, sens
         meta = {"description": f"imported from the photos in {folder.resolve()}",
                 "imported": {"source": str(folder.resolve()),
                              "camera": str(camera_yaml) if camera_yaml else "from EXIF",
-                             "photos": [p.path.name for p in photos],
-                             "notes": sorted({n for p in photos for n in p.notes})}}
+                             "photos": [p.path.name for p in photos], "notes": notes}}
         if map_paths:
             meta["map"] = [str(Path(m).resolve()) for m in map_paths]
         (tmp / "flight.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written flight behind
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    for note in meta["imported"]["notes"]:
+    for note in notes:
         log.warning("%s: %s", folder, note)
     return out
 

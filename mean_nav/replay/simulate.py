@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ..geo.crs import to_lonlat
 from ..geo.raster import MetricRaster, read_metric_raster
 from ..nav.camera_model import CameraModel, render_view
 from ..nav.telemetry import Telemetry
-from .flight import write_frames_csv
+from .flight import check_new_flight_folder, new_flight_folder, write_frames_csv
 from .logs import write_telemetry_csv
 
 log = logging.getLogger(__name__)
@@ -244,8 +243,7 @@ def ground_image(raster: MetricRaster, pad_m: float, outside: str) -> tuple[np.n
 def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig, progress: bool = True) -> Path:
     """Write a complete flight folder to `out_dir` (built in a temp folder, then renamed)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MeanNavError(f"{out_dir}: output folder exists and is not empty; choose a new folder or delete it")
+    check_new_flight_folder(out_dir)  # before the slow part
     if min(cfg.fps, cfg.telemetry_hz, cfg.speed_ms, cfg.altitude_m, cfg.attitude_error_tau_s) <= 0:
         raise MeanNavError("simulate-flight: fps, telemetry rate, speed, altitude and attitude error "
                            "correlation time must be positive")
@@ -264,19 +262,9 @@ def simulate_flight(map_paths: list[Path], out_dir: Path, cfg: SimulationConfig,
     shift_px = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1.0]])
     shift = colour_shift(rng, cfg.photometric_strength)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "frames").mkdir(parents=True)
-    try:
+    with new_flight_folder(out_dir) as tmp:
         _write_flight(tmp, raster, route, traj, cam, ground, shift_px, shift, degrade, occlude, rng, cfg, map_paths,
                       progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written flight behind
-        raise
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.rename(out_dir)
     log.info("wrote %.0f s of flight to %s", traj.time_s[-1], out_dir)
     return out_dir
 
