@@ -41,7 +41,11 @@ from ..errors import MeanNavError
 
 log = logging.getLogger(__name__)
 
-SUITE_VERSION = 1            # bump when what a key describes changes, so old builds are not reused
+SUITE_VERSION = 1            # the flights' definitions, in the JSON
+# bump when the code behind a key changes, so old builds are not reused: maps and caches are
+# slow to build, flights fast
+MAP_VERSION = 1
+FLIGHT_VERSION = 1
 FOOTPRINT_ON_MAP = 0.4       # a frame is "over the map" when this much of its footprint is map
 TARGETS = {"fix_rate": ">= 0.95", "false_fixes": "0", "coverage_68": "0.60-0.75",
            "error_per_floor": "<= 1.3", "first_fix_s (no prior, 25 km2)": "<= 30"}
@@ -162,8 +166,8 @@ def suite(short: bool, only: str | None) -> list[FieldFlight]:
 
 # --- building (reused between runs) ----------------------------------------------------------
 
-def _key(*parts) -> str:
-    text = json.dumps([SUITE_VERSION, *parts], sort_keys=True, default=str)
+def _key(version: int, *parts) -> str:
+    text = json.dumps([version, *parts], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -172,7 +176,7 @@ def world_sheets(work: Path, world: WorldSpec) -> list[Path]:
     from ..data.world import generate_tiled_world
 
     plain = dataclasses.replace(world, map_variant="same")
-    folder = work / "worlds" / _key(dataclasses.asdict(plain))
+    folder = work / "worlds" / _key(MAP_VERSION, dataclasses.asdict(plain))
     return generate_tiled_world(folder, world.seed, world.sheets, world.sheet_px, world.gsd_m)
 
 
@@ -187,7 +191,7 @@ def map_sheets(work: Path, world: WorldSpec) -> list[Path]:
 
     from ..data.world import nodata_holes, other_season, write_geotiff_at
 
-    folder = work / "worlds" / _key(dataclasses.asdict(world))
+    folder = work / "worlds" / _key(MAP_VERSION, dataclasses.asdict(world))
     out = []
     for k, src_path in enumerate(sheets):
         path = folder / src_path.name
@@ -211,7 +215,7 @@ def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
     from ..geo.cache import TileCache, build_cache
 
     maps = map_sheets(work, flight.world)
-    folder = work / "caches" / _key(dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
+    folder = work / "caches" / _key(MAP_VERSION, dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
                                     embedder.model_hash)
     if (folder / "meta.json").is_file():
         try:
@@ -232,7 +236,8 @@ def simulated_flight(work: Path, flight: FieldFlight, progress: bool) -> Path:
     sheets = world_sheets(work, flight.world)
     ground = [sheets[i] for i in flight.fly_sheets] if flight.fly_sheets else sheets
     sim = dataclasses.replace(SimulationConfig(map_gsd_m=flight.world.gsd_m), **flight.sim)
-    folder = work / "flights" / f"{flight.name}-{_key(dataclasses.asdict(flight.world), [p.name for p in ground], dataclasses.asdict(sim))}"
+    key = _key(FLIGHT_VERSION, dataclasses.asdict(flight.world), [p.name for p in ground], dataclasses.asdict(sim))
+    folder = work / "flights" / f"{flight.name}-{key}"
     if not (folder / "flight.yaml").is_file():
         if folder.exists():
             shutil.rmtree(folder)
@@ -363,7 +368,8 @@ def format_table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['name']:<20} failed: {r['error']}")
             continue
-        lines.append(f"{r['name']:<20} {r['frames']:>6} {cell(r['fix_rate'], '.1%'):>8} {cell(r['median_m'], '.2f'):>8} "
+        lines.append(f"{r['name']:<20} {r['frames']:>6} {cell(r['fix_rate'], '.1%'):>8} "
+                     f"{cell(r['median_m'], '.2f'):>8} "
                      f"{cell(r['p95_m'], '.2f'):>7} {cell(r['error_per_floor'], '.2f'):>9} "
                      f"{cell(r['coverage_68'], '.0%'):>6} {r['false_fixes']:>5} {cell(r['first_fix_s'], '.1f'):>9} "
                      f"{cell(r['frames_per_s'], '.1f'):>8}")

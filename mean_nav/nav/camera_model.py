@@ -89,7 +89,8 @@ class CameraModel:
         f = (width / 2) / np.tan(np.radians(hfov_deg) / 2)
         return cls(width, height, f, f, (width - 1) / 2, (height - 1) / 2)
 
-    def rotation_ned_from_camera(self, roll: float, pitch: float, yaw: float, gimbal: Gimbal | None = None) -> np.ndarray:
+    def rotation_ned_from_camera(self, roll: float, pitch: float, yaw: float,
+                                 gimbal: Gimbal | None = None) -> np.ndarray:
         """Camera axes in NED: from the gimbal attitude when given, else vehicle attitude + mount."""
         if gimbal is not None:
             return rotation_ned_from_body(*gimbal) @ R_GIMBAL_FROM_CAMERA
