@@ -221,7 +221,10 @@ def telemetry_rows(photos: list[Photo], ground_alt_m: float | None) -> list[Tele
     for photo, course in zip(photos, courses):
         height = photo.relative_alt_m
         if not math.isfinite(height):
-            if ground_alt_m is None or not math.isfinite(photo.gps_alt_m):
+            if not math.isfinite(photo.gps_alt_m):
+                raise MeanNavError(f"{photo.path}: no height above ground: neither XMP RelativeAltitude nor "
+                                   "an EXIF GPS altitude; such photos cannot be localized")
+            if ground_alt_m is None:
                 raise MeanNavError(f"{photo.path}: no height above ground (XMP RelativeAltitude); give "
                                    "--ground-alt, the ground's altitude above sea level, to use the GPS altitude")
             height = photo.gps_alt_m - ground_alt_m
