@@ -46,7 +46,7 @@ EXTRAS = {
     "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
     "faiss": ["faiss-cpu>=1.7"],
     "ray": ["ray>=2.9"],     # `cache build --ray`: on the driver and every worker
-    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "ray>=2.9", "pytest>=7", "pytest-benchmark>=4"],
+    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "ray>=2.9", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
 }
 
 setup(

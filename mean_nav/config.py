@@ -193,8 +193,9 @@ def parse_yaml(text: str, source: str) -> Any:
     if len(text) > MAX_YAML_BYTES:
         raise MeanNavError(f"{source}: {len(text)} characters of YAML, more than {MAX_YAML_BYTES} allowed; "
                            "is it the right file?")
-    loader = _LimitedLoader(text)
+    loader = None
     try:
+        loader = _LimitedLoader(text)  # its reader refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -206,7 +207,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a 5000-digit integer
         raise MeanNavError(f"{source}: a YAML value cannot be read ({show(str(exc))}); fix the value") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(path: str | Path, what: str = "config file") -> dict:

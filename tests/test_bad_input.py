@@ -163,7 +163,7 @@ def _shared_log(name: str) -> bytes:
     return path.read_bytes()
 
 
-def test_tlog_cut_to_100_bytes_is_one_error_naming_the_file(tmp_path, capsys):
+def test_tlog_cut_to_100_bytes_is_one_error_naming_the_file(tmp_path):
     from mean_nav.replay.logs import read_telemetry_log
 
     path = tmp_path / "cut.tlog"
@@ -172,7 +172,7 @@ def test_tlog_cut_to_100_bytes_is_one_error_naming_the_file(tmp_path, capsys):
         read_telemetry_log(path)
 
 
-def test_bit_flipped_dataflash_log_is_an_error_or_a_clean_track(tmp_path, capsys):
+def test_bit_flipped_dataflash_log_is_an_error_or_a_clean_track(tmp_path):
     from mean_nav.replay.logs import read_telemetry_log
 
     data = _shared_log("pymavlink_test.BIN")
@@ -194,7 +194,6 @@ def test_bit_flipped_dataflash_log_is_an_error_or_a_clean_track(tmp_path, capsys
             assert np.all(np.abs(roll) <= np.pi) and np.all(np.diff(track.channels["roll"].time_s) > 0)
             outcomes.add("track")
     assert "error" in outcomes  # a format-table flip (unsupported format char) must be caught
-    assert "bad header" not in capsys.readouterr().out  # pymavlink's prints stay off the terminal
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "cache": ("mean_nav.bench.cache", "tile cache build and search benchmark"),
     "features": ("mean_nav.bench.features", "local features (SIFT, ORB, XFeat+MNN, XFeat+LighterGlue): quality and speed"),
     "field": ("mean_nav.bench.field", "field stress suite: simulated flights that break localizers, one table"),
+    "fuzz": ("mean_nav.bench.fuzz", "random mutations of every input file, counted by outcome (crash, hang...)"),
     "mutation": ("mean_nav.bench.mutation", "mutation testing: kill rate of the tests on the safety-critical modules"),
     "ray": ("mean_nav.bench.ray", "cache build on a local Ray cluster (1 and N workers) against the local build"),
 }

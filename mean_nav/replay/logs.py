@@ -427,8 +427,11 @@ def _existing(path) -> Path:
 
 
 def _pymavlink_quiet():
-    """pymavlink prints every damaged header to stdout: keep it off the user's terminal."""
-    return contextlib.redirect_stdout(_Discard())
+    """pymavlink prints every damaged header (stdout and stderr): keep it off the user's terminal."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(_Discard()))
+    stack.enter_context(contextlib.redirect_stderr(_Discard()))
+    return stack
 
 
 class _Discard(io.TextIOBase):
