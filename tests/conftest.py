@@ -2,6 +2,8 @@
 warning policy lives here, next to the tests it governs."""
 from __future__ import annotations
 
+import pytest
+
 # Modules whose warnings are ours to fix: the package and the test files themselves (tests/
 # has no __init__.py, so its modules import under their bare names).
 OWN_MODULES = r"(mean_nav|test_|nav_testing|deploy_testing|conftest)"
@@ -25,6 +27,14 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", f"error::Warning:{OWN_MODULES}")
     for line in THIRD_PARTY_FILTERS:
         config.addinivalue_line("filterwarnings", line)
+
+
+@pytest.fixture(scope="session")
+def nav_map(tmp_path_factory):
+    """Map of the core navigation tests: ../shared's orthophoto, or a generated world."""
+    from nav_testing import navigation_map
+
+    return navigation_map(tmp_path_factory.mktemp("nav_map"))
 
 
 def _skip_reason(report) -> str:

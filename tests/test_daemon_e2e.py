@@ -170,15 +170,14 @@ def truth_error(msg, daemon, source, truth, cache):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    require_shared_data()
+def cache(tmp_path_factory, nav_map):
     from mean_nav.geo.cache import TileCache
 
-    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "gorinchem"))
+    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "nav_map", map_path=nav_map))
 
 
-def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_outage(cache, tmp_path):
-    flight_dir = simulate(tmp_path / "flight", duration_s=14.0, seed=5)
+def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_outage(cache, nav_map, tmp_path):
+    flight_dir = simulate(tmp_path / "flight", map_path=nav_map, duration_s=14.0, seed=5)
     t_start = TruthTrack(flight_dir / "telemetry.csv").cols["time_s"][0]
     pause = (t_start + 6.0, t_start + 8.5)
     daemon, ap, truth, source = fly(tmp_path, cache, flight_dir, pause=pause)
@@ -220,8 +219,8 @@ def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_o
     assert any("stale telemetry" in r["reason"] for r in records)
 
 
-def test_camera_loss_is_reported_critical_and_tracking_resumes_when_it_returns(cache, tmp_path):
-    flight_dir = simulate(tmp_path / "flight", duration_s=9.0, seed=6)
+def test_camera_loss_is_reported_critical_and_tracking_resumes_when_it_returns(cache, nav_map, tmp_path):
+    flight_dir = simulate(tmp_path / "flight", map_path=nav_map, duration_s=9.0, seed=6)
     camera = VanishingCamera(flight_dir, vanish_after=6, outage_s=2.0)
     daemon, ap, truth, source = fly(tmp_path, cache, flight_dir, source=camera)
     ours = [h.system_status for h in ap.heartbeats if h.get_srcComponent() == 191]

@@ -16,19 +16,17 @@ MANILA = SHARED_DATA / "orthophotos" / "5b90f92da0d7280005fab355_4310.tif"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    require_shared_data()
+def cache(tmp_path_factory, nav_map):
     from mean_nav.geo.cache import TileCache
 
-    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "gorinchem"))
+    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "nav_map", map_path=nav_map))
 
 
 @pytest.fixture(scope="module")
-def flight(tmp_path_factory):
-    require_shared_data()
+def flight(tmp_path_factory, nav_map):
     from mean_nav.replay.flight import Flight
 
-    return Flight(simulate(tmp_path_factory.mktemp("flight") / "f", duration_s=10.0, seed=3))
+    return Flight(simulate(tmp_path_factory.mktemp("flight") / "f", map_path=nav_map, duration_s=10.0, seed=3))
 
 
 def frames_of(flight, n=None):

@@ -16,17 +16,12 @@ from mean_nav.replay.report import read_estimates_csv
 from mean_nav.replay.runner import MapCoverage, TlogWriter, replay
 from mean_nav.replay.simulate import SimulationConfig, simulate_flight
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ORTHO = DATA / "orthophotos" / "test_tiled.tif"
 
 
 @pytest.fixture(scope="module")
-def flight_dir(tmp_path_factory) -> Path:
-    if not ORTHO.is_file():
-        print(f"skipping: {ORTHO} is absent (CI keeps shared/data beside the clone)")
-        pytest.skip("orthophoto absent")
+def flight_dir(tmp_path_factory, nav_map) -> Path:
     cfg = SimulationConfig(width=96, height=72, fps=0.5, seed=4, map_gsd_m=1.0, leave_map_m=100)
-    return simulate_flight([ORTHO], tmp_path_factory.mktemp("replay") / "flight", cfg, progress=False)
+    return simulate_flight([nav_map], tmp_path_factory.mktemp("replay") / "flight", cfg, progress=False)
 
 
 class KnownOffsetLocalizer:
