@@ -32,6 +32,31 @@ def test_two_simultaneous_fixes_fuse_to_their_inverse_variance_mean():
     assert out.sigma_h_m == pytest.approx(K68 * math.sqrt(0.8))
 
 
+def test_a_shared_bias_is_not_averaged_away_by_simultaneous_fixes():
+    # z = p + b + w with one bias b (sigma 2 m) shared by both fixes and white w (sigma 1 m):
+    # p = (mean of z) - b, so its per-axis variance is 1 / 2 + 2^2 = 4.5, whatever the averaging
+    f = PositionFilter()
+    f.update(5.0, [0.0, 0.0], np.eye(2), bias_sigma_m=2.0)
+    out = f.update(5.0, [2.0, 0.0], np.eye(2), bias_sigma_m=2.0)
+    assert out.accepted
+    assert (out.x, out.y) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert out.sigma_h_m == pytest.approx(K68 * math.sqrt(4.5))
+
+
+def test_speed_sigma_starts_at_the_initial_velocity_sigma():
+    f = PositionFilter(FilterConfig(init_velocity_sigma_ms=8.0))
+    f.update(5.0, [0.0, 0.0], np.eye(2))
+    out = f.update(5.0, [0.0, 0.0], np.eye(2))       # no time has passed: nothing learnt about velocity
+    assert out.sigma_speed_ms == pytest.approx(math.hypot(8.0, 8.0))
+
+
+def test_an_empty_filter_reports_no_track():
+    f = PositionFilter()
+    out = f.predict(3.0)
+    assert not out.tracking and not out.accepted
+    assert f.position_at(3.0) is None and f.sigma_h_at(3.0) == math.inf
+
+
 def test_68_percent_radius_holds_68_percent_of_a_2d_gaussian():
     f = PositionFilter()
     f.update(0.0, [0.0, 0.0], np.eye(2) * 9.0)
@@ -92,13 +117,29 @@ def test_a_track_whose_68_percent_radius_exceeds_max_sigma_is_dropped():
             break
         assert out.sigma_h_m <= 20.0
     assert lost_at is not None, "coasted for 2 minutes without dropping the track"
-    assert not f.tracking
+    assert not f.tracking and not out.accepted
 
 
 def test_a_track_without_fixes_for_lost_after_s_is_dropped():
     f = stationary_track(FilterConfig(lost_after_s=3.0, max_sigma_m=1e9))
     assert f.predict(21.5).tracking                          # 2.5 s after the last fix
     assert not f.predict(22.5).tracking                      # 3.5 s
+
+
+def test_a_fix_after_the_track_was_lost_only_starts_a_new_candidate():
+    f = stationary_track(FilterConfig(lost_after_s=3.0, max_sigma_m=1e9))
+    late = f.update(25.0, [0.0, 0.0], np.eye(2) * 0.01)     # 6 s after the last fix: the track is gone
+    assert not late.tracking and not late.accepted
+    assert f.update(25.5, [0.0, 0.0], np.eye(2) * 0.01).tracking   # a second agreeing fix restarts it
+
+
+def test_a_lost_track_never_restarts_from_a_single_fix():
+    # fast loss through max_sigma_m: the fixes that started the old track must not confirm a new one
+    f = PositionFilter(FilterConfig(max_sigma_m=5.0))
+    f.update(0.0, [0.0, 0.0], np.eye(2))
+    assert f.update(0.0, [0.0, 0.0], np.eye(2)).tracking
+    assert not f.predict(3.0).tracking
+    assert not f.update(3.5, [0.0, 0.0], np.eye(2)).tracking
 
 
 @pytest.mark.parametrize("gap_s, confirms", [(4.0, True), (5.0, True), (6.0, False), (-1.0, False)])
@@ -134,4 +175,7 @@ def test_an_accepted_fix_resets_the_rejection_count():
         assert out.tracking, f"track dropped at t={t} although no 3 rejections were consecutive"
         assert out.accepted is (z is good)
     out = f.update(t + 0.5, outlier, np.eye(2) * 0.01)     # the third in a row: now it is dropped
-    assert not out.tracking
+    assert not out.tracking and not out.accepted
+    # the fix that broke the track is the candidate: the next one agreeing with it restarts there
+    again = f.update(t + 1.0, outlier, np.eye(2) * 0.01)
+    assert again.tracking and again.accepted and again.x == pytest.approx(500.0, abs=0.5)
