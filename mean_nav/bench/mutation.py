@@ -32,7 +32,7 @@ import tqdm
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# module -> the test files that pin it (globs relative to the repository root)
+# module -> the test files that pin it (paths relative to the repository root)
 TARGETS: dict[str, list[str]] = {
     "mean_nav.nav.filter": ["tests/test_filter.py", "tests/test_pinned_filter.py"],
     "mean_nav.nav.refine": ["tests/test_refine.py", "tests/test_features.py", "tests/test_pinned_refine.py"],
@@ -43,6 +43,12 @@ TARGETS: dict[str, list[str]] = {
     "mean_nav.nav.mavlink_io": ["tests/test_mavlink.py", "tests/test_pinned_mavlink.py"],
     "mean_nav.nav.camera_model": ["tests/test_camera_model.py", "tests/test_pinned_camera_model.py"],
     "mean_nav.geo.tiles": ["tests/test_tiles.py", "tests/test_pinned_tiles.py"],
+}
+# modules mutated only in some functions (plus their module-level constants): mavlink_io's
+# connection and reader threads are exercised by the SITL tests; the encoding is pinned here
+SCOPES: dict[str, set[str]] = {
+    "mean_nav.nav.mavlink_io": {"implausible", "satellites_for_accuracy", "dop_for_accuracy", "_finite_or",
+                                "send_estimate", "_send_gps_input", "_send_global_position_sensor"},
 }
 
 _COMPARE_SWAPS = {ast.Lt: [ast.LtE], ast.LtE: [ast.Lt], ast.Gt: [ast.GtE], ast.GtE: [ast.Gt],
@@ -83,8 +89,11 @@ class _Mutator(ast.NodeTransformer):
     """Walks a module in a fixed order; with target=None it lists the mutation points,
     with target=k it applies the k-th one and nothing else."""
 
-    def __init__(self, target: int | None = None):
+    def __init__(self, target: int | None = None, scope: set[str] | None = None):
         self.target = target
+        self.scope = scope
+        self._function: str | None = None   # the function being walked (outermost)
+        self._in_class = 0
         self.points: list[tuple[int, str, int, int]] = []   # line, description, statement lines
         self._statement = (0, 0)
         self._depth = 0        # function nesting: module-level assignments are not deleted
@@ -99,6 +108,10 @@ class _Mutator(ast.NodeTransformer):
             self._statement = outer
 
     def _offer(self, node: ast.AST, description: str) -> bool:
+        if self.scope is not None:
+            at_module_level = self._function is None and not self._in_class
+            if not (at_module_level or self._function in self.scope):
+                return False
         self.points.append((node.lineno, description, *self._statement))
         return len(self.points) - 1 == self.target
 
@@ -123,6 +136,10 @@ class _Mutator(ast.NodeTransformer):
         if self._is_quiet(node):
             return node
         if _callee_name(node.func) in _SHAPE_CALLEES:
+            return node
+        if _callee_name(node.func) == "bounded" and node.args:
+            # a config default: mutate the value, not the validation limits (the config layer's)
+            node.args[0] = self.visit(node.args[0])
             return node
         node = self.generic_visit(node)
         name = _callee_name(node.func)
@@ -153,7 +170,10 @@ class _Mutator(ast.NodeTransformer):
         node.args.defaults = [self.visit(d) for d in node.args.defaults]
         node.args.kw_defaults = [d if d is None else self.visit(d) for d in node.args.kw_defaults]
         self._depth += 1
+        outer = self._function
+        self._function = outer or node.name
         node.body = [self.visit(s) for s in node.body]
+        self._function = outer
         self._depth -= 1
         return node
 
@@ -179,7 +199,9 @@ class _Mutator(ast.NodeTransformer):
         return self.visit(part)
 
     def visit_ClassDef(self, node):
+        self._in_class += 1
         node.body = [self.visit(s) for s in node.body]
+        self._in_class -= 1
         return node
 
     # --- mutations --------------------------------------------------------------------
@@ -266,14 +288,14 @@ class _Mutator(ast.NodeTransformer):
         return node
 
 
-def list_mutants(source: str) -> list[Mutant]:
-    m = _Mutator()
+def list_mutants(source: str, scope: set[str] | None = None) -> list[Mutant]:
+    m = _Mutator(scope=scope)
     m.visit(ast.parse(source))
     return [Mutant(i, *point) for i, point in enumerate(m.points)]
 
 
-def mutated_code(source: str, index: int, filename: str):
-    tree = _Mutator(target=index).visit(ast.parse(source))
+def mutated_code(source: str, index: int, filename: str, scope: set[str] | None = None):
+    tree = _Mutator(target=index, scope=scope).visit(ast.parse(source))
     ast.fix_missing_locations(tree)
     return compile(tree, filename, "exec")
 
@@ -289,10 +311,10 @@ def _install_mutant(module_name: str, code) -> None:
     setattr(package, attr, module)
 
 
-def _run_pytest_in_child(test_files: list[str], module_name: str | None, code, timeout_s: float,
-                         trace_file: Path | None = None) -> int:
-    """Fork; the child (optionally mutated, optionally line-traced) runs pytest quietly.
-    Returns the child's exit status, or -signal when it was killed (timeout)."""
+def _spawn_pytest(test_files: list[str], module_name: str | None, code, timeout_s: float,
+                  trace_file: Path | None = None) -> int:
+    """Fork; the child (optionally mutated, optionally line-traced) runs pytest quietly and
+    exits with pytest's status (SIGALRM after timeout_s). Returns the child's pid."""
     pid = os.fork()
     if pid == 0:   # child
         try:
@@ -326,34 +348,52 @@ def _run_pytest_in_child(test_files: list[str], module_name: str | None, code, t
             os._exit(int(rc))
         except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
             os._exit(99)
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as the exit code, or -signal when the child was killed."""
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def mutate_module(module_name: str, test_files: list[str], limit: int | None = None) -> list[Mutant]:
+def mutate_module(module_name: str, test_files: list[str], limit: int | None = None, jobs: int = 1) -> list[Mutant]:
     path = Path(importlib.util.find_spec(module_name).origin)
     source = path.read_text(encoding="utf-8")
-    mutants = list_mutants(source)
+    scope = SCOPES.get(module_name)
+    mutants = list_mutants(source, scope)
     if limit is not None:
         mutants = mutants[:limit]
     with tempfile.TemporaryDirectory() as tmp:
         trace_file = Path(tmp) / "lines.json"
         t0 = time.perf_counter()
-        rc = _run_pytest_in_child(test_files, module_name, None, 1800, trace_file)
+        _, status = os.waitpid(_spawn_pytest(test_files, module_name, None, 1800, trace_file), 0)
+        rc = _exit_code(status)
         baseline_s = time.perf_counter() - t0
         if rc != 0:
             raise SystemExit(f"{module_name}: the tests fail without any mutation (pytest exit {rc}); "
                              f"run `python -m pytest {' '.join(test_files)}` and fix them first")
         covered = set(json.loads(trace_file.read_text()))
     timeout_s = max(20.0, 4.0 * baseline_s)
-    for m in tqdm.tqdm(mutants, desc=module_name.rsplit(".", 1)[-1], unit="mutants", leave=False, disable=None):
+    for m in mutants:
         if not covered.intersection(range(m.statement_start, m.statement_end + 1)):
             m.status = "not covered"
+    to_run = [m for m in mutants if m.status == "pending"]
+    running: dict[int, tuple[Mutant, float]] = {}
+    bar = tqdm.tqdm(total=len(to_run), desc=module_name.rsplit(".", 1)[-1], unit="mutant", leave=False)
+    while to_run or running:
+        while to_run and len(running) < jobs:
+            m = to_run.pop(0)
+            pid = _spawn_pytest(test_files, module_name, mutated_code(source, m.index, str(path), scope), timeout_s)
+            running[pid] = (m, time.perf_counter())
+        pid, status = os.wait()
+        if pid not in running:
             continue
-        t0 = time.perf_counter()
-        rc = _run_pytest_in_child(test_files, module_name, mutated_code(source, m.index, str(path)), timeout_s)
+        m, t0 = running.pop(pid)
         m.seconds = time.perf_counter() - t0
+        rc = _exit_code(status)
         m.status = "survived" if rc == 0 else ("timeout" if rc == -signal.SIGALRM else "killed")
+        bar.update(1)
+    bar.close()
     return mutants
 
 
@@ -363,6 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N mutants per module (a smoke run)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--json", type=Path, default=None, help="also write every mutant and its fate here")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (one forked pytest each)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -377,11 +418,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         if args.list:
             source = Path(importlib.util.find_spec(module_name).origin).read_text(encoding="utf-8")
-            for m in list_mutants(source)[:args.limit]:
+            for m in list_mutants(source, SCOPES.get(module_name))[:args.limit]:
                 print(f"{module_name}:{m.line}  {m.description}")
             continue
         print(f"{module_name}: {len(files)} test files: {' '.join(files)}", flush=True)
-        results[module_name] = mutate_module(module_name, files, args.limit)
+        results[module_name] = mutate_module(module_name, files, args.limit, max(1, args.jobs))
         _print_module(module_name, results[module_name])
     if args.list:
         return 0
