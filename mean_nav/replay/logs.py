@@ -262,6 +262,7 @@ def read_tlog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
         raw[name][0].append(t)
         raw[name][1].append(v)
 
+    conn = None
     try:
         with _pymavlink_quiet():
             conn = mavutil.mavlink_connection(str(path), dialect="common")
@@ -287,6 +288,8 @@ def read_tlog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
     except Exception as exc:  # pymavlink raises any exception type on damaged files
         raise MeanNavError(f"{path}: cannot read as a MAVLink telemetry log ({_reason(exc)}); the file is "
                            "damaged or not a .tlog, copy it again from the vehicle") from None
+    finally:
+        _close(conn)
     return _finish(str(path), raw, max_gap_s)
 
 
@@ -305,6 +308,7 @@ def read_dataflash(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
         table[name][0].append(t)
         table[name][1].append(v)
 
+    conn = None
     try:
         with _pymavlink_quiet():
             conn = mavutil.mavlink_connection(str(path))
@@ -334,6 +338,8 @@ def read_dataflash(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
     except Exception as exc:  # pymavlink raises any exception type on damaged files
         raise MeanNavError(f"{path}: cannot read as a DataFlash log ({_reason(exc)}); the file is damaged "
                            "or not a .bin, copy it again from the vehicle") from None
+    finally:
+        _close(conn)
     if not raw["lat"][0] and gps["lat"][0]:
         for c in gps:
             raw[c] = gps[c]
@@ -437,6 +443,12 @@ def _pymavlink_quiet():
 class _Discard(io.TextIOBase):
     def write(self, text: str) -> int:
         return len(text)
+
+
+def _close(conn) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):  # a damaged reader may fail to close too
+            conn.close()
 
 
 def _reason(exc: Exception) -> str:
