@@ -82,8 +82,10 @@ def test_torch_graph_reproduces_the_wheels_xfeat(images, capsys):
 
 def test_export_records_weight_hashes_and_passes_its_parity_check(models):
     out, report = models
-    assert report.keypoint_agreement >= ef.MIN_KEYPOINT_AGREEMENT and report.match_agreement >= ef.MIN_MATCH_AGREEMENT
-    assert report.matches_per_pair > 30
+    check = report.check
+    assert check.ok() and check.min_keypoints == ef.MIN_KEYPOINT_AGREEMENT and check.min_matches == ef.MIN_MATCH_AGREEMENT
+    assert check.keypoint_agreement >= ef.MIN_KEYPOINT_AGREEMENT and check.match_agreement >= ef.MIN_MATCH_AGREEMENT
+    assert check.matches_per_pair > 30
     weights = wheel_weights_dir()
     xfeat = XFeatExtractor(out / "xfeat.onnx")
     glue = LighterGlueMatcher(out / "lighterglue.onnx")

@@ -28,8 +28,9 @@ import numpy as np
 
 from ..errors import MeanNavError
 from ..nav.features.lighterglue import LighterGlueMatcher
-from ..nav.features.xfeat import LIGHTERGLUE_ONNX, XFEAT_ONNX, XFeatExtractor, grey_input
+from ..nav.features.xfeat import LIGHTERGLUE_ONNX, XFEAT_ONNX, grey_input
 from .export import write_onnx_atomic
+from .feature_engines import FeatureCheck, compare_features, onnxruntime_runner
 from .images import load_images
 
 log = logging.getLogger(__name__)
@@ -46,23 +47,17 @@ OPSET = 17
 MIN_KEYPOINT_AGREEMENT = 0.99
 MIN_DESCRIPTOR_COSINE = 0.999
 MIN_MATCH_AGREEMENT = 0.98
+GLUE_INPUTS = ["keypoints0", "keypoints1", "descriptors0", "descriptors1", "size0", "size1"]
 
 
 @dataclass
 class FeatureExportReport:
     xfeat: Path
     lighterglue: Path
-    pairs_checked: int
-    keypoint_agreement: float
-    descriptor_cosine_min: float
-    match_agreement: float
-    matches_per_pair: float
+    check: FeatureCheck
 
     def summary(self) -> str:
-        return (f"{self.xfeat}, {self.lighterglue}: onnxruntime vs PyTorch on {self.pairs_checked} image pairs: "
-                f"keypoints {self.keypoint_agreement:.2%} identical, descriptor cosine min "
-                f"{self.descriptor_cosine_min:.5f}, LighterGlue matches {self.match_agreement:.2%} identical "
-                f"({self.matches_per_pair:.0f} matches per pair)")
+        return f"{self.xfeat}, {self.lighterglue}: onnxruntime vs PyTorch on {self.check.summary()}"
 
 
 def check_weights(weights_dir: Path, allow_other: bool) -> None:
@@ -167,14 +162,19 @@ def export_features(out_dir: str | Path, check_top_k: int = DEFAULT_CHECK_TOP_K,
         example_glue = (k[v][None], k[v][None] + 1.0, d[v][None], d[v][None],
                         torch.tensor([[check_size, check_size]], dtype=torch.float32),
                         torch.tensor([[check_size, check_size]], dtype=torch.float32))
-        _export(glue, example_glue, glue_path, ["keypoints0", "keypoints1", "descriptors0", "descriptors1",
-                                                "size0", "size1"], ["matches0", "scores0"],
+        _export(glue, example_glue, glue_path, GLUE_INPUTS, ["matches0", "scores0"],
                 {"keypoints0": {1: "m"}, "descriptors0": {1: "m"}, "keypoints1": {1: "n"}, "descriptors1": {1: "n"},
                  "matches0": {0: "m"}, "scores0": {0: "m"}})
         _finish(glue_path, {"kind": "lighterglue", "weights_sha256": glue_sha, "xfeat_weights_sha256": xfeat_sha})
-        report = _check(extractor, glue, XFeatExtractor(xfeat_path, max_features=check_top_k, cpu_only=True),
-                        LighterGlueMatcher(glue_path, cpu_only=True, xfeat_weights_sha256=xfeat_sha), pairs)
-        report.xfeat, report.lighterglue = out_dir / XFEAT_ONNX, out_dir / LIGHTERGLUE_ONNX
+        check = compare_features(_torch_runner(extractor, ["image"]), _torch_runner(glue, GLUE_INPUTS),
+                                 onnxruntime_runner(xfeat_path), onnxruntime_runner(glue_path), pairs, check_top_k,
+                                 candidate_takes_k=True, min_keypoints=MIN_KEYPOINT_AGREEMENT,
+                                 min_cosine=MIN_DESCRIPTOR_COSINE, min_matches=MIN_MATCH_AGREEMENT)
+        report = FeatureExportReport(out_dir / XFEAT_ONNX, out_dir / LIGHTERGLUE_ONNX, check)
+        if not check.ok():
+            raise MeanNavError(f"the exported ONNX disagrees with PyTorch on {check.summary()}; nothing written. "
+                               "Check the onnxruntime and torch versions")
+        LighterGlueMatcher(glue_path, cpu_only=True, xfeat_weights_sha256=xfeat_sha)   # loads and pairs up
         for path in (xfeat_path, glue_path):   # both appear only after both passed
             path.replace(out_dir / path.name)
     finally:
@@ -182,41 +182,14 @@ def export_features(out_dir: str | Path, check_top_k: int = DEFAULT_CHECK_TOP_K,
     return report
 
 
-def _check(extractor, glue, xfeat_onnx, glue_onnx, pairs) -> FeatureExportReport:
-    """onnxruntime vs PyTorch: keypoints, descriptors, LighterGlue matches; MeanNavError if they disagree."""
+def _torch_runner(module, inputs: list[str]):
+    """A torch graph called like an onnxruntime session: feeds -> numpy outputs (K comes from the module)."""
     import torch
 
-    agree_kp, cos_min, agree_match, n_matches = [], 1.0, [], []
-    for a, b in pairs:
-        sides = []
-        for img in (a, b):
-            with torch.no_grad():
-                k, s, d = extractor(torch.from_numpy(grey_input(img)))
-            k, d = k[s > 0].numpy(), d[s > 0].numpy()
-            got = xfeat_onnx.extract(img)
-            index = {tuple(p): i for i, p in enumerate(got.points.astype(int).tolist())}
-            common = [(i, index[tuple(p)]) for i, p in enumerate(k.astype(int).tolist()) if tuple(p) in index]
-            agree_kp.append(len(common) / max(len(k), 1))
-            if common:
-                i_t, i_o = np.array(common).T
-                cos_min = min(cos_min, float(np.min(np.sum(d[i_t] * got.descriptors[i_o], axis=1))))
-            sides.append((k, d))
-        (k0, d0), (k1, d1) = sides
-        size = np.array([[a.shape[1], a.shape[0]]], np.float32)
+    def run(feeds):
         with torch.no_grad():
-            m_t, p_t = glue(*(torch.from_numpy(x) for x in (k0[None], k1[None], d0[None], d1[None], size, size)))
-        m_t = torch.where(p_t > glue_onnx.min_score, m_t, torch.full_like(m_t, -1)).numpy()
-        m_o = glue_onnx.match_indices(k0, d0, size[0], k1, d1, size[0])[0]
-        agree_match.append(float(np.mean(m_t == m_o)))
-        n_matches.append(int((m_t >= 0).sum()))
-    report = FeatureExportReport(Path(), Path(), len(pairs), float(np.min(agree_kp)), cos_min,
-                                 float(np.min(agree_match)), float(np.mean(n_matches)))
-    if (report.keypoint_agreement < MIN_KEYPOINT_AGREEMENT or report.descriptor_cosine_min < MIN_DESCRIPTOR_COSINE
-            or report.match_agreement < MIN_MATCH_AGREEMENT):
-        raise MeanNavError(f"the exported ONNX disagrees with PyTorch ({report.summary()}); nothing written. "
-                           f"Needs keypoints >= {MIN_KEYPOINT_AGREEMENT:.0%}, cosine >= {MIN_DESCRIPTOR_COSINE}, "
-                           f"matches >= {MIN_MATCH_AGREEMENT:.0%}: check the onnxruntime and torch versions")
-    return report
+            return [t.numpy() for t in module(*(torch.from_numpy(feeds[name]) for name in inputs))]
+    return run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -77,15 +77,21 @@ class FeatureCheck:
     keypoint_agreement: float
     descriptor_cosine_min: float
     match_agreement: float
+    matches_per_pair: float
+    # what ok() asks for: the engine defaults; the export against torch asks for more
+    min_keypoints: float = MIN_KEYPOINT_AGREEMENT
+    min_cosine: float = MIN_DESCRIPTOR_COSINE
+    min_matches: float = MIN_MATCH_AGREEMENT
 
     def ok(self) -> bool:
-        return (self.keypoint_agreement >= MIN_KEYPOINT_AGREEMENT and self.descriptor_cosine_min >= MIN_DESCRIPTOR_COSINE
-                and self.match_agreement >= MIN_MATCH_AGREEMENT)
+        return (self.keypoint_agreement >= self.min_keypoints and self.descriptor_cosine_min >= self.min_cosine
+                and self.match_agreement >= self.min_matches)
 
     def summary(self) -> str:
-        return (f"{self.pairs} image pairs: keypoints {self.keypoint_agreement:.1%} identical, descriptor cosine min "
-                f"{self.descriptor_cosine_min:.4f}, LighterGlue matches {self.match_agreement:.1%} identical "
-                f"(needs {MIN_KEYPOINT_AGREEMENT:.0%}, {MIN_DESCRIPTOR_COSINE}, {MIN_MATCH_AGREEMENT:.0%})")
+        return (f"{self.pairs} image pairs: keypoints {self.keypoint_agreement:.2%} identical, descriptor cosine min "
+                f"{self.descriptor_cosine_min:.5f}, LighterGlue matches {self.match_agreement:.2%} identical "
+                f"({self.matches_per_pair:.0f} per pair; needs {self.min_keypoints:.0%}, {self.min_cosine}, "
+                f"{self.min_matches:.0%})")
 
 
 def _xfeat_feeds(image: np.ndarray, keypoints: int | None) -> dict:
@@ -101,12 +107,13 @@ def _glue_feeds(k0, d0, k1, d1, size) -> dict:
             "size0": wh, "size1": wh}
 
 
-def compare_features(reference_xfeat: Runner, reference_glue: Runner, xfeat: Runner | None, glue: Runner | None,
-                     pairs: list[tuple[np.ndarray, np.ndarray]], keypoints: int, min_score: float = 0.1,
-                     candidate_takes_k: bool = False) -> FeatureCheck:
-    """Keypoints, descriptors (XFeat) and matches (LighterGlue, on the reference's keypoints) of a
-    candidate runner against onnxruntime FP32. Image sides must be multiples of 32."""
-    agree_kp, cos_min, agree_m = [], 1.0, []
+def compare_features(reference_xfeat: Runner, reference_glue: Runner | None, xfeat: Runner | None,
+                     glue: Runner | None, pairs: list[tuple[np.ndarray, np.ndarray]], keypoints: int,
+                     min_score: float = 0.1, candidate_takes_k: bool = False, **thresholds) -> FeatureCheck:
+    """Keypoints, descriptors (XFeat) and matches (LighterGlue, on the reference's keypoints) of
+    candidate runners against reference ones (onnxruntime FP32 for an engine, torch for the
+    export). Image sides must be multiples of 32; `thresholds` override FeatureCheck's."""
+    agree_kp, cos_min, agree_m, n_matches = [], 1.0, [], []
     for a, b in pairs:
         sides = []
         for img in (a, b):
@@ -128,9 +135,12 @@ def compare_features(reference_xfeat: Runner, reference_glue: Runner, xfeat: Run
             feeds = _glue_feeds(*sides[0], *sides[1], a.shape)
             m_ref, p_ref = reference_glue(feeds)
             m_got, p_got = glue(feeds)
-            agree_m.append(float(np.mean(np.where(p_ref > min_score, m_ref, -1) == np.where(p_got > min_score, m_got, -1))))
+            m_ref = np.where(p_ref > min_score, m_ref, -1)
+            agree_m.append(float(np.mean(m_ref == np.where(p_got > min_score, m_got, -1))))
+            n_matches.append(int((m_ref >= 0).sum()))
     return FeatureCheck(len(pairs), float(min(agree_kp)) if agree_kp else 1.0, cos_min,
-                        float(min(agree_m)) if agree_m else 1.0)
+                        float(min(agree_m)) if agree_m else 1.0, float(np.mean(n_matches)) if n_matches else 0.0,
+                        **thresholds)
 
 
 def onnxruntime_runner(path: str | Path) -> Runner:
