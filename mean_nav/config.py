@@ -300,6 +300,7 @@ def _convert(tp: Any, value: Any, source: str, field: str, limits: Limits = DEFA
                             f"{type(value).__name__} {show(value)}; fix the value")
 
     if tp is Any:
+        _check_plain(value, limits, source, field)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -334,6 +335,7 @@ def _convert(tp: Any, value: Any, source: str, field: str, limits: Limits = DEFA
         if not isinstance(value, dict):
             raise bad()
         if not args:
+            _check_plain(value, limits, source, field)
             return dict(value)
         key_type, value_type = args
         return {_convert(key_type, k, source, f"{field} key", limits):
@@ -359,6 +361,19 @@ def _convert(tp: Any, value: Any, source: str, field: str, limits: Limits = DEFA
             raise MeanNavError(f"{source}: field {field!r} contains a NUL character; fix the text")
         return Path(value) if tp is Path else value
     return value
+
+
+def _check_plain(value: Any, limits: Limits, source: str, field: str) -> None:
+    """Finiteness (and the field's limits) of every number inside a free-form value."""
+    stack = [(value, field)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, dict):
+            stack += [(item, f"{where}[{show(k)}]") for k, item in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(v)]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            _check_number(v, limits, source, where)
 
 
 def _type_name(tp: Any) -> str:

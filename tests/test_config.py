@@ -1,6 +1,6 @@
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -152,3 +152,16 @@ def test_oversized_yaml_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("name: x\n" + "# padding\n" * 200_000)
     with pytest.raises(MeanNavError, match="bytes, more than"):
         load_config(tmp_path / "c.yaml", Outer)
+
+
+def test_numbers_inside_free_form_values_are_checked_too():
+    @dataclass
+    class Free:
+        notes: dict | None = None
+        anything: Any = None
+
+    assert from_dict(Free, {"notes": {"seed": 3, "x": [1.5]}}).notes == {"seed": 3, "x": [1.5]}
+    with pytest.raises(MeanNavError, match=r"notes\['x'\]\[0\]. must be a number, not NaN"):
+        from_dict(Free, {"notes": {"x": [float("nan")]}})
+    with pytest.raises(MeanNavError, match="'anything' is far out of range"):
+        from_dict(Free, {"anything": 10 ** 400})

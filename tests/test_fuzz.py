@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from mean_nav.bench.fuzz import LOADERS, mutate, prepare, run_case
 
-# mutations per loader in CI (~320 in all); the logs are the slow ones
-CASES = {"telemetry_csv": 60, "frames_csv": 50, "camera_yaml": 60, "config_yaml": 50, "cache_meta": 50,
+# mutations per loader in CI (~350 in all); the logs are the slow ones
+CASES = {"telemetry_csv": 60, "frames_csv": 50, "flight_yaml": 30, "camera_yaml": 60, "config_yaml": 50, "cache_meta": 50,
          "tlog": 25, "dataflash_bin": 25}
 
 

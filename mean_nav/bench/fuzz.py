@@ -1,7 +1,7 @@
 """`mean-nav bench fuzz`: random mutations of every file a user or a field system hands
 the program, counted by outcome.
 
-Loaders: telemetry.csv and frames.csv (flight folder), camera.yaml, nav.yaml (the daemon
+Loaders: telemetry.csv, frames.csv and flight.yaml (flight folder), camera.yaml, nav.yaml (the daemon
 config, seeded from nav.example.yaml), a tile cache's meta.json, and telemetry logs (.tlog
 and DataFlash .BIN from ../shared/data/logs, when present). Each case applies one to three
 mutations (bit flips, truncation, inserted bytes, deleted or duplicated lines, a token
@@ -227,8 +227,8 @@ def _numbers(obj: Any, where: str = ""):
 
 def _non_finite(obj: Any) -> str | None:
     for where, v in _numbers(obj):
-        if not math.isfinite(v):
-            return f"{where} = {v}"
+        if isinstance(v, int) and abs(v) >= 2 ** 63 or isinstance(v, float) and not math.isfinite(v):
+            return f"{where} = {v:.3g}"
     return None
 
 
@@ -300,6 +300,10 @@ def _camera_seed() -> bytes:
             b"mount:\n  roll_deg: 0.0\n  pitch_deg: 2.0\n  yaw_deg: 0.0\nrms_reprojection_px: 0.31\n")
 
 
+FLIGHT_YAML = (b"telemetry_log: flight.tlog\ntime_offset_s: -600.0\nmax_telemetry_gap_s: 1.0\n"
+               b"map: [ortho.tif]\ndescription: a test flight\nsimulated: {seed: 3, speed_ms: 8.0}\n")
+
+
 @dataclass
 class Loader:
     name: str
@@ -331,6 +335,16 @@ def _load_telemetry(path: Path):
 def _load_frames(path: Path):
     from ..replay.flight import read_frames_csv
     return read_frames_csv(path)
+
+
+def _load_flight_yaml(path: Path):
+    from ..config import load_config
+    from ..replay.flight import FlightConfig
+    return load_config(path, FlightConfig)
+
+
+def _check_flight_yaml(cfg) -> str | None:
+    return _non_finite(cfg) or ("non-positive max_telemetry_gap_s" if cfg.max_telemetry_gap_s <= 0 else None)
 
 
 def _load_log(path: Path):
@@ -365,6 +379,8 @@ LOADERS = {
                             _check_track, TEXT_MUTATORS),
     "frames_csv": Loader("frames_csv", "frames.csv", lambda _: _frames_seed(), _load_frames, _check_frames,
                          TEXT_MUTATORS),
+    "flight_yaml": Loader("flight_yaml", "flight.yaml", lambda _: FLIGHT_YAML, _load_flight_yaml,
+                          _check_flight_yaml, TEXT_MUTATORS + [_structured("yaml")] * 3),
     "camera_yaml": Loader("camera_yaml", "camera.yaml", lambda _: _camera_seed(), _load_camera, _check_camera,
                           TEXT_MUTATORS + [_structured("yaml")] * 3),
     "config_yaml": Loader("config_yaml", "nav.yaml", lambda _: NAV_EXAMPLE.read_bytes(), _load_nav, _check_nav,
