@@ -128,16 +128,39 @@ def test_a_model_that_does_not_match_the_cache_is_refused(cache, flight):
         cache.meta = meta
 
 
-def test_initial_position_narrows_the_first_search(cache, flight):
-    frames = frames_of(flight, 8)
+def test_a_prior_far_off_widens_the_search_until_a_fix_and_says_so(cache, flight):
+    frames = frames_of(flight)
     t0 = frames[0].telemetry
-    far_away = (t0.lon + 0.05, t0.lat + 0.05)       # kilometres from the map: nothing to search
+    far_away = (t0.lon + 0.05, t0.lat + 0.05)       # ~6 km from the map
     loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(), initial_lonlat=far_away)
-    est = run(loc, frames[:3])
-    assert all(e.fix == FixQuality.NONE for e in est)
-    assert "no map tile" in est[0].reason
+    notices = []
+    loc.on_notice = notices.append
+    est = run(loc, frames)
+    assert est[0].fix == FixQuality.NONE
+    assert "no map tile" in est[0].reason and "initial position" in est[0].reason
+    first = next(e for e in est if e.fix == FixQuality.FIX)   # the search widened to the whole map
+    assert "prior disagrees" in first.reason
+    assert len(notices) == 1 and "prior disagrees" in notices[0] and loc.notices == notices
     near = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(), initial_lonlat=(t0.lon, t0.lat))
-    assert any(e.fix == FixQuality.FIX for e in run(near, frames))
+    near_est = run(near, frames[:8])
+    assert any(e.fix == FixQuality.FIX for e in near_est) and not near.notices
+    # the correct prior gives the fix sooner than the wrong one
+    assert near_est.index(next(e for e in near_est if e.fix == FixQuality.FIX)) < est.index(first)
+
+
+def test_a_frame_spacing_the_settings_cannot_serve_is_reported(cache, flight):
+    cfg = LocalizerConfig()
+    cfg.filter.lost_after_s = 10.0
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, cfg)
+    assert loc.frame_spacing_problems(0.5) == []
+    assert any("lost_after_s" in p for p in loc.frame_spacing_problems(8.0))
+    notices = []
+    loc.on_notice = notices.append
+    f = frames_of(flight, 1)[0]
+    for k in range(3):   # the same frame, 8 s apart: warned once, not per frame
+        tel = Telemetry(**{**f.telemetry.__dict__, "time_s": f.time_s + 8.0 * k})
+        loc.process(f.image, tel, f.time_s + 8.0 * k)
+    assert len(notices) == 1 and "lost_after_s" in notices[0]
 
 
 def test_runtime_modules_do_not_import_torch():

@@ -1,7 +1,14 @@
 """Acquisition: which map places to verify for one frame, best first.
 
 While the filter is confident: the map at its prediction first, then the network's best
-tiles near it. Before the first fix: near the configured prior. When lost: the whole cache.
+tiles near it. While it tracks but is vague (a long frame spacing, coasting): the network's
+best tiles within its 3-sigma area. Without a track: first near the newest unconfirmed fix
+(where a confirming second fix should be), then a search around an anchor (the configured
+prior, or where the last track was) whose radius grows with the time the vehicle may have
+flown since and doubles with every frame that verified nothing, until it covers the whole
+cache (the cache's approximate index when it has one). A prior wrong by any distance, or
+none, therefore still reaches a first fix, and a first fix far from the prior is reported
+(`Acquisition.record` returns the notice).
 """
 from __future__ import annotations
 
@@ -34,37 +41,105 @@ class Acquisition:
                  initial_lonlat: tuple[float, float] | None = None):
         self.cfg, self.embedder, self.cache = cfg, embedder, cache
         self.initial_lonlat = initial_lonlat
-        self.had_fix = False
+        self.prior_xy: tuple[float, float] | None = None
+        if initial_lonlat is not None:
+            x, y = cache.lonlat_to_xy(*initial_lonlat)
+            self.prior_xy = (float(x), float(y))
+        xs, ys = np.asarray(cache.x, float), np.asarray(cache.y, float)
+        half = float(cache.tile_size_m) / 2
+        # corners of the area the tiles cover: a search this wide around a point is global
+        self._corners = (np.array([[xs.min() - half, ys.min() - half], [xs.min() - half, ys.max() + half],
+                                   [xs.max() + half, ys.min() - half], [xs.max() + half, ys.max() + half]])
+                         if len(xs) else np.zeros((0, 2)))
+        self.anchor = self.prior_xy               # centre of the widening search (None: global)
+        self.anchor_t: float | None = None        # when the vehicle was at the anchor (None: first frame)
+        self.anchor_is_prior = self.prior_xy is not None
+        self.widenings = 0                        # frames since the anchor that verified nothing
+        self.had_track = False
+        self.search = ""                          # what the last frame searched, for the frame reason
 
+    # --- per frame ----------------------------------------------------------------------
     def candidates(self, query: np.ndarray, t: float, filter: PositionFilter) -> Iterator[Candidate]:
         """Places to verify, best first. A generator: while tracking, the map around the
         prediction comes first, and the network runs only if that does not verify strongly
         (on a flight computer this halves the time per frame)."""
         cfg = self.cfg
+        if self.anchor_t is None:
+            self.anchor_t = t
         pred = filter.position_at(t)
-        sigma68 = math.inf if pred is None else RADIUS68_PER_SIGMA * math.sqrt(np.trace(pred[1]) / 2)
-        if pred is not None and sigma68 <= cfg.confident_sigma_m:
+        if pred is not None:
+            sigma68 = RADIUS68_PER_SIGMA * math.sqrt(max(float(np.trace(pred[1])) / 2, 0.0))
             px, py = float(pred[0][0]), float(pred[0][1])
-            if cfg.verify_prediction:
+            if sigma68 <= cfg.confident_sigma_m and cfg.verify_prediction:
                 # verify around the nearest tile centre: its map features are cached, and a
                 # region half a tile wider than the tile still contains the predicted view
                 nearest = self.cache.tile_at(px, py) if hasattr(self.cache, "tile_at") else None
                 if nearest is not None:
                     yield Candidate(float(self.cache.x[nearest]), float(self.cache.y[nearest]),
-                                     int(nearest), math.nan, ("tile", int(nearest)))
+                                    int(nearest), math.nan, ("tile", int(nearest)))
                 else:
                     yield Candidate(px, py, -1, math.nan, None)
             descriptor = self.embedder.embed([query])[0]
-            lon, lat = self.cache.xy_to_lonlat(px, py)
             radius = cfg.search_radius_m + 3.0 * sigma68
-            hits = self.cache.search_near(descriptor, lat, lon, radius, cfg.top_k)
-        elif self.initial_lonlat is not None and not self.had_fix:
-            descriptor = self.embedder.embed([query])[0]
-            lon, lat = self.initial_lonlat
-            hits = self.cache.search_near(descriptor, lat, lon, cfg.initial_radius_m, cfg.top_k)
+            self.search = f"searched within {radius:.0f} m of the track"
+            yield from self._near(descriptor, px, py, radius)
+            return
+        descriptor = self.embedder.embed([query])[0]
+        if filter.candidates:
+            # where a second, confirming fix should be
+            ct, cx, cy = filter.candidates[-1]
+            yield from self._near(descriptor, cx, cy, cfg.search_radius_m + filter.cfg.max_speed_ms * (t - ct))
+        radius = self.search_radius_m(t, filter)
+        if self.anchor is None or self._covers_cache(*self.anchor, radius):
+            self.search = "searched the whole map"
+            yield from self._global(descriptor)
         else:
-            descriptor = self.embedder.embed([query])[0]
-            hits = self.cache.search(descriptor, cfg.top_k)
+            where = "the initial position" if self.anchor_is_prior else "the last track"
+            self.search = f"searched within {radius:.0f} m of {where}"
+            yield from self._near(descriptor, *self.anchor, radius)
+
+    def search_radius_m(self, t: float, filter: PositionFilter) -> float:
+        """Radius of the anchor search at time t: initial radius + how far the vehicle may
+        have flown since, doubled per frame that verified nothing."""
+        flown = filter.cfg.max_speed_ms * max(0.0, t - (self.anchor_t if self.anchor_t is not None else t))
+        return (self.cfg.initial_radius_m + flown) * 2.0 ** self.widenings
+
+    def record(self, t: float, verified_xy: tuple[float, float] | None, filter: PositionFilter) -> str:
+        """After the frame: move the anchor with the track, widen the search when nothing
+        verified. Returns a notice worth telling the operator (prior far off), else ""."""
+        notice = ""
+        if filter.tracking:
+            pred = filter.position_at(t)
+            if not self.had_track and self.anchor_is_prior and self.prior_xy is not None:
+                d = math.hypot(pred[0][0] - self.prior_xy[0], pred[0][1] - self.prior_xy[1])
+                expected = self.cfg.initial_radius_m + filter.cfg.max_speed_ms * (t - self.anchor_t)
+                if d > expected:
+                    notice = (f"prior disagrees with the map: first fix {d:.0f} m from the initial position "
+                              f"(the vehicle could be at most {expected:.0f} m from it)")
+            self.had_track = True
+            self.anchor, self.anchor_t, self.anchor_is_prior = (float(pred[0][0]), float(pred[0][1])), t, False
+            self.widenings = 0
+        elif verified_xy is None and self.anchor is not None:
+            self.widenings += 1
+        return notice
+
+    # --- searches -----------------------------------------------------------------------
+    def _covers_cache(self, x: float, y: float, radius_m: float) -> bool:
+        return not len(self._corners) or radius_m >= float(np.hypot(*(self._corners - (x, y)).T).max())
+
+    def _near(self, descriptor, x: float, y: float, radius_m: float) -> Iterator[Candidate]:
+        if self._covers_cache(x, y, radius_m):
+            hits = self.cache.search_approx(descriptor, self.cfg.top_k)
+        else:
+            lon, lat = self.cache.xy_to_lonlat(x, y)
+            hits = self.cache.search_near(descriptor, lat, lon, radius_m, self.cfg.top_k)
+        yield from self._from_hits(hits)
+
+    def _global(self, descriptor) -> Iterator[Candidate]:
+        yield from self._from_hits(self.cache.search_approx(descriptor, self.cfg.top_k))
+
+    @staticmethod
+    def _from_hits(hits) -> Iterator[Candidate]:
         for hit in hits:
             yield Candidate(float(hit.x), float(hit.y), int(hit.tile_id), float(hit.score),
-                             ("tile", int(hit.tile_id)))
+                            ("tile", int(hit.tile_id)))

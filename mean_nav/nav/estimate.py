@@ -32,7 +32,8 @@ class Estimate:
     score: float = float("nan")   # retrieval similarity of that tile
     inliers: int = 0              # RANSAC inliers of the geometric verification
     latency_s: float = float("nan")  # capture-to-estimate time
-    reason: str = ""              # why there is no fix, when there is none
+    reason: str = ""              # why there is no fix, when there is none (and operator notices)
+    attitude_sigma_deg: float = float("nan")  # the filter's online estimate of the telemetry attitude error
 
     @property
     def has_fix(self) -> bool:

@@ -1,26 +1,42 @@
-"""Constant-velocity Kalman filter for visual fixes in a local metric frame.
+"""Kalman filter for visual fixes in a local metric frame, rate-independent, with an online
+estimate of the autopilot's attitude error.
 
-State: east, north position (metres in the tile cache's CRS), velocity (m/s), and the
-slowly varying error the measurements share (attitude error x height moves every
-measured nadir the same way for seconds): a first-order Gauss-Markov bias. Measurements:
-the refined camera-nadir position = position + bias + white noise (the fit's covariance).
-Without the bias state the filter would average the shared error as if it were white and
-report a sigma that is too small.
+State: east, north position (metres in the tile cache's CRS), velocity (m/s) and the
+world-frame tilt error of the telemetry attitude (radians, a first-order Gauss-Markov
+process). Measurement: the refined camera-nadir position = position + height x tilt error
++ white noise (the fit's covariance). Without the tilt state the filter would average the
+shared, slowly varying error as if it were white and report a sigma that is too small.
 
-Why the extra logic around a textbook filter:
-  - Mahalanobis gating rejects outliers (a wrong tile that still passed verification).
-  - A lost filter is only (re)started when two measurements agree with each other, so a
-    single wrong match can never become the track.
-  - Persistent disagreement (several gated-out measurements in a row) means the track is
-    what is wrong: the filter drops it and restarts from new agreeing measurements.
-  - `horizontal_sigma_m` is the radius holding 68 % of the horizontal error (not the
-    per-axis sigma, which holds only 39 % in 2-D), so "1-sigma accuracy" means what
-    autopilots and users read into it.
+Everything is in seconds and physical units, so the same settings serve 0.05 Hz photo
+surveys and 30 Hz video:
+  - motion: continuous white acceleration (the position covariance after dt does not depend
+    on how many frames fell inside dt);
+  - a lost filter is (re)started when two fixes agree under that motion model, whatever
+    their spacing; a single wrong match never becomes the track;
+  - a measurement update never drops the track: a prediction that grew vague over a long
+    frame spacing is honest, and a fix that agrees with it confirms it like a second
+    start-up fix would. Only coasting (no fix) for `lost_after_s` drops it;
+  - persistent disagreement (gated-out fixes for `reject_after_s`, at least two) means the
+    track is what is wrong: it is dropped and the rejected fixes become start-up candidates;
+  - fixes closer in time than `measurement_correlation_s` share their matching error (the
+    same features seen again), so the filter takes at most one independent fix per that time.
+
+Attitude error magnitude (multiple-model adaptive estimation): users rarely know their
+autopilot's roll/pitch accuracy, and it sets the reported sigma above ~50 m. The filter runs
+one Kalman filter per hypothesis on a log grid (0.1..6.4 deg); each hypothesis is weighted
+by the likelihood of its own innovations (a fading memory of `attitude_memory_s`), and the
+output is the weighted mixture (mean, covariance including the spread between hypotheses).
+A wrong hypothesis mis-predicts how the nadir wanders from frame to frame, so the weights
+move to the right one within a few tens of seconds; `attitude_sigma_deg` is only a prior.
+
+`horizontal_sigma_m` is the radius holding 68 % of the horizontal error (not the per-axis
+sigma, which holds only 39 % in 2-D), so "1-sigma accuracy" means what autopilots and users
+read into it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,21 +44,39 @@ from ..config import bounded
 
 # sqrt of the chi-square(2) 68.27 % quantile: radius/per-axis-sigma of the 68 % circle.
 RADIUS68_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.6827))
+# attitude-error hypotheses (1 sigma, degrees): 0.3 .. 6.8 in steps of sqrt(2). Below 0.3 deg
+# the camera mount calibration and the flat-ground assumption dominate anyway, and the
+# innovations can no longer tell the wander from the fit's own noise.
+ATTITUDE_GRID_DEG = tuple(0.3 * math.sqrt(2.0) ** k for k in range(10))
+# Without a given prior: a typical small autopilot in flight (roll/pitch 1 sigma), uncertain by
+# a factor of 3. Low frame rates (0.1 Hz) carry no information on it; from ~0.5 Hz up the
+# frame-to-frame wander of the fixes moves the estimate within tens of seconds.
+DEFAULT_ATTITUDE_PRIOR_DEG = 0.5
+DEFAULT_PRIOR_WIDTH = 3.0
+GIVEN_PRIOR_WIDTH = 1.5
+MAX_CANDIDATES = 4          # start-up fixes remembered while waiting for agreement
 
 
 @dataclass
 class FilterConfig:
-    # white-acceleration process noise (m/s^2): turns at 25 deg bank are ~4.6
+    # manoeuvring acceleration, continuous white noise: velocity random-walks by this x sqrt(dt / 1 s) m/s
     accel_sigma_ms2: float = bounded(3.0, gt=0, le=100, unit="m/s^2")
+    # the same between manoeuvres (straight legs, hover): what separates attitude wander from motion
+    cruise_accel_sigma_ms2: float = bounded(0.3, gt=0, le=100, unit="m/s^2")
+    manoeuvre_switch_s: float = bounded(10.0, gt=0, le=1e5, unit="s")  # mean time between cruise/manoeuvre switches
     gate_chi2: float = bounded(13.8, gt=0, le=1e6)  # Mahalanobis gate, chi2(2 dof) 99.9 %
-    init_velocity_sigma_ms: float = bounded(8.0, gt=0, le=1000, unit="m/s")
-    max_speed_ms: float = bounded(25.0, gt=0, le=1000, unit="m/s")  # used to check that two start-up fixes agree
-    # start-up fixes further apart do not confirm each other
-    confirm_window_s: float = bounded(5.0, gt=0, le=3600, unit="s")
-    lost_after_s: float = bounded(15.0, gt=0, le=86_400, unit="s")  # no accepted fix for this long: track dropped
-    max_consecutive_rejections: int = bounded(4, ge=1, le=10_000)
-    max_sigma_m: float = bounded(60.0, gt=0, le=1e5, unit="m")  # coasting beyond this 68 % radius counts as lost
-    bias_tau_s: float = bounded(5.0, gt=0, le=1e5, unit="s")  # correlation time of the shared (attitude) error
+    init_velocity_sigma_ms: float = bounded(8.0, gt=0, le=1000, unit="m/s")  # velocity prior of a new track
+    # two start-up fixes implying a faster flight do not agree
+    max_speed_ms: float = bounded(25.0, gt=0, le=1000, unit="m/s")
+    # coasting without an accepted fix for this long drops the track
+    lost_after_s: float = bounded(60.0, gt=0, le=86_400, unit="s")
+    # gated-out fixes for this long (and at least two): the track is what is wrong
+    reject_after_s: float = bounded(2.0, ge=0, le=86_400, unit="s")
+    max_sigma_m: float = bounded(60.0, gt=0, le=1e5, unit="m")  # coasting beyond this 68 % radius is not a position
+    bias_tau_s: float = bounded(5.0, gt=0, le=1e5, unit="s")  # correlation time of the attitude error
+    attitude_memory_s: float = bounded(60.0, gt=0, le=1e6, unit="s")  # fading memory of the attitude-error estimate
+    # fixes closer in time share their matching error (the same features seen again)
+    measurement_correlation_s: float = bounded(0.3, ge=0, le=60, unit="s")
 
 
 @dataclass
@@ -56,152 +90,274 @@ class FilterOutput:
     sigma_h_m: float = math.inf        # 68 % horizontal radius
     sigma_speed_ms: float = math.inf
     mahalanobis2: float = math.nan
+    attitude_sigma_deg: float = math.nan   # current estimate of the attitude error (1 sigma)
+    vague: bool = False        # coasting with a 68 % radius above max_sigma_m: not a usable position
     reason: str = ""
 
 
-class PositionFilter:
-    """Constant-velocity Kalman filter with gating and two-fix start-up confirmation."""
+@dataclass
+class _Fix:
+    t: float
+    z: np.ndarray
+    R: np.ndarray
+    height_m: float
 
-    def __init__(self, cfg: FilterConfig | None = None):
+
+class PositionFilter:
+    """Constant-velocity Kalman filter bank with gating, start-up confirmation and an
+    adaptive attitude-error magnitude. `attitude_prior_deg`: the autopilot's roll/pitch
+    accuracy if known (a prior, not a setting); None: every grid value equally likely."""
+
+    def __init__(self, cfg: FilterConfig | None = None, attitude_prior_deg: float | None = None):
         self.cfg = cfg or FilterConfig()
+        grid = np.radians(np.array(ATTITUDE_GRID_DEG))
+        if attitude_prior_deg is None:
+            centre, width = DEFAULT_ATTITUDE_PRIOR_DEG, DEFAULT_PRIOR_WIDTH
+        else:
+            centre, width = max(float(attitude_prior_deg), 1e-3), GIVEN_PRIOR_WIDTH
+        # log-normal prior over the grid: the innovations move it when they can tell
+        log_prior = -0.5 * (np.log(grid / math.radians(centre)) / math.log(width)) ** 2
+        self._grid = grid
+        self._log_prior = log_prior
+        self._log_likelihood = np.zeros(len(grid))   # fading memory; survives track resets
+        self._likelihood_t: float | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.x: np.ndarray | None = None   # [e, n, ve, vn, bias_e, bias_n]
-        self.P: np.ndarray | None = None
-        self.bias_sigma_m = 0.0
+        """Forget the track (not the attitude-error estimate: it belongs to the autopilot)."""
+        self._bank: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # states, covariances, mode probabilities
         self.t: float | None = None
         self.last_accept_t: float | None = None
-        self.rejections = 0
-        self._candidate: tuple[np.ndarray, np.ndarray, float] | None = None
+        self._rejected: list[_Fix] = []
+        self._candidates: list[_Fix] = []
 
     # --- queries ----------------------------------------------------------------------
     @property
     def tracking(self) -> bool:
-        return self.x is not None
+        return self._bank is not None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Probability of each attitude-error hypothesis (ATTITUDE_GRID_DEG)."""
+        log_w = self._log_prior + self._log_likelihood
+        w = np.exp(log_w - log_w.max())
+        return w / w.sum()
+
+    @property
+    def attitude_sigma_deg(self) -> float:
+        """The current estimate of the attitude error, 1 sigma (geometric mean over the bank)."""
+        return float(math.degrees(math.exp(float(self.weights @ np.log(self._grid)))))
 
     def position_at(self, t: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Predicted (position, 2x2 covariance) at time t without changing the filter."""
-        if self.x is None:
+        if self._bank is None:
             return None
-        x, P = self._predicted(t)
+        x, P = self._mix(*self._predicted(t))
         return x[:2].copy(), P[:2, :2].copy()
 
     def sigma_h_at(self, t: float) -> float:
         pred = self.position_at(t)
         return math.inf if pred is None else _radius68(pred[1])
 
+    @property
+    def candidates(self) -> list[tuple[float, float, float]]:
+        """Unconfirmed start-up fixes (t, east, north), newest last: where acquisition looks first."""
+        return [(c.t, float(c.z[0]), float(c.z[1])) for c in self._candidates]
+
+    def spacing_problems(self, spacing_s: float) -> list[str]:
+        """Why frames `spacing_s` apart cannot be served well by these settings (empty: fine)."""
+        cfg, problems = self.cfg, []
+        if not spacing_s > 0:
+            return problems
+        if spacing_s >= cfg.lost_after_s / 2:
+            problems.append(f"frames are {spacing_s:.1f} s apart but filter.lost_after_s is {cfg.lost_after_s:g} s: "
+                            "one missed fix drops the track; raise lost_after_s above 2 x the frame spacing")
+        if spacing_s > cfg.lost_after_s:
+            problems.append(f"frames are {spacing_s:.1f} s apart, more than filter.lost_after_s: no two fixes "
+                            "can ever confirm a track")
+        return problems
+
     # --- steps ------------------------------------------------------------------------
-    def _predicted(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+    def _predicted(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """IMM step of every hypothesis to time t: mix its two modes (cruise, manoeuvre),
+        predict each. Returns states [K, 2, 6], covariances [K, 2, 6, 6] and the predicted
+        mode probabilities [K, 2] (K attitude-error hypotheses)."""
+        cfg = self.cfg
+        X, P, mu = self._bank
         dt = max(0.0, t - self.t)
+        stay = 0.5 * (1.0 + math.exp(-2.0 * dt / cfg.manoeuvre_switch_s))
+        transition = np.array([[stay, 1.0 - stay], [1.0 - stay, stay]])
+        c = mu @ transition                                              # [K, j]
+        mix = transition[None] * mu[:, :, None] / np.maximum(c[:, None, :], 1e-300)   # [K, i, j]
+        X0 = np.einsum("kij,kid->kjd", mix, X)
+        d = X[:, :, None, :] - X0[:, None, :, :]                         # [K, i, j, 6]
+        P0 = np.einsum("kij,kide->kjde", mix, P) + np.einsum("kij,kijd,kije->kjde", mix, d, d)
         F = np.eye(6)
         F[0, 2] = F[1, 3] = dt
-        decay = math.exp(-dt / self.cfg.bias_tau_s)
+        decay = math.exp(-dt / cfg.bias_tau_s)
         F[4, 4] = F[5, 5] = decay
-        q = self.cfg.accel_sigma_ms2 ** 2
-        # discrete white-noise acceleration model, per axis [[dt^4/4, dt^3/2], [dt^3/2, dt^2]]
-        Q = np.zeros((6, 6))
+        # continuous white-noise acceleration, per axis [[dt^3/3, dt^2/2], [dt^2/2, dt]] q
+        q = np.array([cfg.cruise_accel_sigma_ms2, cfg.accel_sigma_ms2]) ** 2       # m^2/s^3 per mode
+        Q = np.zeros((len(self._grid), 2, 6, 6))
         for i in (0, 1):
-            Q[i, i] = dt ** 4 / 4 * q
-            Q[i, i + 2] = Q[i + 2, i] = dt ** 3 / 2 * q
-            Q[i + 2, i + 2] = dt ** 2 * q
-            Q[i + 4, i + 4] = self.bias_sigma_m ** 2 * (1.0 - decay ** 2)   # keeps the bias stationary
-        return F @ self.x, F @ self.P @ F.T + Q
+            Q[:, :, i, i] = dt ** 3 / 3 * q
+            Q[:, :, i, i + 2] = Q[:, :, i + 2, i] = dt ** 2 / 2 * q
+            Q[:, :, i + 2, i + 2] = dt * q
+            Q[:, :, i + 4, i + 4] = (self._grid ** 2 * (1.0 - decay ** 2))[:, None]  # keeps the tilt error stationary
+        return X0 @ F.T, F @ P0 @ F.T + Q, c
+
+    def _mix(self, X: np.ndarray, P: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of the whole bank (hypotheses x modes)."""
+        w = (self.weights[:, None] * mu).reshape(-1)
+        return _moments(w, X.reshape(-1, 6), P.reshape(-1, 6, 6))
 
     def predict(self, t: float) -> FilterOutput:
-        """Advance to time t (no measurement). Drops the track when it is too old or too vague."""
-        if self.x is None:
+        """Advance to time t (no measurement). Drops the track when no fix was accepted for
+        lost_after_s."""
+        if self._bank is None:
             return FilterOutput(False, False, reason="no track")
         if t < self.t:   # out-of-order frame: report the current state, never go back in time
             return self._output(False)
-        self.x, self.P = self._predicted(t)
-        self.t = t
-        if t - self.last_accept_t > self.cfg.lost_after_s or _radius68(self.P[:2, :2]) > self.cfg.max_sigma_m:
+        if t - self.last_accept_t > self.cfg.lost_after_s:
+            age = t - self.last_accept_t
             self.reset()
-            return FilterOutput(False, False, reason="track lost (no accepted fix for too long)")
+            return FilterOutput(False, False, reason=f"track lost: no accepted fix for {age:.0f} s "
+                                f"(filter.lost_after_s {self.cfg.lost_after_s:g} s)")
+        self._advance(t)
         return self._output(False)
 
-    def update(self, t: float, z: np.ndarray, R: np.ndarray, bias_sigma_m: float = 0.0) -> FilterOutput:
-        """Offer a measured position z=[e, n] with white-noise covariance R at time t;
-        bias_sigma_m is the 1-sigma (per axis) of the slowly varying error it shares with
-        its neighbours in time (e.g. height x attitude error)."""
+    def _advance(self, t: float) -> None:
+        self._bank = self._predicted(t)
+        self.t = t
+
+    def update(self, t: float, z, R, height_m: float) -> FilterOutput:
+        """Offer a measured nadir position z=[e, n] with white-noise covariance R at time t,
+        seen from height_m above ground (the tilt error moves it by height x angle)."""
         z = np.asarray(z, float).reshape(2)
         R = np.asarray(R, float).reshape(2, 2)
-        self._set_bias_sigma(bias_sigma_m)
-        if self.x is None:
-            return self._start(t, z, R)
-        out = self.predict(t)
-        if not out.tracking:
-            return self._start(t, z, R)
+        fix = _Fix(float(t), z, R, max(float(height_m), 0.0))
+        if self._bank is None:
+            return self._start(fix)
+        if t < self.t:
+            out = self._output(False)
+            out.reason = "fix older than the track (out-of-order frame): not used"
+            return out
+        return self._update(fix)
+
+    def _measurement(self, fix: _Fix, dt_since_accept: float):
         H = np.zeros((2, 6))
-        H[0, 0] = H[1, 1] = H[0, 4] = H[1, 5] = 1.0    # measured nadir = position + shared bias
-        innovation = z - H @ self.x
-        S = H @ self.P @ H.T + R
-        d2 = float(innovation @ np.linalg.solve(S, innovation))
-        if d2 > self.cfg.gate_chi2:
-            self.rejections += 1
-            if self.rejections >= self.cfg.max_consecutive_rejections:
-                # the measurements keep disagreeing with the track: trust neither; restart
+        H[0, 0] = H[1, 1] = 1.0
+        H[0, 4] = H[1, 5] = fix.height_m          # measured nadir = position + height x tilt error
+        inflate = max(1.0, self.cfg.measurement_correlation_s / max(dt_since_accept, 1e-3))
+        return H, fix.R * inflate
+
+    def _update(self, fix: _Fix) -> FilterOutput:
+        cfg = self.cfg
+        H, R = self._measurement(fix, fix.t - self.last_accept_t)
+        X, P, c = self._predicted(fix.t)
+        # gate per motion mode (over all hypotheses): a turn after a long straight leg must
+        # pass under the manoeuvre mode even while the cruise mode is far more probable
+        d2 = math.inf
+        joint = self.weights[:, None] * c
+        for j in range(X.shape[1]):
+            x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
+            innovation = fix.z - H @ x_mode
+            d2 = min(d2, float(innovation @ np.linalg.solve(H @ P_mode @ H.T + R, innovation)))
+        if d2 > cfg.gate_chi2:
+            self._advance(fix.t)
+            self._rejected = [r for r in self._rejected if fix.t - r.t <= cfg.lost_after_s][-MAX_CANDIDATES + 1:]
+            self._rejected.append(fix)
+            first = self._rejected[0]
+            if len(self._rejected) >= 2 and fix.t - first.t >= cfg.reject_after_s:
+                # the fixes keep disagreeing with the track: trust neither; restart from them
+                rejected = self._rejected
+                n, span = len(rejected), fix.t - first.t
                 self.reset()
-                self._candidate = (z, R, t)
-                return FilterOutput(False, False, mahalanobis2=d2,
-                                    reason="track dropped after repeated gated-out fixes")
+                self._candidates = rejected
+                return FilterOutput(False, False, mahalanobis2=d2, attitude_sigma_deg=self.attitude_sigma_deg,
+                                    reason=f"track dropped: {n} fixes over {span:.1f} s disagreed with it "
+                                           f"(filter.reject_after_s {cfg.reject_after_s:g} s)")
             out = self._output(False)
             out.mahalanobis2 = d2
-            out.reason = f"fix gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
+            out.reason = f"fix gated out (Mahalanobis^2 {d2:.1f} > {cfg.gate_chi2:g})"
             return out
-        K = self.P @ H.T @ np.linalg.inv(S)
-        self.x = self.x + K @ innovation
-        I_KH = np.eye(6) - K @ H
-        self.P = I_KH @ self.P @ I_KH.T + K @ R @ K.T   # Joseph form: stays symmetric PSD
-        self.last_accept_t = t
-        self.rejections = 0
+        # every hypothesis and mode takes the fix; the innovation likelihoods re-weight them
+        dt_memory = 0.0 if self._likelihood_t is None else max(0.0, fix.t - self._likelihood_t)
+        fade = math.exp(-dt_memory / cfg.attitude_memory_s)
+        nu = fix.z - X @ H.T                                            # [K, M, 2]
+        S = H @ P @ H.T + R
+        S_inv = np.linalg.inv(S)
+        mode_ll = -0.5 * (np.einsum("kma,kmab,kmb->km", nu, S_inv, nu) + np.log(np.linalg.det(S)))
+        gain = P @ H.T @ S_inv                                         # [K, M, 6, 2]
+        I_KH = np.eye(6) - gain @ H
+        X = X + np.einsum("kmab,kmb->kma", gain, nu)
+        P = I_KH @ P @ np.swapaxes(I_KH, -1, -2) + gain @ R @ np.swapaxes(gain, -1, -2)   # Joseph form
+        top = mode_ll.max()
+        joint = c * np.exp(mode_ll - top)                              # [K, M]
+        log_likelihood = top + np.log(np.maximum(joint.sum(axis=1), 1e-300))
+        self._bank = (X, P, joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-300))
+        self._log_likelihood = fade * self._log_likelihood + (log_likelihood - log_likelihood.max())
+        self._likelihood_t = fix.t
+        self.t = self.last_accept_t = fix.t
+        self._rejected = []
         out = self._output(True)
         out.mahalanobis2 = d2
         return out
 
-    def _start(self, t: float, z: np.ndarray, R: np.ndarray) -> FilterOutput:
-        cand = self._candidate
-        self._candidate = (z, R, t)
-        if cand is None:
-            return FilterOutput(False, False, reason="first fix, waiting for a second to confirm it")
-        cz, cR, ct = cand
-        dt = t - ct
-        if not (0.0 <= dt <= self.cfg.confirm_window_s):
-            return FilterOutput(False, False, reason="previous fix too old to confirm this one")
-        allowed = 3.0 * math.sqrt(np.trace(cR) + np.trace(R) + 4 * self.bias_sigma_m ** 2) + self.cfg.max_speed_ms * dt
-        if float(np.linalg.norm(z - cz)) > allowed:
-            return FilterOutput(False, False, reason="start-up fixes disagree; waiting for agreement")
-        # start from the earlier fix, then fuse the later one through the normal update
-        self.x = np.array([cz[0], cz[1], 0.0, 0.0, 0.0, 0.0])
-        self.P = np.zeros((6, 6))
-        b2 = self.bias_sigma_m ** 2
-        # position from the first fix: its white noise and its bias (perfectly correlated)
-        self.P[:2, :2] = cR + b2 * np.eye(2)
-        self.P[:2, 4:] = self.P[4:, :2] = -b2 * np.eye(2)
-        self.P[4:, 4:] = b2 * np.eye(2)
-        self.P[2, 2] = self.P[3, 3] = self.cfg.init_velocity_sigma_ms ** 2
-        self.t = ct
-        self.last_accept_t = ct
-        self.rejections = 0
-        self._candidate = None
-        return self.update(t, z, R, self.bias_sigma_m)
+    def _start(self, fix: _Fix) -> FilterOutput:
+        """Confirm a track from the newest earlier fix that agrees with this one under the
+        motion model; otherwise remember this fix as a candidate."""
+        cfg = self.cfg
+        candidates = [c for c in self._candidates if 0.0 <= fix.t - c.t <= cfg.lost_after_s]
+        for cand in reversed(candidates):
+            dt = fix.t - cand.t
+            allowed = cfg.max_speed_ms * dt + 3.0 * math.sqrt(np.trace(cand.R) + np.trace(fix.R))
+            if dt <= 0.0 or float(np.linalg.norm(fix.z - cand.z)) > allowed:
+                continue
+            self._init_track(cand)
+            out = self._update(fix)
+            if out.accepted:
+                return out
+            self.reset()   # the pair disagrees under the motion model
+        self._candidates = (candidates + [fix])[-MAX_CANDIDATES:]
+        if candidates:
+            reason = "start-up fixes disagree; waiting for two that agree to confirm a track"
+        else:
+            reason = "first fix, waiting for a second that agrees with it to confirm it"
+        return FilterOutput(False, False, attitude_sigma_deg=self.attitude_sigma_deg, reason=reason)
 
-    def _set_bias_sigma(self, sigma_m: float) -> None:
-        """Adopt the current shared-error level (it changes with height); keep the bias
-        variance consistent with it."""
-        sigma_m = max(0.0, float(sigma_m))
-        if self.x is not None and sigma_m < self.bias_sigma_m:
-            scale = sigma_m / self.bias_sigma_m
-            self.x[4:] *= scale
-            self.P[4:, :] *= scale
-            self.P[:, 4:] *= scale
-        self.bias_sigma_m = sigma_m
+    def _init_track(self, fix: _Fix) -> None:
+        K = len(self._grid)
+        X = np.zeros((K, 2, 6))
+        X[:, :, :2] = fix.z
+        P = np.zeros((K, 2, 6, 6))
+        var = self._grid ** 2
+        # position from the first fix: its white noise and its tilt error (perfectly correlated)
+        P[:, :, :2, :2] = fix.R + (fix.height_m ** 2 * var)[:, None, None, None] * np.eye(2)
+        P[:, :, :2, 4:] = P[:, :, 4:, :2] = (-fix.height_m * var)[:, None, None, None] * np.eye(2)
+        P[:, :, 4:, 4:] = var[:, None, None, None] * np.eye(2)
+        P[:, :, 2, 2] = P[:, :, 3, 3] = self.cfg.init_velocity_sigma_ms ** 2
+        self._bank = (X, P, np.full((K, 2), 0.5))
+        self.t = self.last_accept_t = fix.t
+        self._rejected = []
+        self._candidates = []
 
     def _output(self, accepted: bool) -> FilterOutput:
+        x, P = self._mix(*self._bank)
+        sigma_h = _radius68(P[:2, :2])
         return FilterOutput(
-            accepted, True, float(self.x[0]), float(self.x[1]), float(self.x[2]), float(self.x[3]),
-            _radius68(self.P[:2, :2]), float(math.sqrt(max(np.trace(self.P[2:4, 2:4]), 0.0))))
+            accepted, True, float(x[0]), float(x[1]), float(x[2]), float(x[3]), sigma_h,
+            float(math.sqrt(max(np.trace(P[2:4, 2:4]), 0.0))), attitude_sigma_deg=self.attitude_sigma_deg,
+            vague=not accepted and sigma_h > self.cfg.max_sigma_m)
+
+
+def _moments(weights: np.ndarray, X: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a Gaussian mixture [N] x [N, 6], [N, 6, 6] (spread included)."""
+    w = np.asarray(weights, float)
+    w = w / w.sum()
+    x = w @ X
+    d = X - x
+    return x, np.einsum("n,nab->ab", w, P) + np.einsum("n,na,nb->ab", w, d, d)
 
 
 def _radius68(cov2: np.ndarray) -> float:

@@ -6,16 +6,20 @@ frame), so both run exactly the same code. Steps:
   1. check the frame (corrupt, black) and the telemetry (missing, stale, implausible);
   2. rectify: undistort, warp to a nadir north-up view at the cache's ground resolution,
      centred on the nadir point (camera_model.rectify_to_nadir);
-  3. retrieve: embed the view and search the tile cache near the filter's position when
-     it is confident, around the configured initial position before the first fix, and
-     the whole cache when lost (while tracking, the map at the prediction is verified
-     first and the network runs only if that is not conclusive);
+  3. acquire (acquisition.py): embed the view and search the tile cache near the filter's
+     position when it tracks; without a track, around the prior (or the last track) with a
+     radius that widens frame by frame up to the whole cache (while tracking, the map at the
+     prediction is verified first and the network runs only if that is not conclusive);
   4. refine: geometric verification of the best tiles (and of the map around the
      filter's prediction) by feature matching; the query centre mapped into the map is
      the metric position of the nadir, with a covariance from the fit plus the error the
      attitude and flat-ground assumptions bring;
-  5. filter: constant-velocity Kalman filter with Mahalanobis gating; only a gated-in
-     measurement gives FixQuality.FIX.
+  5. filter (filter.py): constant-velocity Kalman filter bank with Mahalanobis gating and an
+     online estimate of the attitude error; only a gated-in measurement gives FixQuality.FIX.
+
+Notices for the operator (a prior that disagrees with the map, a frame spacing the settings
+cannot serve) go to `Localizer.on_notice(text)` when set (the daemon sends them as
+STATUSTEXT), are kept in `Localizer.notices`, and are added to that frame's reason.
 
 Time comes only from the arguments (frame_time_s, telemetry.time_s): replay is deterministic.
 """
@@ -25,6 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -61,12 +66,12 @@ class LocalizerConfig:
     max_telemetry_age_s: float = bounded(0.25, gt=0, le=60, unit="s")  # |frame time - telemetry time| allowed
     min_height_m: float = bounded(5.0, ge=0, le=10_000, unit="m")
     max_tilt_deg: float = bounded(35.0, gt=0, lt=90, unit="deg")
-    min_valid_fraction: float = bounded(0.5, ge=0, le=1)  # rectified view pixels the camera actually saw
+    min_valid_fraction: float = bounded(0.3, ge=0, le=1)  # rectified view pixels the camera actually saw
     # grey-level std below this: black, blank or covered lens
     min_frame_contrast: float = bounded(4.0, ge=0, le=255, unit="grey levels")
     # measurement noise beyond the fit itself (per axis, 1 sigma)
-    # roll/pitch error moves the nadir by height * angle (slow: a filter bias)
-    attitude_sigma_deg: float = bounded(0.3, ge=0, le=45, unit="deg")
+    # roll/pitch accuracy of the autopilot if known: only a prior, the filter estimates it online
+    attitude_sigma_deg: float | None = bounded(None, gt=0, le=45, unit="deg")
     # terrain relief, map registration, camera/telemetry sync
     position_floor_m: float = bounded(0.4, gt=0, le=1000, unit="m")
     # altitude comes from the autopilot, not from vision
@@ -89,12 +94,27 @@ class Localizer:
         self.tile_px = int(cache.tile_px)
         self.acquisition = Acquisition(cfg, embedder, cache, initial_lonlat)
         self.verifier = Verifier(cfg, cache)
-        self.filter = PositionFilter(cfg.filter)
+        self.filter = PositionFilter(cfg.filter, attitude_prior_deg=cfg.attitude_sigma_deg)
+        self.on_notice: Callable[[str], None] | None = None   # e.g. the daemon's STATUSTEXT
+        self.notices: list[str] = []
+        self._last_frame_t: float | None = None
+        self._spacing_warned = False
+
+    def frame_spacing_problems(self, spacing_s: float) -> list[str]:
+        """Why frames `spacing_s` seconds apart cannot be served by these settings (empty:
+        they can). Replay asks before the first frame; the daemon gets a notice instead."""
+        return self.filter.spacing_problems(spacing_s)
 
     # --- public -----------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the track (e.g. after a long camera outage)."""
         self.filter.reset()
+
+    def _notice(self, text: str) -> None:
+        log.warning("%s", text)
+        self.notices.append(text)
+        if self.on_notice is not None:
+            self.on_notice(text)
 
     def process(self, frame_rgb: np.ndarray | None, telemetry: Telemetry | None, frame_time_s: float) -> Estimate:
         started = time.perf_counter()
@@ -104,6 +124,25 @@ class Localizer:
 
     # --- steps ------------------------------------------------------------------------
     def _process(self, frame, telemetry, t) -> Estimate:
+        notice = self._check_spacing(t)
+        est = self._localize(frame, telemetry, t)
+        notice = "; ".join(n for n in (notice, self.acquisition.record(t, self._verified_xy, self.filter)) if n)
+        if notice:
+            self._notice(notice)
+            est.reason = f"{est.reason}; {notice}" if est.reason else notice
+        return est
+
+    def _check_spacing(self, t: float) -> str:
+        """Warn once when the frames arrive further apart than the settings can serve."""
+        last, self._last_frame_t = self._last_frame_t, t
+        if last is None or self._spacing_warned:
+            return ""
+        problems = self.frame_spacing_problems(t - last)
+        self._spacing_warned = bool(problems)
+        return "; ".join(problems)
+
+    def _localize(self, frame, telemetry, t) -> Estimate:
+        self._verified_xy = None
         problem = self._check_frame(frame) or self._check_telemetry(telemetry, t)
         if problem:
             return self._no_fix(t, telemetry, problem)
@@ -116,16 +155,18 @@ class Localizer:
         candidates = self.acquisition.candidates(query, t, self.filter)
         if self.cfg.always_retrieve:
             candidates = list(candidates)
+        tracking = self.filter.tracking
         measurement, why = self.verifier.verify(query, valid, candidates, h)
         if measurement is None:
+            if not tracking and self.acquisition.search:
+                why = f"{why}; {self.acquisition.search}"
             return self._no_fix(t, telemetry, why)
+        self._verified_xy = (measurement.x, measurement.y)
         # attitude error moves the measured nadir by height x angle and drifts slowly: the
-        # filter carries it as a shared bias instead of averaging it like white noise
-        attitude_bias = h * math.tan(math.radians(self.cfg.attitude_sigma_deg))
-        out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, attitude_bias)
+        # filter carries it as a shared error (and estimates its size) instead of averaging it
+        out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
-        self.acquisition.had_fix = True
         return self._estimate(t, telemetry, FixQuality.FIX, out.x, out.y, out.vx, out.vy, out.sigma_h_m,
                               out.sigma_speed_ms, measurement, "")
 
@@ -164,12 +205,17 @@ class Localizer:
     def _no_fix(self, t: float, telemetry: Telemetry | None, reason: str,
                 measurement: Measurement | None = None) -> Estimate:
         out = self.filter.predict(t)
-        fix = FixQuality.COASTING if out.tracking else FixQuality.NONE
-        if out.tracking:
+        if out.reason and not out.tracking and out.reason != "no track":
+            reason = f"{reason}; {out.reason}"
+        if out.vague:
+            reason = (f"{reason}; coasting 68% radius {out.sigma_h_m:.0f} m above filter.max_sigma_m "
+                      f"{self.cfg.filter.max_sigma_m:g} m")
+        fix = FixQuality.COASTING if out.tracking and not out.vague else FixQuality.NONE
+        if fix == FixQuality.COASTING:
             est = self._estimate(t, telemetry, fix, out.x, out.y, out.vx, out.vy, out.sigma_h_m,
                                  out.sigma_speed_ms, measurement, reason)
         else:
-            est = Estimate(time_s=t, fix=fix, reason=reason)
+            est = Estimate(time_s=t, fix=fix, reason=reason, attitude_sigma_deg=self.filter.attitude_sigma_deg)
             if measurement is not None:
                 est.tile_id, est.score, est.inliers = measurement.tile_id, measurement.score, measurement.inliers
         return est
@@ -180,7 +226,8 @@ class Localizer:
         vd = telemetry.vd if telemetry is not None and math.isfinite(telemetry.vd) else 0.0
         est = Estimate(time_s=t, fix=fix, lat=float(lat), lon=float(lon), alt_m=float(alt),
                        vn=float(vy), ve=float(vx), vd=float(vd), sigma_h_m=float(sigma_h),
-                       sigma_v_m=self.cfg.vertical_sigma_m, sigma_speed_ms=float(sigma_speed), reason=reason)
+                       sigma_v_m=self.cfg.vertical_sigma_m, sigma_speed_ms=float(sigma_speed), reason=reason,
+                       attitude_sigma_deg=self.filter.attitude_sigma_deg)
         if measurement is not None:
             est.tile_id, est.score, est.inliers = measurement.tile_id, measurement.score, measurement.inliers
         return est

@@ -70,12 +70,12 @@ class Verifier:
             features, region_valid, transform = self._region(cand, size_m)
             result = self.matcher.match(query_features, features, (centre, centre))
             if not result.ok:
-                reasons.append(result.reason)
+                reasons.append(f"tile {cand.tile_id}: {result.reason}")
                 continue
             col, row = result.nadir_px
             ci, ri = int(round(col)), int(round(row))
             if not (0 <= ri < region_valid.shape[0] and 0 <= ci < region_valid.shape[1]) or not region_valid[ri, ci]:
-                reasons.append("match places the nadir outside the map")
+                reasons.append(f"tile {cand.tile_id}: match places the nadir outside the map")
                 continue
             if result.inliers > best_inliers:
                 x, y = transform @ (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
@@ -90,8 +90,9 @@ class Verifier:
         if best is None:
             if not tried:
                 return None, "no map tile near the expected position"
-            why = reasons[0] if reasons else "no candidate verified"
-            return None, f"geometric verification failed ({why})"
+            # every candidate's reason: the first alone hides what the others met
+            why = "; ".join(reasons) if reasons else "no candidate verified"
+            return None, f"geometric verification failed for {len(reasons)} candidates ({why})"
         return best, ""
 
     def _model_variance(self, height_m: float) -> float:
