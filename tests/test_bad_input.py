@@ -372,3 +372,17 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path
     with pytest.raises(MeanNavError, match="evil.pt"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_approx_index_entry_is_checked_and_its_file_must_be_listed(small_cache, tmp_path):
+    from mean_nav.geo.cache import TileCache
+
+    def no_factory(meta):
+        meta["approx_index"] = {"file": "approx.faiss"}
+    with pytest.raises(MeanNavError, match="required field 'approx_index.factory' is missing"):
+        TileCache.load(_edited_cache(small_cache, tmp_path / "a", no_factory))
+
+    def unlisted(meta):
+        meta["approx_index"] = {"file": "approx.faiss", "factory": "IVF64,PQ8", "nprobe": 8}
+    with pytest.raises(MeanNavError, match="files does not list approx.faiss"):
+        TileCache.load(_edited_cache(small_cache, tmp_path / "b", unlisted))

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..config import read_text
 from ..errors import MeanNavError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -69,7 +70,7 @@ def read_list_file(path: str | Path) -> list[Path]:
     """Image paths from a list file; relative paths are relative to the list file's folder."""
     path = Path(path)
     files = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "image list").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

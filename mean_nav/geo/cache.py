@@ -572,7 +572,8 @@ class TileCache:
                                    "`mean-nav cache build` command to resume it")
             raise MeanNavError(f"{folder}: not a tile cache (no {META}); build one with `mean-nav cache build`")
         meta, checked = read_meta(meta_path, FORMAT, FORMAT_VERSION)
-        required = [EMBEDDINGS, TILES] + [p.file for p in checked.maps] + ([APPROX] if checked.approx_index else [])
+        required = [EMBEDDINGS, TILES] + [p.file for p in checked.maps]
+        required += [checked.approx_index.file] if checked.approx_index else []
         check_manifest(folder, checked, required, verify, sha256_file)
         grid = checked.grid
         try:

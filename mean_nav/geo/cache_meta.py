@@ -48,6 +48,18 @@ class MapPart:
 
 
 @dataclass(kw_only=True)
+class ApproxIndexMeta:
+    """The optional faiss index (TileCache.build_approx_index)."""
+
+    file: str
+    factory: str
+    nprobe: int = bounded(1, ge=1, le=1 << 20)
+    rerank: int = bounded(0, ge=0, le=1 << 20)
+    build_s: float | None = bounded(None, ge=0)
+    ef_search: int | None = bounded(None, ge=1, le=1 << 20)
+
+
+@dataclass(kw_only=True)
 class CacheMeta:
     format: str
     format_version: int
@@ -63,7 +75,7 @@ class CacheMeta:
     shard: list[int] | None = None
     sources: list[dict] = field(default_factory=list)
     maps: list[MapPart] = field(default_factory=list)
-    approx_index: dict | None = None
+    approx_index: ApproxIndexMeta | None = None
     merged_from: list[str] | None = None   # merge_caches: the input caches
     generated: dict | None = None     # synthetic benchmark caches (bench/cache.py)
     files: dict[str, FileEntry]
