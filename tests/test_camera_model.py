@@ -42,10 +42,17 @@ def test_pitch_moves_nadir_point_in_image():
     assert nadir[1] / nadir[2] > cam.cy + 10
 
 
-def test_rotation_is_orthonormal():
+def test_rotation_is_orthonormal_and_yaw_pitch_roll_in_that_order():
     r = rotation_ned_from_body(0.3, -0.2, 2.0)
     assert np.allclose(r @ r.T, np.eye(3))
     assert np.isclose(np.linalg.det(r), 1.0)
+    # nose (body x) after yaw 90 deg then pitch 30 deg up: east and up (negative down).
+    # The other order (pitch about north first) would leave it on the horizon pointing east.
+    nose = rotation_ned_from_body(0.0, np.radians(30), np.radians(90)) @ [1.0, 0.0, 0.0]
+    assert np.allclose(nose, [0.0, np.cos(np.radians(30)), -0.5])
+    # right wing (body y) after yaw 90 then roll 30 deg right-wing-down: south and down
+    wing = rotation_ned_from_body(np.radians(30), 0.0, np.radians(90)) @ [0.0, 1.0, 0.0]
+    assert np.allclose(wing, [-np.cos(np.radians(30)), 0.0, 0.5])
 
 
 def test_render_then_rectify_recovers_the_map_crop():

@@ -56,6 +56,7 @@ class Autopilot(threading.Thread):
         self.gps_inputs, self.heartbeats, self.statustexts, self.rate_requests = [], [], [], []
         self.heartbeat_times = []
         self.stop_event = threading.Event()
+        self.running = threading.Event()
 
     def recorded_now(self):
         if self.source.started_at is None:
@@ -63,6 +64,7 @@ class Autopilot(threading.Thread):
         return self.source.recorded_time_of(time.monotonic())
 
     def run(self):
+        self.running.set()
         next_hb = next_att = next_pos = 0.0
         while not self.stop_event.is_set():
             now = time.monotonic()
@@ -152,7 +154,7 @@ def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0, source=None):
                     startup_grace_s=1.0, frame_log=str(tmp_path / "frames.jsonl"))
     daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache,
                        camera=CameraModel.from_yaml(flight_dir / "camera.yaml"), source=source)
-    time.sleep(0.3)     # the vehicle is already streaming when the daemon starts
+    assert autopilot.running.wait(5.0)     # the vehicle is up before the daemon starts
     try:
         assert daemon.run(duration_s=timeout_s) == 0
     finally:

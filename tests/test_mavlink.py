@@ -11,7 +11,7 @@ from mean_nav.nav.estimate import Estimate, FixQuality
 from mean_nav.nav.gps_time import gps_week_and_ms
 from mean_nav.errors import MeanNavError
 from mean_nav.nav.mavlink_io import (IGNORE_ALT, IGNORE_VEL_VERT, MAV, MavlinkConfig, MavlinkLink, TelemetryHistory,
-                                     dop_for_accuracy, mavutil, satellites_for_accuracy)
+                                     dop_for_accuracy, mavutil)
 
 
 def free_udp_port() -> int:
@@ -80,23 +80,24 @@ def test_gps_input_carries_a_gated_fix_with_policy_fields(pair):
     # horizontal velocity is a real filter estimate; vision measures no vertical velocity, and
     # EK3_SRC1_VELZ defaults to GPS: vd must be flagged, never the vehicle's own vz echoed back
     assert msg.ignore_flags == IGNORE_VEL_VERT and msg.vd == 0
-    assert msg.hdop == pytest.approx(dop_for_accuracy(2.4))
-    assert msg.satellites_visible == satellites_for_accuracy(2.4) == 10
-    assert (msg.time_week, msg.time_week_ms) == gps_week_and_ms(unix)
+    assert msg.hdop == pytest.approx(2.4 / 3.5)         # the documented 3.5 m nominal range error
+    assert msg.satellites_visible == 10                  # 2 m < 2.4 m <= 5 m: 10 satellites
+    # 2026-03-01 is a Sunday 16856 days = 2408 weeks after the GPS epoch; 10:00:00.5 UTC + 18 s
+    assert (msg.time_week, msg.time_week_ms) == (2408, 36_018_500)
     assert msg.time_usec == int(unix * 1e6)
 
 
 def test_without_a_fix_no_position_is_sent(pair):
     link, peer = pair
     coasting = fix_estimate(fix=FixQuality.COASTING, reason="fix gated out")
-    assert not link.send_estimate(coasting, time.time())
+    t0 = time.monotonic()
+    assert not link.send_estimate(coasting, time.time(), now=t0)
     msg = recv(peer, "GPS_INPUT")
     assert msg is not None and msg.fix_type == 1         # "connected, no fix"; 0 would mean "no GPS"
     assert msg.lat == 0 and msg.lon == 0                 # the coasting prediction is not leaked
     assert msg.horiz_accuracy > 1000                     # the last fix's accuracy does not linger
     link.cfg.send_no_fix = False
-    time.sleep(0.06)
-    link.send_estimate(coasting, time.time())
+    link.send_estimate(coasting, time.time(), now=t0 + 1.0)   # past the 50 ms minimum interval
     assert recv(peer, "GPS_INPUT", timeout=0.3) is None
 
 
@@ -112,14 +113,14 @@ def test_samples_closer_than_50_ms_are_dropped(pair):
 def test_px4_output_uses_global_position_sensor(pair):
     link, peer = pair
     link.cfg.output = "global_position_sensor"
-    assert link.send_estimate(fix_estimate(), time.time(), processing_s=0.12)
+    t0 = time.monotonic()
+    assert link.send_estimate(fix_estimate(), time.time(), processing_s=0.12, now=t0)
     msg = recv(peer, "GLOBAL_POSITION_SENSOR")
     assert msg is not None
     assert msg.source == MAV.GLOBAL_POSITION_SRC_VISION
     assert msg.eph == pytest.approx(2.4) and msg.processing_time == 120_000
     assert msg.lat == round(51.8401685e7)
-    time.sleep(0.06)
-    assert not link.send_estimate(fix_estimate(fix=FixQuality.NONE), time.time())
+    assert not link.send_estimate(fix_estimate(fix=FixQuality.NONE), time.time(), now=t0 + 1.0)
     assert recv(peer, "GLOBAL_POSITION_SENSOR", timeout=0.3) is None
 
 
@@ -231,7 +232,7 @@ def test_signed_messages_verify_only_with_the_right_key():
     finally:
         link.close()
         good.close()
-    with pytest.raises(Exception, match="signing_key_hex"):
+    with pytest.raises(MeanNavError, match="signing_key_hex"):
         MavlinkLink(MavlinkConfig(connection=f"udpout:127.0.0.1:{port}", signing_key_hex="abcd"))
 
 

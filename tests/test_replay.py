@@ -60,15 +60,15 @@ def test_localizer_never_sees_gnss_and_scores_are_exact(flight_dir, tmp_path):
     assert np.allclose(cols["error_m"][fix & (cols["error_m"] < 10)], 4.0, atol=0.01)
     assert summary["error_m"]["median"] == pytest.approx(4.0, abs=0.01)
     assert summary["error_m"]["max"] == pytest.approx(30.0, abs=0.05)
-    false = fix & (cols["error_m"] > 6.0)
-    assert summary["false_fixes"] == int(false.sum()) > 0
-    assert summary["false_fix_rate"] == pytest.approx(false.sum() / fix.sum())
+    # the double fixes every frame and every 7th is 30 m off with a 2 m sigma: a false fix
+    n = len(flight)
+    assert summary["fixes"] == summary["frames"] == n
+    assert summary["false_fixes"] == n // 7 > 0
+    assert summary["false_fix_rate"] == pytest.approx((n // 7) / n)
     # the exit leg: frames outside the map, and this localizer fixes there too: all counted
-    outside = cols["in_map"] == 0
-    assert summary["frames_outside_map"] == int(outside.sum()) > 0
-    assert summary["fixes_outside_map"] == int((fix & outside).sum()) > 0
-    over = cols["in_map"] == 1
-    assert summary["fix_rate"] == pytest.approx((fix & over).sum() / over.sum())
+    assert summary["frames_outside_map"] > 0
+    assert summary["fixes_outside_map"] == summary["frames_outside_map"]
+    assert summary["fix_rate"] == pytest.approx(1.0)
     assert summary["time_to_first_fix_s"] == pytest.approx(0.0)
     for name in ("summary.json", "track.png", "error.png"):
         assert (tmp_path / name).stat().st_size > 1000
