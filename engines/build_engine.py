@@ -32,6 +32,7 @@ import argparse
 import datetime as _dt
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -139,6 +140,45 @@ def _save_timing_cache(config, path: Path) -> None:
     _write_atomic(path, bytes(cache.serialize()))
 
 
+def _device_and_paths(out_dir, timing_cache):
+    """(tensorrt module, GPU name, compute capability, output folder, timing cache path); MeanNavError
+    without TensorRT or a CUDA device."""
+    trt = import_tensorrt()
+    cuda = open_cuda()
+    try:
+        gpu, cc = cuda.device_info()
+    finally:
+        cuda.close()
+    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
+    return trt, gpu, cc, out_dir, timing_cache
+
+
+def _parse(trt, path: Path, source: Path, hint):
+    """(builder, network, parser) of a strongly typed network parsed from `path`; MeanNavError naming
+    `source` with hint() when TensorRT cannot parse it."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_strongly_typed_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise MeanNavError(f"{source}: TensorRT cannot parse the ONNX ({errors}); {hint()}")
+    return builder, network, parser
+
+
+def _build_serialized(builder, network, config, timing_cache: Path, onnx_path: Path, try_instead: str):
+    """(serialized engine, seconds it took); the timing cache saved. MeanNavError when the build fails."""
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger {try_instead}")
+    _save_timing_cache(config, timing_cache)
+    return serialized, seconds
+
+
 def _strongly_typed_flags(trt) -> int:
     flags = 0
     for name in ("STRONGLY_TYPED",):  # required on 10.x for Q/DQ + FP16 graphs, the default on 11.x
@@ -160,26 +200,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
     if max_batch < 1:
         raise MeanNavError("--max-batch must be at least 1")
     opt_batch = min(opt_batch or max_batch, max_batch)
-    trt = import_tensorrt()
-    cuda = open_cuda()  # MeanNavError without a CUDA device
-    try:
-        gpu, cc = cuda.device_info()
-    finally:
-        cuda.close()
-    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    trt, gpu, cc, out_dir, timing_cache = _device_and_paths(out_dir, timing_cache)
     onnx_sha256 = sha256_file(onnx_path)
     engine_path = out_dir / engine_file_name(info.model_hash, onnx_sha256, trt.__version__, gpu, info.precision)
-    timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(_strongly_typed_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the ONNX ({errors}); "
-                           f"{parse_failure_hint(onnx_path, info)}")
+    builder, network, parser = _parse(trt, onnx_path, onnx_path, lambda: parse_failure_hint(onnx_path, info))
     if network.num_inputs != 1:
         raise MeanNavError(f"{onnx_path}: expected one image input, found {network.num_inputs}")
     input_name = network.get_input(0).name
@@ -194,13 +219,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
 
     print(f"building {engine_path.name} from {onnx_path} ({info.precision}, batch 1..{max_batch}, "
           f"TensorRT {trt.__version__}, {gpu} sm{cc}) ...", flush=True)
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    build_seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger "
-                           "--workspace-mib or the FP32/FP16 ONNX")
-    _save_timing_cache(config, timing_cache)
+    serialized, build_seconds = _build_serialized(builder, network, config, timing_cache, onnx_path,
+                                                  "--workspace-mib or the FP32/FP16 ONNX")
 
     # engine and sidecar appear together and only after the check passes
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
@@ -231,8 +251,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path | None = None, max_b
             if cos_min < min_cosine:
                 raise MeanNavError(f"{engine_path.name}: engine disagrees with onnxruntime (cosine min {cos_min:.4f} < "
                                    f"{min_cosine}); not kept. Try the FP16 or FP32 ONNX")
-        os.replace(sidecar_path(tmp_engine), sidecar_path(engine_path))
-        os.replace(tmp_engine, engine_path)
+        _publish(tmp_engine, engine_path)
     finally:
         for p in tmp_dir.iterdir():
             p.unlink()
@@ -290,28 +309,14 @@ def build_feature_engine(onnx_path: str | Path, out_dir: str | Path | None = Non
     if verify and not xfeat_onnx.is_file():
         raise MeanNavError(f"{xfeat_onnx}: the check of a LighterGlue engine matches XFeat keypoints; keep the "
                            "export's xfeat.onnx beside it (or pass --no-verify)")
-    trt = import_tensorrt()
-    cuda = open_cuda()
-    try:
-        gpu, cc = cuda.device_info()
-    finally:
-        cuda.close()
-    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timing_cache = Path(timing_cache) if timing_cache else out_dir / f"trt{trt.__version__}.{sanitize_gpu_name(gpu)}.timing_cache"
+    trt, gpu, cc, out_dir, timing_cache = _device_and_paths(out_dir, timing_cache)
     onnx_sha256 = sha256_file(onnx_path)
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".build-"))
     try:
         prepared = tmp_dir / f"{kind}.fp16.onnx"
         meta = prepare_fp16(onnx_path, prepared, keypoints if kind == "xfeat" else None)
         engine_path = out_dir / engine_file_name(engine_key(meta), onnx_sha256, trt.__version__, gpu, "fp16")
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(_strongly_typed_flags(trt))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(prepared)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise MeanNavError(f"{onnx_path}: TensorRT cannot parse the FP16 graph ({errors})")
+        builder, network, parser = _parse(trt, prepared, onnx_path, lambda: "report the TensorRT version and the error")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
         _timing_cache(config, timing_cache)
@@ -321,13 +326,8 @@ def build_feature_engine(onnx_path: str | Path, out_dir: str | Path | None = Non
         config.add_optimization_profile(profile)
         print(f"building {engine_path.name} from {onnx_path} (fp16, TensorRT {trt.__version__}, {gpu} sm{cc}) ...",
               flush=True)
-        t0 = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        build_seconds = time.perf_counter() - t0
-        if serialized is None:
-            raise MeanNavError(f"{onnx_path}: TensorRT engine build failed (see the log above); try a larger "
-                               "--workspace-mib or smaller --max-image-px / --max-points")
-        _save_timing_cache(config, timing_cache)
+        serialized, build_seconds = _build_serialized(builder, network, config, timing_cache, onnx_path,
+                                                      "--workspace-mib or smaller --max-image-px / --max-points")
         tmp_engine = tmp_dir / engine_path.name
         tmp_engine.write_bytes(bytes(serialized))
         sidecar = {**meta, "precision": "fp16", "tensorrt_version": trt.__version__, "gpu_name": gpu,
@@ -354,12 +354,9 @@ def build_feature_engine(onnx_path: str | Path, out_dir: str | Path | None = Non
             check = result.summary()
             if not result.ok():
                 raise MeanNavError(f"{engine_path.name}: engine disagrees with onnxruntime ({check}); not kept")
-        os.replace(sidecar_path(tmp_engine), sidecar_path(engine_path))
-        os.replace(tmp_engine, engine_path)
+        _publish(tmp_engine, engine_path)
     finally:
-        for p in tmp_dir.iterdir():
-            p.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return FeatureBuildResult(engine_path, sidecar_path(engine_path), check, latency, build_seconds)
 
 
@@ -385,6 +382,12 @@ def _latency_ms(emb, repeats: int = 50) -> float:
         emb._embed_batch(one)
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
+
+
+def _publish(tmp_engine: Path, engine_path: Path) -> None:
+    """A checked engine and its sidecar into place (sidecar first: an engine never lacks one)."""
+    os.replace(sidecar_path(tmp_engine), sidecar_path(engine_path))
+    os.replace(tmp_engine, engine_path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

