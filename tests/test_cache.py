@@ -242,6 +242,7 @@ def test_interrupted_build_resumes_and_equals_an_uninterrupted_build(map_path, b
     assert 0 < resumed.images < len(full)  # finished blocks were not embedded again
     assert np.array_equal(np.asarray(c.embeddings), np.asarray(full.embeddings))
     assert np.array_equal(np.asarray(c.tiles), np.asarray(full.tiles))
+    assert_same_map_features(c, full)
 
 
 def test_resume_with_different_settings_is_refused(map_path, tmp_path):
@@ -268,6 +269,28 @@ def test_shards_merge_into_the_same_cache_as_one_build(map_path, built, tmp_path
     assert np.array_equal(merged.x[order_m], full.x[order_f])
     t = int(order_m[57])
     assert np.array_equal(merged.tile_image(t), full.tile_image(int(order_f[57])))
+    assert_same_map_features(merged, full)
+
+
+def stored_keypoints(cache, detector="sift"):
+    """Every stored keypoint as (global col, global row, descriptor...), sorted: layout-independent."""
+    from mean_nav.geo.map_features import read_store
+
+    entry = cache.meta["map_features"][detector]
+    store = read_store(cache.folder, entry)
+    cell = entry["settings"]["cell_px"]
+    origin = np.repeat(np.stack([store.cells["ci"], store.cells["cj"]], 1) * cell, store.cells["count"], axis=0)
+    order = np.repeat(store.cells["start"], store.cells["count"]) + np.concatenate(
+        [np.arange(n) for n in store.cells["count"]])
+    rows = np.concatenate([np.asarray(store.points)[order] + origin, np.asarray(store.descriptors)[order]], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def assert_same_map_features(a, b):
+    assert a.meta["map_features"]["sift"]["settings"] == b.meta["map_features"]["sift"]["settings"]
+    ka, kb = stored_keypoints(a), stored_keypoints(b)
+    assert len(ka) > 100
+    np.testing.assert_array_equal(ka, kb)
 
 
 def test_merge_refuses_caches_of_another_model(built, map_path, tmp_path):

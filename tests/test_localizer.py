@@ -191,5 +191,7 @@ def test_network_runs_when_lost_but_not_while_the_prediction_verifies(cache, fli
     assert CountingEmbedder.calls - before < len(tracked)   # verified at the prediction instead
     always = Localizer(CountingEmbedder(), cache, flight.camera, LocalizerConfig(always_retrieve=True))
     start = CountingEmbedder.calls
-    run(always, frames)
-    assert CountingEmbedder.calls - start == len(frames)
+    estimates = run(always, frames)
+    # every frame embeds; frames that verify nothing may add a heading search (turned views)
+    lost = sum(e.fix != FixQuality.FIX for e in estimates)
+    assert len(frames) <= CountingEmbedder.calls - start <= len(frames) + 7 * lost

@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fuzz": ("mean_nav.bench.fuzz", "random mutations of every input file, counted by outcome (crash, hang...)"),
     "mutation": ("mean_nav.bench.mutation", "mutation testing: kill rate of the tests on the safety-critical modules"),
     "ray": ("mean_nav.bench.ray", "cache build on a local Ray cluster (1 and N workers) against the local build"),
+    "localizer": ("mean_nav.bench.localizer", "per-stage and capture-to-send latency, stored vs in-flight map features"),
 }
 
 

@@ -9,11 +9,15 @@ Cache folder (format_version 1):
     maps/part-*.tif  the reprojected metric map at the cache GSD (RGB + alpha = valid),
                      non-overlapping windows of the global grid; serves tile_image and
                      region_image for refinement
+    features/<detector>/*.npy
+                     local features of the whole map per detector (geo/map_features.py),
+                     memory-mapped: refinement reads them instead of map pixels
     approx.faiss     optional approximate index (faiss, `[faiss]` extra)
     work/            only while building: per-block results, so an interrupted build resumes
 
 meta.json records the format version, model (hash, dim, precision, preprocessing), grid
-(CRS, GSD, tile size, stride), sources, map parts and the size + sha256 of every file.
+(CRS, GSD, tile size, stride), sources, map parts, the settings of the stored map
+features (`map_features`) and the size + sha256 of every file.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from pyproj.exceptions import CRSError
 from ..deploy.embedder import Embedder
 from ..config import show
 from ..errors import MeanNavError
+from . import map_features as mf
 from .cache_meta import check_manifest, read_meta
 from .crs import from_lonlat, to_lonlat
 from .raster import area_crs, check_georeferenced, union_bounds
@@ -155,14 +160,21 @@ class BlockJob:
     out: Path
     batch_size: int
     min_valid_fraction: float
+    features: tuple = ()       # (RefineConfig, stored settings) of each map-feature set to make
 
     def block_file(self, block: Block) -> Path:
         return self.out / WORK / f"block-{block.index:06d}.npz"
 
+    def output_files(self, block: Block) -> list[Path]:
+        """Every file building the block writes (those that exist), its block file (the 'done' mark) last."""
+        paths = [self.out / MAPS_DIR / f"part-{block.index:06d}.tif"]
+        paths += [mf.block_file(self.out / WORK, refine.detector, block.index) for refine, _ in self.features]
+        return [p for p in paths if p.is_file()] + [self.block_file(block)]
+
     def build(self, block: Block, embedder: Embedder) -> int:
         """Embed the block's tiles and write its map part and block file; tiles embedded."""
         return _build_block(block, self.grid, list(self.maps), list(self.map_bounds), self.out, embedder,
-                            self.batch_size, self.min_valid_fraction, self.block_file(block))
+                            self.batch_size, self.min_valid_fraction, self.block_file(block), self.features)
 
 
 class LocalBlockRunner:
@@ -183,9 +195,11 @@ class LocalBlockRunner:
 def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, tile_size_m: float,
                 stride_m: float, crs=None, batch_size: int = 32, shard: tuple[int, int] | None = None,
                 min_valid_fraction: float = 0.5, progress: bool = True, block_px: int = 4096,
-                runner=None) -> Path:
+                runner=None, features: Sequence | None = None) -> Path:
     """Tile the maps at `gsd_m` on a north-up metric grid, embed every tile, write a cache.
 
+    `features`: RefineConfigs whose map features to store (default: SIFT with the default
+    settings; `()` stores none, and the localizer then computes them in flight).
     Resumable: finished blocks are kept in `out/work/` and skipped when the same command
     runs again. `shard=(i, n)` builds the i-th of n contiguous parts of the area (merge the
     parts with `merge_caches`). meta.json is written last, so a failed build never loads.
@@ -209,6 +223,7 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     except CRSError as exc:
         raise MeanNavError(f"crs: {crs!r} is not a CRS pyproj knows ({exc}); use e.g. EPSG:32633") from None
     grid = TileGrid.from_metres(crs, gsd_m, tile_size_m, stride_m)
+    feature_sets = _feature_sets(features, grid)
     tile_range = area_tile_range(maps, grid)
     blocks = plan_blocks(grid, tile_range, block_px, rows=shard_rows(tile_range, shard))
 
@@ -221,6 +236,7 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
         "preprocessing": model["preprocessing"], "sources": _source_entries(maps),
         "shard": list(shard) if shard else None, "min_valid_fraction": float(min_valid_fraction),
         "block_px": int(block_px), "format_version": FORMAT_VERSION,
+        "map_features": {refine.detector: fsettings for refine, fsettings, _ in feature_sets},
     }
     settings = json.loads(json.dumps(settings))  # normalise tuples -> lists for comparison
     state_file = work / "build.json"
@@ -242,7 +258,7 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     embedded = 0
     # each block reads only the maps that touch it (large areas come as many map sheets)
     job = BlockJob(grid, tuple(maps), tuple(union_bounds([m], grid.crs) for m in maps), out, batch_size,
-                   min_valid_fraction)
+                   min_valid_fraction, tuple((refine, fsettings) for refine, fsettings, _ in feature_sets))
     todo = []
     for block in blocks:
         if job.block_file(block).exists():
@@ -258,13 +274,30 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     if embedded:
         log.info("embedded %d tiles in %.1f s (%.1f tiles/s)%s", embedded, elapsed, embedded / max(elapsed, 1e-9),
                  runner.summary())
-    _assemble(out, grid, blocks, model, settings, tile_range, shard)
+    _assemble(out, grid, blocks, model, settings, tile_range, shard, feature_sets)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
 
+def _feature_sets(features: Sequence | None, grid: TileGrid) -> list[tuple[object, dict, str]]:
+    """(RefineConfig, stored settings, descriptor dtype) of each map-feature set to store."""
+    if features is None:
+        from ..nav.refine import RefineConfig
+
+        features = [RefineConfig()]
+    names = [f.detector for f in features]
+    if len(set(names)) != len(names):
+        raise MeanNavError(f"features: {names} names a detector twice; store each detector once")
+    out = []
+    for refine in features:
+        settings = mf.store_settings(refine, grid)   # also refuses an unknown detector before any work
+        out.append((refine, settings, mf.descriptor_dtype(mf.window_extractor(refine, settings))))
+    return out
+
+
 def _build_block(block: Block, grid: TileGrid, maps: list[Path], map_bounds: list, out: Path,
-                 embedder: Embedder, batch_size: int, min_valid_fraction: float, done: Path) -> int:
+                 embedder: Embedder, batch_size: int, min_valid_fraction: float, done: Path,
+                 features: Sequence = ()) -> int:
     col0, row0, width, height = block.read_window(grid)
     touching = maps_overlapping(maps, map_bounds, grid, col0, row0, width, height)
     image, valid = read_window(touching, grid, col0, row0, width, height)
@@ -281,6 +314,19 @@ def _build_block(block: Block, grid: TileGrid, maps: list[Path], map_bounds: lis
     has_part = bool(own_valid.any())
     if has_part:
         write_map_part(out / MAPS_DIR / f"part-{block.index:06d}.tif", grid, col0, row0, own_img, own_valid)
+    # the block's map features, over the pixels it owns (written before `done`: a resumed
+    # build redoes a block whose features are missing)
+    own = (col0, row0, col0 + own_w, row0 + own_h)
+
+    def read(c0, r0, w, h):
+        return read_window(maps_overlapping(maps, map_bounds, grid, c0, r0, w, h), grid, c0, r0, w, h)
+
+    for refine, settings in features:
+        t0 = time.perf_counter()
+        extractor = mf.window_extractor(refine, settings)
+        cells = mf.window_features(extractor, settings, read, own) if has_part else mf.CellFeatures.concatenate(
+            [], 0, np.float32)
+        mf.save_cells(mf.block_file(done.parent, refine.detector, block.index), cells, time.perf_counter() - t0)
     tmp = done.with_name(f"{done.stem}.tmp-{os.getpid()}.npz")   # a retried block never shares a temp file
     np.savez(tmp, i=ii, j=jj, valid_fraction=fracs, embeddings=emb.astype(np.float16),
              part=np.array([col0, row0, own_w, own_h, int(has_part)], np.int64))
@@ -289,7 +335,7 @@ def _build_block(block: Block, grid: TileGrid, maps: list[Path], map_bounds: lis
 
 
 def _assemble(out: Path, grid: TileGrid, blocks: list[Block], model: dict, settings: dict,
-              tile_range, shard) -> None:
+              tile_range, shard, feature_sets: Sequence = ()) -> None:
     """Concatenate the per-block results into the final files; meta.json last."""
     work = out / WORK
     results = []  # small per-block arrays; embeddings are streamed block by block below
@@ -336,9 +382,20 @@ def _assemble(out: Path, grid: TileGrid, blocks: list[Block], model: dict, setti
         "shard": list(shard) if shard else None,
         "sources": settings["sources"],
         "maps": parts,
+        "map_features": {},
         "approx_index": None,
     }
-    meta["files"] = _file_entries(out, [EMBEDDINGS, TILES] + [p["file"] for p in parts])
+    feature_files = []
+    for refine, fsettings, dtype in feature_sets:
+        name = refine.detector
+        cells = [mf.load_cells(mf.block_file(work, name, b.index)) for b in blocks]
+        entry, files = mf.write_store(out, name, cells, fsettings, dtype)
+        seconds = sum(mf.block_seconds(mf.block_file(work, name, b.index)) for b in blocks)
+        log.info("%s map features: %d keypoints, %.0f bytes per tile, made in %.1f s", name,
+                 entry["num_keypoints"], sum((out / f).stat().st_size for f in files) / max(n, 1), seconds)
+        meta["map_features"][name] = entry
+        feature_files += files
+    meta["files"] = _file_entries(out, [EMBEDDINGS, TILES] + [p["file"] for p in parts] + feature_files)
     _write_json_atomic(out / META, meta)
 
 
@@ -398,6 +455,7 @@ def merge_caches(inputs: Sequence[Path], out: Path, progress: bool = True) -> Pa
             os.replace(out / (name + ".tmp"), out / name)
             parts.append({**p, "file": name})
         sources += [s for s in c.meta["sources"] if s not in sources]
+    map_features, feature_files = _merge_map_features(caches, out)
     tile_ranges = np.array([c.meta["tile_range"] for c in caches])
     meta = dict(first.meta)
     meta.update({
@@ -409,13 +467,30 @@ def merge_caches(inputs: Sequence[Path], out: Path, progress: bool = True) -> Pa
         "merged_from": [str(c.folder.resolve()) for c in caches],
         "sources": sources,
         "maps": parts,
+        "map_features": map_features,
         "approx_index": None,
     })
-    meta["files"] = _file_entries(out, [EMBEDDINGS, TILES] + [p["file"] for p in parts])
+    meta["files"] = _file_entries(out, [EMBEDDINGS, TILES] + [p["file"] for p in parts] + feature_files)
     _write_json_atomic(out / META, meta)
     for c in caches:
         c.close()
     return out
+
+
+def _merge_map_features(caches: Sequence["TileCache"], out: Path) -> tuple[dict, list[str]]:
+    """Stored map features every input has with the same settings; the first cache wins a cell."""
+    entries, files = {}, []
+    for name, entry in (caches[0].meta.get("map_features") or {}).items():
+        others = [(c.meta.get("map_features") or {}).get(name) for c in caches[1:]]
+        if any(o is None or o["settings"] != entry["settings"] for o in others):
+            log.warning("merge: %s map features are missing or made differently in some inputs; the merged "
+                        "cache has none (the localizer computes them in flight)", name)
+            continue
+        parts = mf.dedupe_cells([mf.read_store(c.folder, (c.meta["map_features"])[name]) for c in caches])
+        merged, names = mf.write_store(out, name, parts, entry["settings"], entry["descriptor_dtype"])
+        entries[name] = merged
+        files += names
+    return entries, files
 
 
 # ---------------------------------------------------------------------------- search helpers
@@ -574,6 +649,7 @@ class TileCache:
         meta, checked = read_meta(meta_path, FORMAT, FORMAT_VERSION)
         required = [EMBEDDINGS, TILES] + [p.file for p in checked.maps]
         required += [checked.approx_index.file] if checked.approx_index else []
+        required += mf.manifest_names(meta_path, checked.map_features)
         check_manifest(folder, checked, required, verify, sha256_file)
         grid = checked.grid
         try:
@@ -781,15 +857,20 @@ class TileCache:
         image, _ = self.mosaic.read(c0, r0, self.tile_px, self.tile_px)
         return image
 
-    def region(self, x: float, y: float, size_m: float) -> RegionCrop:
-        """North-up crop of about size_m centred at metric (x, y) at the cache GSD, with its transform."""
-        self._require_maps()
+    def region_window(self, x: float, y: float, size_m: float) -> tuple[int, int, int]:
+        """(col0, row0, size_px): the global pixel window of about size_m centred at metric (x, y)."""
         size_px = int(round(size_m / self.gsd_m))
         if size_px < 1:
             raise MeanNavError(f"size_m: {size_m} m is smaller than one {self.gsd_m} m pixel")
         col, row = self.grid.xy_to_pixel(x, y)
         c0 = int(np.floor(float(col) - (size_px - 1) / 2.0 + 0.5))
         r0 = int(np.floor(float(row) - (size_px - 1) / 2.0 + 0.5))
+        return c0, r0, size_px
+
+    def region(self, x: float, y: float, size_m: float) -> RegionCrop:
+        """North-up crop of about size_m centred at metric (x, y) at the cache GSD, with its transform."""
+        self._require_maps()
+        c0, r0, size_px = self.region_window(x, y, size_m)
         image, valid = self.mosaic.read(c0, r0, size_px, size_px)
         return RegionCrop(image, valid, self.grid.transform(c0, r0))
 
@@ -797,6 +878,9 @@ class TileCache:
         """North-up RGB crop centred at metric (x, y) at the cache GSD, plus its valid mask."""
         crop = self.region(x, y, size_m)
         return crop.image, crop.valid
+
+    def _feature_bytes(self, entry: dict) -> int:
+        return sum(e["bytes"] for n, e in self.meta["files"].items() if n.startswith(entry["dir"] + "/"))
 
     def _require_maps(self) -> None:
         if not self.meta.get("maps"):
@@ -821,6 +905,9 @@ class TileCache:
             f"stride {g['stride_m']} m",
             f"extent         lat {lat0:.6f}..{lat1:.6f}  lon {lon0:.6f}..{lon1:.6f}",
             f"map parts      {len(m.get('maps', []))}",
+            "map features   " + (", ".join(f"{k} ({e['num_keypoints']} keypoints, "
+                                           f"{self._feature_bytes(e) / max(len(self), 1):.0f} bytes/tile)"
+                                           for k, e in (m.get("map_features") or {}).items()) or "none"),
             f"approx index   {m['approx_index']['factory'] if m.get('approx_index') else 'none'}",
             f"shard          {m['shard'][0]}/{m['shard'][1]}" if m.get("shard") else "shard          none",
             "sources        " + ("\n               ".join(f"{s['path']} ({s['crs']})" for s in m.get("sources", []))

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--shard", default=None, help="build part i of n of the area (i/n, 0-based); merge the parts "
                    "with `mean-nav cache merge`. Under torchrun, RANK/WORLD_SIZE choose the shard")
     b.add_argument("--block-px", type=int, default=4096, help="pixels per processing block side (memory vs. overhead)")
+    b.add_argument("--features", default="sift", metavar="DETECTORS",
+                   help="map features to store, comma-separated (sift, orb) or `none`; the localizer's "
+                        "localizer.refine.detector must be among them or it computes map features in flight")
+    b.add_argument("--max-features", type=int, default=1500,
+                   help="features per map region, as localizer.refine.max_features (must match it)")
     b.add_argument("--approx", default=None, metavar="FACTORY",
                    help="also build a faiss index (`auto` or a faiss factory string such as IVF1024,PQ96)")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -87,6 +92,23 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def parse_features(text: str, max_features: int) -> list:
+    """--features sift,orb -> RefineConfigs of the map features to store ([] for `none`)."""
+    from ..nav.features import DEFAULT_MATCHER
+    from ..nav.refine import RefineConfig
+
+    if text.strip().lower() == "none":
+        return []
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DEFAULT_MATCHER]
+    if unknown or not names:
+        raise MeanNavError(f"--features: {text!r} names no known detector; use a comma-separated list of "
+                           f"{sorted(DEFAULT_MATCHER)} or `none`")
+    if max_features < 1:
+        raise MeanNavError(f"--max-features: {max_features} must be at least 1")
+    return [RefineConfig(detector=n, max_features=max_features) for n in names]
+
+
 def _torchrun_shard() -> tuple[int, int] | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
@@ -105,6 +127,7 @@ def _build(args) -> int:
     if shard is None and _torchrun_shard() is not None:
         shard = _torchrun_shard()
         out = out / f"shard-{shard[0]:03d}-of-{shard[1]:03d}"
+    features = parse_features(args.features, args.max_features)
     embedder = load_embedder(args.model, backend=args.backend, threads=args.threads)
     stride = args.stride if args.stride is not None else args.tile_size / 2
     runner = None
@@ -118,7 +141,7 @@ def _build(args) -> int:
     try:
         build_cache(args.maps, out, embedder, gsd_m=args.gsd, tile_size_m=args.tile_size, stride_m=stride,
                     crs=args.crs, batch_size=args.batch_size, shard=shard, min_valid_fraction=args.min_valid,
-                    progress=not args.no_progress, block_px=args.block_px, runner=runner)
+                    progress=not args.no_progress, block_px=args.block_px, runner=runner, features=features)
     finally:
         embedder.close()
     cache = TileCache.load(out, verify=False)

@@ -76,6 +76,7 @@ class CacheMeta:
     sources: list[dict] = field(default_factory=list)
     maps: list[MapPart] = field(default_factory=list)
     approx_index: ApproxIndexMeta | None = None
+    map_features: dict = field(default_factory=dict)   # detector -> stored features (geo/map_features.py)
     merged_from: list[str] | None = None   # merge_caches: the input caches
     generated: dict | None = None     # synthetic benchmark caches (bench/cache.py)
     files: dict[str, FileEntry]

@@ -113,7 +113,7 @@ def _run_block(job: BlockJob, block: Block, spec: ModelSpec, shipped: dict | Non
         tiles = local_job.build(block, embedder)
         model_hash = embedder.model_hash
         files = {}
-        for path in (out / MAPS_DIR / f"part-{block.index:06d}.tif", local_job.block_file(block)):
+        for path in local_job.output_files(block):
             if path.is_file():
                 files[str(path.relative_to(out))] = path.read_bytes()
                 path.unlink()

@@ -31,6 +31,7 @@ class Estimate:
     tile_id: int = -1             # best matching cache tile, -1 if none
     score: float = float("nan")   # retrieval similarity of that tile
     inliers: int = 0              # RANSAC inliers of the geometric verification
+    heading_error_deg: float = float("nan")  # turn of the view against the map: the telemetry yaw error
     latency_s: float = float("nan")  # capture-to-estimate time
     reason: str = ""              # why there is no fix, when there is none (and operator notices)
     attitude_sigma_deg: float = float("nan")  # the filter's online estimate of the telemetry attitude error

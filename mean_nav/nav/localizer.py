@@ -42,6 +42,7 @@ from .estimate import Estimate, FixQuality
 from .acquisition import Acquisition
 from .filter import FilterConfig, PositionFilter
 from .refine import RefineConfig
+from .stages import StageTimes, TimedEmbedder
 from .telemetry import Telemetry
 from .verify import Measurement, Verifier
 
@@ -76,7 +77,18 @@ class LocalizerConfig:
     position_floor_m: float = bounded(0.4, gt=0, le=1000, unit="m")
     # altitude comes from the autopilot, not from vision
     vertical_sigma_m: float = bounded(3.0, gt=0, le=1000, unit="m")
-    feature_cache_tiles: int = bounded(128, ge=0, le=1_000_000)  # map-region features kept in memory (per tile id)
+    # map-feature chunks (about a region each) kept in memory when the cache stores no map
+    # features and they are computed in flight
+    feature_cache_tiles: int = bounded(64, ge=1, le=1_000_000)
+    # fraction of the rectified view that must lie on valid map (the nadir itself may not)
+    min_map_overlap: float = bounded(0.25, gt=0, le=1)
+    # a fit turned far from the known heading error needs this many inliers, and a second such
+    # fit within heading_confirm_s at a place reachable at max_speed_ms, before it is believed
+    heading_min_inliers: int = bounded(40, ge=3, le=100_000)
+    heading_confirm_s: float = bounded(30.0, gt=0, le=3600, unit="s")
+    max_speed_ms: float = bounded(40.0, gt=0, le=1000, unit="m/s")
+    # while lost, search over heading (the view turned in 45 deg steps) at most this often
+    heading_search_s: float = bounded(3.0, ge=0, le=3600, unit="s")
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
@@ -92,8 +104,9 @@ class Localizer:
         self.embedder, self.cache, self.camera = embedder, cache, camera
         self.gsd_m = float(cache.gsd_m)
         self.tile_px = int(cache.tile_px)
-        self.acquisition = Acquisition(cfg, embedder, cache, initial_lonlat)
-        self.verifier = Verifier(cfg, cache)
+        self.stages = StageTimes()
+        self.acquisition = Acquisition(cfg, TimedEmbedder(embedder, self.stages), cache, initial_lonlat)
+        self.verifier = Verifier(cfg, cache, self.stages)
         self.filter = PositionFilter(cfg.filter, attitude_prior_deg=cfg.attitude_sigma_deg)
         self.on_notice: Callable[[str], None] | None = None   # e.g. the daemon's STATUSTEXT
         self.notices: list[str] = []
@@ -118,6 +131,7 @@ class Localizer:
 
     def process(self, frame_rgb: np.ndarray | None, telemetry: Telemetry | None, frame_time_s: float) -> Estimate:
         started = time.perf_counter()
+        self.stages.reset()
         est = self._process(frame_rgb, telemetry, float(frame_time_s))
         est.latency_s = time.perf_counter() - started
         return est
@@ -147,16 +161,18 @@ class Localizer:
         if problem:
             return self._no_fix(t, telemetry, problem)
         h = telemetry.height_above_ground_m
-        query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, telemetry.yaw,
-                                        h, self.gsd_m, self.tile_px, gimbal=gimbal_attitude(telemetry))
+        with self.stages("rectify"):
+            query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, telemetry.yaw,
+                                            h, self.gsd_m, self.tile_px, gimbal=gimbal_attitude(telemetry))
         if valid.mean() < self.cfg.min_valid_fraction:
             return self._no_fix(t, telemetry, f"camera sees only {valid.mean():.0%} of the tile area "
                                 "(tilt or low altitude)")
-        candidates = self.acquisition.candidates(query, t, self.filter)
+        candidates = self.acquisition.candidates(self.verifier.north_up(query), t, self.filter)
         if self.cfg.always_retrieve:
             candidates = list(candidates)
         tracking = self.filter.tracking
-        measurement, why = self.verifier.verify(query, valid, candidates, h)
+        measurement, why = self.verifier.verify(query, valid, candidates, h, t,
+                                                lambda view: self.acquisition.candidates(view, t, self.filter))
         if measurement is None:
             if not tracking and self.acquisition.search:
                 why = f"{why}; {self.acquisition.search}"
@@ -164,7 +180,8 @@ class Localizer:
         self._verified_xy = (measurement.x, measurement.y)
         # attitude error moves the measured nadir by height x angle and drifts slowly: the
         # filter carries it as a shared error (and estimates its size) instead of averaging it
-        out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h)
+        with self.stages("filter"):
+            out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
         return self._estimate(t, telemetry, FixQuality.FIX, out.x, out.y, out.vx, out.vy, out.sigma_h_m,
@@ -230,6 +247,7 @@ class Localizer:
                        attitude_sigma_deg=self.filter.attitude_sigma_deg)
         if measurement is not None:
             est.tile_id, est.score, est.inliers = measurement.tile_id, measurement.score, measurement.inliers
+            est.heading_error_deg = measurement.heading_error_deg
         return est
 
 

@@ -52,6 +52,14 @@ class MatchResult:
     rotation_deg: float = math.nan
     scale: float = math.nan
     residual_px: float = math.nan
+    params: np.ndarray | None = None    # similarity [a, b, tx, ty]: region = [[a,-b],[b,a]] query + t
+    rotation_only: bool = False          # the fit is good but turned more than allowed from the prior
+
+    def to_region(self, points_px: np.ndarray) -> np.ndarray:
+        """Query pixel positions [N, 2] -> region pixels through the fitted similarity."""
+        a, b, tx, ty = self.params
+        p = np.asarray(points_px, np.float64)
+        return np.stack([a * p[:, 0] - b * p[:, 1] + tx, b * p[:, 0] + a * p[:, 1] + ty], axis=1)
 
 
 class FeatureMatcher:
@@ -65,8 +73,13 @@ class FeatureMatcher:
     def features(self, image_rgb: np.ndarray, valid: np.ndarray | None = None) -> Features:
         return self.extractor.extract(image_rgb, valid)
 
-    def match(self, query: Features, region: Features, query_centre_px: tuple[float, float]) -> MatchResult:
-        """Verify `region` against `query`; locate the query centre in region pixels."""
+    def match(self, query: Features, region: Features, query_centre_px: tuple[float, float],
+              rotation_prior_deg: float = 0.0) -> MatchResult:
+        """Verify `region` against `query`; locate the query centre in region pixels.
+
+        The fit may turn at most max_rotation_deg from `rotation_prior_deg` (the heading error
+        known so far); a good fit turned further comes back with ok False and rotation_only.
+        """
         cfg = self.cfg
         if len(query) < cfg.min_inliers or len(region) < cfg.min_inliers:
             return MatchResult(False, f"too few features (query {len(query)}, map {len(region)})")
@@ -88,14 +101,23 @@ class FeatureMatcher:
         a, b, tx, ty = params
         scale = math.hypot(a, b)
         rotation = math.degrees(math.atan2(b, a))
-        if abs(scale - 1.0) > cfg.max_scale_error or abs(rotation) > cfg.max_rotation_deg:
+        if abs(scale - 1.0) > cfg.max_scale_error:
             return MatchResult(False, f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)",
                                inliers=n, matches=len(good), scale=scale, rotation_deg=rotation)
         cx, cy = query_centre_px
         G = np.array([[cx, -cy, 1.0, 0.0], [cy, cx, 0.0, 1.0]])
         nadir = G @ params
-        return MatchResult(True, "", n, len(good), (float(nadir[0]), float(nadir[1])),
-                           G @ cov_params @ G.T, rotation, scale, residual)
+        result = MatchResult(True, "", n, len(good), (float(nadir[0]), float(nadir[1])),
+                             G @ cov_params @ G.T, rotation, scale, residual, params)
+        if abs(angle_difference_deg(rotation, rotation_prior_deg)) > cfg.max_rotation_deg:
+            result.ok, result.rotation_only = False, True
+            result.reason = f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)"
+        return result
+
+
+def angle_difference_deg(a: float, b: float) -> float:
+    """a - b wrapped to [-180, 180)."""
+    return (a - b + 180.0) % 360.0 - 180.0
 
 
 def _fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

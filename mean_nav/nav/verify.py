@@ -1,23 +1,45 @@
 """Verification: geometric check of candidate map places by local-feature matching.
 
+For each candidate the query's features are matched against the map features of the
+region around it (stored in the cache, or computed in flight: geo/map_features.py), a
+similarity is fitted (refine.py), and the fit is accepted when enough of the rectified
+footprint lies on the map: the nadir itself may be off the map or over a nodata hole.
+
+Heading: the rectified view is turned by whatever error the telemetry yaw has (a bad
+compass, photos rotated by a viewer, unknown yaw). The fit measures that turn. Small
+turns from the heading error known so far are accepted as they are; a large one is a
+claim that needs strong evidence: a fit with many inliers, confirmed by a second frame
+that turns the same way at a consistent place, before it becomes the known heading error.
+Retrieval embeds the view turned by the known heading error. While lost, at most every
+`heading_search_s`, a heading search embeds the view turned in 45 degree steps and verifies
+the best places any turn retrieved (the network is not rotation invariant; SIFT is, and
+XFeat features are taken from the view turned like the one that retrieved the place).
+
 The best verified candidate becomes the metric measurement of the camera nadir, with a
 covariance from the fit plus the white error beyond it.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
+import cv2
 import numpy as np
 
+from ..geo.map_features import map_feature_source
 from .acquisition import Candidate
-from .refine import Features, FeatureMatcher
+from .features import Features
+from .refine import FeatureMatcher, MatchResult, angle_difference_deg
+from .stages import StageTimes
 
 if TYPE_CHECKING:
     from .localizer import LocalizerConfig
+
+FOOTPRINT_STEP_PX = 12      # query pixels sampled to measure how much of the footprint is on the map
+HEADING_STEP_DEG = 45.0     # turns of the query tried by the heading search (retrieval tolerates less)
 
 
 @dataclass
@@ -28,73 +50,235 @@ class Measurement:
     tile_id: int
     score: float
     inliers: int
+    heading_error_deg: float = math.nan   # telemetry yaw minus the yaw the map shows (the view's turn, negated)
+    map_overlap: float = math.nan          # fraction of the rectified footprint on valid map
+
+
+@dataclass
+class _Proposal:
+    rotation_deg: float
+    time_s: float
+    x: float
+    y: float
+
+
+class HeadingTracker:
+    """The heading error known so far, and the evidence for a new one."""
+
+    def __init__(self, cfg: "LocalizerConfig"):
+        self.cfg = cfg
+        self.offset_deg = 0.0
+        self._proposal: _Proposal | None = None
+
+    def follow(self, rotation_deg: float) -> None:
+        """A verified fit near the known heading error: track slow changes of it."""
+        self.offset_deg = _wrap(self.offset_deg + 0.3 * angle_difference_deg(rotation_deg, self.offset_deg))
+
+    def propose(self, rotation_deg: float, t: float, x: float, y: float) -> bool:
+        """A strong fit turned far from the known heading error; True once a second frame confirms it."""
+        cfg, prev = self.cfg, self._proposal
+        self._proposal = _Proposal(rotation_deg, t, x, y)
+        if prev is None or not 0.0 < t - prev.time_s <= cfg.heading_confirm_s:
+            return False
+        agrees = abs(angle_difference_deg(rotation_deg, prev.rotation_deg)) <= cfg.refine.max_rotation_deg
+        reachable = math.hypot(x - prev.x, y - prev.y) <= cfg.max_speed_ms * (t - prev.time_s) + cfg.search_radius_m
+        if agrees and reachable:
+            self.offset_deg = _wrap(rotation_deg)
+            self._proposal = None
+            return True
+        return False
+
+
+def _wrap(deg: float) -> float:
+    return (deg + 180.0) % 360.0 - 180.0
 
 
 class Verifier:
-    """Matches a rectified query against the map around each candidate (map features cached per tile)."""
+    """Matches a rectified query against the map around each candidate."""
 
-    def __init__(self, cfg: "LocalizerConfig", cache):
+    def __init__(self, cfg: "LocalizerConfig", cache, stages: StageTimes | None = None):
         self.cfg, self.cache = cfg, cache
+        self.stages = stages or StageTimes()
         self.tile_px = int(cache.tile_px)
         self.tile_size_m = float(cache.tile_size_m)
         self.margin_m = cfg.region_margin_m if cfg.region_margin_m is not None else self.tile_size_m / 2
         self.matcher = FeatureMatcher(dataclasses.replace(cfg.refine, min_inliers=cfg.min_inliers))
-        self._region_features: OrderedDict[Any, tuple[Features, np.ndarray, Any]] = OrderedDict()
+        self.map_features = map_feature_source(cache, cfg.refine, max_chunks=cfg.feature_cache_tiles)
+        self.heading = HeadingTracker(cfg)
+        self._last_heading_search_s = -math.inf
+        self._verified_s = -math.inf
+        self.rotation_invariant = bool(getattr(self.matcher.extractor, "rotation_invariant", False))
 
-    def _region(self, cand: Candidate, size_m: float) -> tuple[Features, Any, Any]:
-        """Features of the map around a candidate (cached per tile), its valid mask and the
-        crop's pixel-corner -> metric transform."""
-        key = cand.key
-        if key is not None and key in self._region_features:
-            self._region_features.move_to_end(key)
-            return self._region_features[key]
-        crop = self.cache.region(cand.x, cand.y, size_m)
-        entry = (self.matcher.features(crop.image, crop.valid), crop.valid, crop.transform)
-        if key is not None:
-            self._region_features[key] = entry
-            while len(self._region_features) > self.cfg.feature_cache_tiles:
-                self._region_features.popitem(last=False)
-        return entry
+    def region(self, cand: Candidate, size_m: float):
+        """Map features around a candidate (region pixels), where the region has map, and its
+        pixel-corner -> metric transform."""
+        c0, r0, size_px = self.cache.region_window(cand.x, cand.y, size_m)
+        with self.stages("map features"):
+            features, on_map = self.map_features.region(c0, r0, size_px, size_px)
+        return features, on_map, self.cache.grid.transform(c0, r0)
 
-    def verify(self, query, valid, candidates: Iterable[Candidate], height_m: float):
-        query_features = self.matcher.features(query, valid)
+    def query_features(self, query: np.ndarray, valid: np.ndarray, turn_deg: float) -> Features:
+        """Query features in query pixels; non-invariant features are taken from the view turned
+        by `turn_deg` (so it lies about north-up) and mapped back."""
+        if self.rotation_invariant or abs(turn_deg) < 1.0:
+            return self.matcher.features(query, valid)
+        h, w = valid.shape
+        M = _turn_matrix(turn_deg, (w / 2.0 - 0.5, h / 2.0 - 0.5))
+        turned = cv2.warpAffine(query, M, (w, h), flags=cv2.INTER_LINEAR)
+        turned_valid = cv2.warpAffine(valid.astype(np.uint8), M, (w, h), flags=cv2.INTER_NEAREST) > 0
+        feats = self.matcher.features(turned, turned_valid)
+        back = cv2.invertAffineTransform(M)
+        feats.points = (feats.points @ back[:, :2].T + back[:, 2]).astype(np.float32)
+        return feats
+
+    def north_up(self, query: np.ndarray) -> np.ndarray:
+        """The query turned by the known heading error: what retrieval should embed."""
+        if abs(self.heading.offset_deg) < 1.0:
+            return query
+        h, w = query.shape[:2]
+        return cv2.warpAffine(query, _turn_matrix(self.heading.offset_deg, (w / 2.0 - 0.5, h / 2.0 - 0.5)), (w, h),
+                              flags=cv2.INTER_LINEAR)
+
+    def verify(self, query, valid, candidates: Iterable[Candidate], height_m: float, t: float = math.nan,
+               retrieve: Callable[[np.ndarray], Iterable[Candidate]] | None = None):
+        """(best Measurement or None, reason when None) for one rectified query.
+
+        `retrieve(view)` gives candidates for another view of the query (the localizer's
+        acquisition); when nothing verifies, it drives the search over heading: the query
+        turned in HEADING_STEP_DEG steps, at most every `heading_search_s` while lost.
+        """
         centre = self.tile_px / 2.0 - 0.5
-        best, best_inliers, reasons = None, 0, []
-        tried: list[tuple[float, float]] = []
+        footprint = _footprint_samples(valid)
         size_m = self.tile_size_m + 2.0 * self.margin_m
+        reasons: list[str] = []
+        strong_turns: list[tuple[MatchResult, Measurement]] = []
+        tried: list[tuple[float, float]] = []
+        seen: list[Candidate] = []
+
+        extracted: dict[float, Features] = {}
+
+        def attempt(turn: float, cands: Iterable[Candidate]) -> Measurement | None:
+            key = 0.0 if self.rotation_invariant else turn     # invariant features: detect once
+            if key not in extracted:
+                with self.stages("query features"):
+                    extracted[key] = self.query_features(query, valid, turn)
+            query_features = extracted[key]
+            return self._best(query_features, footprint, cands, centre, size_m, height_m, reasons, strong_turns,
+                              tried if self.rotation_invariant else [])
+
+        best = attempt(self.heading.offset_deg, _remember(candidates, seen))
+        if best is None and retrieve is not None and self._heading_search_due(t):
+            self._last_heading_search_s = t
+            for turn, cands in self._turned_candidates(query, retrieve):
+                best = attempt(turn, cands)
+                if best is not None:
+                    break
+        if best is not None:
+            self._verified_s = t
+            return best, ""
+        if strong_turns:
+            result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
+            if self.heading.propose(result.rotation_deg, t, m.x, m.y):
+                self._verified_s = t
+                return m, ""
+            reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with "
+                              f"{result.inliers} inliers: heading error not yet confirmed by a second frame")
+        if not seen and not reasons:
+            return None, "no map tile near the expected position"
+        # every candidate's reason: the first alone hides what the others met
+        why = "; ".join(dict.fromkeys(reasons)) if reasons else "no candidate verified"
+        return None, f"geometric verification failed for {len(reasons)} candidates ({why})"
+
+    def _heading_search_due(self, t: float) -> bool:
+        """Lost (no verified fit this frame), and the last heading search long enough ago."""
+        if not math.isfinite(t):
+            return True
+        return t - self._last_heading_search_s >= self.cfg.heading_search_s
+
+    def _turned_candidates(self, query: np.ndarray, retrieve) -> list[tuple[float, list[Candidate]]]:
+        """The best top_k places over all turned views, grouped by the turn that found them."""
+        h, w = query.shape[:2]
+        centre = (w / 2.0 - 0.5, h / 2.0 - 0.5)
+        found: list[tuple[float, float, Candidate]] = []
+        with self.stages("heading search"):
+            for k in range(1, int(round(360.0 / HEADING_STEP_DEG))):
+                turn = _wrap(self.heading.offset_deg + k * HEADING_STEP_DEG)
+                view = cv2.warpAffine(query, _turn_matrix(turn, centre), (w, h), flags=cv2.INTER_LINEAR)
+                for cand in itertools.islice(retrieve(view), self.cfg.top_k):
+                    score = cand.score if math.isfinite(cand.score) else -math.inf
+                    found.append((score, turn, cand))
+        found.sort(key=lambda f: -f[0])
+        groups: dict[float, list[Candidate]] = {}
+        for _, turn, cand in found[:self.cfg.top_k]:
+            groups.setdefault(turn, []).append(cand)
+        return list(groups.items())
+
+    def _best(self, query_features, footprint, candidates, centre, size_m, height_m, reasons,
+              strong_turns, tried: list[tuple[float, float]]) -> Measurement | None:
+        cfg = self.cfg
+        best: Measurement | None = None
         for cand in candidates:
             # a candidate close to one already verified shows the same map: skip it
             if any(math.hypot(cand.x - x, cand.y - y) < self.margin_m / 2 for x, y in tried):
                 continue
             tried.append((cand.x, cand.y))
-            features, region_valid, transform = self._region(cand, size_m)
-            result = self.matcher.match(query_features, features, (centre, centre))
-            if not result.ok:
+            features, on_map, transform = self.region(cand, size_m)
+            with self.stages("match"):
+                result = self.matcher.match(query_features, features, (centre, centre), self.heading.offset_deg)
+                overlap = on_map.fraction_on_map(result.to_region(footprint)) if result.params is not None else 0.0
+            if not (result.ok or result.rotation_only):
                 reasons.append(f"tile {cand.tile_id}: {result.reason}")
                 continue
-            col, row = result.nadir_px
-            ci, ri = int(round(col)), int(round(row))
-            if not (0 <= ri < region_valid.shape[0] and 0 <= ci < region_valid.shape[1]) or not region_valid[ri, ci]:
-                reasons.append(f"tile {cand.tile_id}: match places the nadir outside the map")
+            if overlap < cfg.min_map_overlap:
+                reasons.append(f"tile {cand.tile_id}: only {overlap:.0%} of the view lies on the map")
                 continue
-            if result.inliers > best_inliers:
-                x, y = transform @ (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
-                # pixel covariance -> metric through the crop's linear part (row axis points south)
-                linear = np.array([[transform.a, transform.b], [transform.d, transform.e]])
-                cov = linear @ result.cov_px @ linear.T
-                best = Measurement(x, y, cov + self._model_variance(height_m) * np.eye(2),
-                                    cand.tile_id, cand.score, result.inliers)
-                best_inliers = result.inliers
-                if best_inliers >= self.cfg.stop_at_inliers:
+            m = self._measurement(result, cand, transform, height_m, overlap)
+            if result.rotation_only:
+                if result.inliers >= cfg.heading_min_inliers:
+                    strong_turns.append((result, m))
+                reasons.append(f"tile {cand.tile_id}: {result.reason}")
+                continue
+            if best is None or m.inliers > best.inliers:
+                best = m
+                if best.inliers >= cfg.stop_at_inliers:
                     break
-        if best is None:
-            if not tried:
-                return None, "no map tile near the expected position"
-            # every candidate's reason: the first alone hides what the others met
-            why = "; ".join(reasons) if reasons else "no candidate verified"
-            return None, f"geometric verification failed for {len(reasons)} candidates ({why})"
-        return best, ""
+        if best is not None:
+            self.heading.follow(-best.heading_error_deg)
+        return best
+
+    def _measurement(self, result: MatchResult, cand: Candidate, transform, height_m: float,
+                     overlap: float) -> Measurement:
+        col, row = result.nadir_px
+        x, y = transform @ (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
+        # pixel covariance -> metric through the crop's linear part (row axis points south)
+        linear = np.array([[transform.a, transform.b], [transform.d, transform.e]])
+        cov = linear @ result.cov_px @ linear.T
+        # a telemetry yaw too large by e turns the rectified view by -e against the map
+        return Measurement(x, y, cov + self._model_variance(height_m) * np.eye(2), cand.tile_id, cand.score,
+                           result.inliers, _wrap(-result.rotation_deg), overlap)
 
     def _model_variance(self, height_m: float) -> float:
         """White measurement noise beyond the fit (the attitude part goes to the filter's bias)."""
         return self.cfg.position_floor_m ** 2
+
+
+def _remember(candidates: Iterable[Candidate], seen: list[Candidate]) -> Iterable[Candidate]:
+    for cand in candidates:
+        seen.append(cand)
+        yield cand
+
+
+def _turn_matrix(deg: float, centre: tuple[float, float]) -> np.ndarray:
+    """2x3 affine turning pixel (col, row) positions by `deg` about `centre` like the fit's rotation."""
+    r = math.radians(deg)
+    c, s = math.cos(r), math.sin(r)
+    cx, cy = centre
+    return np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], np.float64)
+
+
+def _footprint_samples(valid: np.ndarray) -> np.ndarray:
+    """Query pixel positions (col, row) on a grid over where the camera saw ground."""
+    rows, cols = np.mgrid[FOOTPRINT_STEP_PX // 2:valid.shape[0]:FOOTPRINT_STEP_PX,
+                          FOOTPRINT_STEP_PX // 2:valid.shape[1]:FOOTPRINT_STEP_PX]
+    keep = valid[rows, cols]
+    return np.stack([cols[keep], rows[keep]], axis=1).astype(np.float64)

@@ -60,6 +60,7 @@ class Matches:
 class Extractor(Protocol):
     name: str
     descriptor_norm: str     # "l2" or "hamming": how matchers compare the descriptors
+    rotation_invariant: bool # False (XFeat): verification turns the query by the heading error first
 
     def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
         """Keypoints of an RGB [H, W, 3] or grey [H, W] uint8 image; none where `valid` is False."""
@@ -89,18 +90,27 @@ def _matchers() -> dict[str, Callable[..., Matcher]]:
             "lighterglue": lighterglue.LighterGlueMatcher.from_refine}
 
 
+# extractors that equalise their input with CLAHE (map windows set its tile size)
+EQUALIZED = ("sift", "orb")
+
 # the matcher each extractor is verified with when refine.matcher is not set
 DEFAULT_MATCHER = {"sift": "ratio", "orb": "ratio", "xfeat": "lighterglue"}
 
 
-def make_extractor(cfg: "RefineConfig", max_features: int | None = None) -> Extractor:
-    """The extractor refine.detector names; `max_features` overrides the config's (0: no limit)."""
+def make_extractor(cfg: "RefineConfig", max_features: int | None = None,
+                   clahe_tile_px: int | None = None) -> Extractor:
+    """The extractor refine.detector names; `max_features` overrides the config's (0: no limit);
+    `clahe_tile_px` equalises in tiles of that many pixels (map windows of any size) instead of
+    a 4 x 4 grid over the image."""
     from ...errors import MeanNavError
 
     factories = _extractors()
     if cfg.detector not in factories:
         raise MeanNavError(f"refine.detector: unknown detector {cfg.detector!r}; use one of {sorted(factories)}")
-    return factories[cfg.detector](cfg, cfg.max_features if max_features is None else max_features)
+    budget = cfg.max_features if max_features is None else max_features
+    if clahe_tile_px is not None and cfg.detector in EQUALIZED:
+        return factories[cfg.detector](cfg, budget, clahe_tile_px=clahe_tile_px)
+    return factories[cfg.detector](cfg, budget)
 
 
 def make_matcher(cfg: "RefineConfig", extractor: Extractor) -> Matcher:

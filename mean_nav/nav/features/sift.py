@@ -14,21 +14,23 @@ from .opencv_image import GreyPreparer, keypoints_to_features
 class SiftConfig:
     max_features: int = 1500      # strongest responses kept; 0 keeps all
     equalize: bool = True         # CLAHE before detection
+    clahe_tile_px: int | None = None  # CLAHE tile side; None: a 4 x 4 grid over the image
     contrast_threshold: float = 0.04
 
 
 class SiftExtractor:
     name = "sift"
     descriptor_norm = "l2"
+    rotation_invariant = True     # keypoints carry an orientation: no heading search needed
 
     def __init__(self, cfg: SiftConfig = SiftConfig()):
         self.cfg = cfg
-        self._prepare = GreyPreparer(cfg.equalize)
+        self._prepare = GreyPreparer(cfg.equalize, cfg.clahe_tile_px)
         self._sift = cv2.SIFT_create(nfeatures=cfg.max_features, contrastThreshold=cfg.contrast_threshold)
 
     @classmethod
-    def from_refine(cls, refine, max_features: int) -> "SiftExtractor":
-        return cls(SiftConfig(max_features=max_features, equalize=refine.equalize))
+    def from_refine(cls, refine, max_features: int, clahe_tile_px: int | None = None) -> "SiftExtractor":
+        return cls(SiftConfig(max_features=max_features, equalize=refine.equalize, clahe_tile_px=clahe_tile_px))
 
     def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
         grey, mask = self._prepare(image, valid)
@@ -36,4 +38,4 @@ class SiftExtractor:
         return keypoints_to_features(keypoints, descriptors, 128, np.float32, grey.shape)
 
     def settings(self) -> dict:
-        return {"detector": self.name, **{k: v for k, v in asdict(self.cfg).items() if k != "max_features"}}
+        return {"detector": self.name, **{k: v for k, v in asdict(self.cfg).items() if k not in ("max_features", "clahe_tile_px")}}
