@@ -32,6 +32,8 @@ DEFINITIONS = {
     "time_to_first_fix_s": "first fix time - first frame time",
     "latency_s": "wall-clock processing time per frame on this machine (not deterministic)",
     "fixes_outside_map": "fixes while the true nadir is outside the map",
+    "coverage_68": "fraction of scored fix errors inside the reported sigma_h_m (68 % radius); 0.68 is honest",
+    "truth_frames": "frames with a GNSS truth position to score against",
 }
 
 
@@ -100,6 +102,8 @@ def summarize(cols: dict[str, np.ndarray]) -> dict:
             "scored_fixes": int(scored.sum()),
         },
         "sigma_h_m_median": _pct(sigma[fix & np.isfinite(sigma)], 50),
+        "coverage_68": float(np.mean(fix_err <= sigma[scored])) if scored.any() else None,
+        "truth_frames": int((np.isfinite(cols["truth_lat"]) & np.isfinite(cols["truth_lon"])).sum()),
         "false_fixes": int(false_fix.sum()),
         "false_fix_rate": float(false_fix.sum() / scored.sum()) if scored.any() else None,
         "time_to_first_fix_s": float(cols["time_s"][first_fix[0]] - cols["time_s"][0]) if first_fix.size else None,

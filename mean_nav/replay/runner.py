@@ -8,8 +8,9 @@ to the localizer has lat/lon set to nan. Outputs, in --out:
   estimates.csv   one row per frame, written and flushed as it is computed, so a replay that
                   stops (error, Ctrl-C) keeps every finished row and still gets its summary; a
                   killed process leaves `estimates.csv.partial` with the same rows
-  summary.json    error median/p95/max, fix rate, false-fix rate, time to first fix,
-                  latency, fixes outside the map, problems met (see report.py)
+  summary.json    error median/p95/max, fix rate, false-fix rate, 68 % coverage, time to
+                  first fix, latency, fixes outside the map, problems met, the most common
+                  no-fix reasons, settings that cannot serve the frame spacing (see report.py)
   track.png, error.png
   gps_input.tlog  optional (--tlog): the GPS_INPUT messages the daemon would have sent
 """
@@ -144,10 +145,14 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings_warnings = frame_spacing_warnings(flight, localizer, start, stop)
+    for warning in settings_warnings:
+        log.warning("settings: %s", warning)
     csv_path = out_dir / "estimates.csv"
     partial = out_dir / "estimates.csv.partial"
     tlog = TlogWriter(out_dir / "gps_input.tlog") if tlog else None
     problems: Counter[str] = Counter()
+    no_fix_reasons: Counter[str] = Counter()
     first_problems: list[str] = []
     stopped = ""
     n = (len(flight) if stop is None else min(stop, len(flight))) - start
@@ -189,6 +194,8 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                 f.flush()
                 if tlog is not None:
                     tlog.write(est)
+                if not est.has_fix and est.reason:
+                    no_fix_reasons[reason_kind(est.reason)] += 1
                 if est.has_fix:
                     fixes += 1
                     if math.isfinite(err):
@@ -205,10 +212,29 @@ def replay(flight: Flight, localizer: LocalizerLike, out_dir: Path, coverage: Ma
                 tlog.close()
             extra = dict(extra_summary or {})
             extra.update(problems=dict(problems), first_problems=first_problems, stopped_early=stopped or None,
+                         no_fix_reasons=dict(no_fix_reasons.most_common(8)), settings_warnings=settings_warnings,
                          telemetry_source=flight.telemetry.source, telemetry_notes=list(flight.telemetry.notes),
                          gps_input_messages=tlog.count if tlog else None)
             summary = write_report(csv_path, out_dir, coverage.raster if coverage else None, extra)
     return summary
+
+
+def frame_spacing_warnings(flight: Flight, localizer, start: int = 0, stop: int | None = None) -> list[str]:
+    """What the localizer's settings cannot serve at this flight's median frame spacing,
+    known before the first frame instead of discovered frame by frame."""
+    check = getattr(localizer, "frame_spacing_problems", None)
+    times = np.asarray(flight.frame_times, float)[start:stop]
+    steps = np.diff(times[np.isfinite(times)])
+    steps = steps[steps > 0]
+    if check is None or not steps.size:
+        return []
+    return list(check(float(np.median(steps))))
+
+
+def reason_kind(reason: str) -> str:
+    """A no-fix reason without its numbers and per-candidate details, for counting."""
+    head = reason.split(";")[0].split("(")[0].strip()
+    return "".join(ch for ch in head if not ch.isdigit() and ch not in ".%+-").replace("  ", " ").strip()
 
 
 def problem_kind(reason: str) -> str:
@@ -245,6 +271,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="embedder backend: auto, onnxruntime, tensorrt, torch")
     parser.add_argument("--threads", type=int, default=2, help="inference threads")
     parser.add_argument("--frames", type=str, default=None, metavar="START:STOP", help="replay only these frame rows")
+    parser.add_argument("--require-fixes", action="store_true",
+                        help="exit with status 1 unless the replay has fixes and GNSS truth to score them against")
 
 
 def build_localizer(model: Path, cache: Path, camera, config: Path | None, initial_lonlat,
@@ -296,7 +324,21 @@ def run(args) -> int:
                      extra_summary={"flight": str(args.flight), "model": str(args.model), "cache": str(args.cache),
                                     "prior": args.prior})
     print_summary(summary, out)
+    if getattr(args, "require_fixes", False):
+        missing = scoring_gaps(summary)
+        if missing:
+            raise MeanNavError(f"{args.flight}: --require-fixes: {'; '.join(missing)} (see {out}/estimates.csv)")
     return 0
+
+
+def scoring_gaps(s: dict) -> list[str]:
+    """Why this replay cannot be scored (empty: it can)."""
+    gaps = []
+    if not s.get("fixes"):
+        gaps.append(f"no fix in {s.get('frames', 0)} frames")
+    if not s.get("truth_frames"):
+        gaps.append("the flight has no GNSS truth to score against")
+    return gaps
 
 
 def print_summary(s: dict, out: Path) -> None:
@@ -304,10 +346,22 @@ def print_summary(s: dict, out: Path) -> None:
         return "n/a" if v is None else fmt.format(v)
 
     e = s.get("error_m", {})
+    for warning in s.get("settings_warnings") or []:
+        print(f"settings: {warning}")
     print(f"frames {s['frames']} (processed {s.get('frames_processed')}), fixes {s.get('fixes')}")
-    print(f"horizontal error: median {num(e.get('median'))} m, p95 {num(e.get('p95'))} m, max {num(e.get('max'))} m")
-    print(f"fix rate {num(s.get('fix_rate'), '{:.1%}')}, false-fix rate {num(s.get('false_fix_rate'), '{:.2%}')}, "
-          f"time to first fix {num(s.get('time_to_first_fix_s'), '{:.1f}')} s")
+    if not s.get("fixes"):
+        reasons = s.get("no_fix_reasons") or {}
+        top = "; ".join(f"{k} ({v} frames)" for k, v in list(reasons.items())[:3]) or "see estimates.csv"
+        print(f"NO FIX in {s['frames']} frames: nothing to score. Most common reasons: {top}")
+    elif not s.get("truth_frames"):
+        print("NO GNSS truth in this flight: errors, fix rate over the map, false fixes and coverage are not "
+              f"scored ({s.get('fixes')} fixes made)")
+    else:
+        print(f"horizontal error: median {num(e.get('median'))} m, p95 {num(e.get('p95'))} m, "
+              f"max {num(e.get('max'))} m")
+        print(f"fix rate {num(s.get('fix_rate'), '{:.1%}')}, false-fix rate {num(s.get('false_fix_rate'), '{:.2%}')}, "
+              f"68% radius holds {num(s.get('coverage_68'), '{:.0%}')} of the errors, "
+              f"time to first fix {num(s.get('time_to_first_fix_s'), '{:.1f}')} s")
     lat = s.get("latency_s", {})
     print(f"latency median {num(lat.get('median'), '{:.3f}')} s, p95 {num(lat.get('p95'), '{:.3f}')} s "
           f"({num(s.get('frames_per_s'), '{:.1f}')} frames/s); fixes outside map: {s.get('fixes_outside_map')}")
