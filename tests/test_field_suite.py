@@ -69,3 +69,43 @@ def test_score_counts_fixes_over_the_map_coverage_and_false_fixes():
     assert s["median_m"] == pytest.approx(6.5)
     assert s["error_per_floor"] == pytest.approx(6.5 / (100 * np.tan(np.radians(1.0))))
     assert s["first_fix_s"] == pytest.approx(2.0) and s["frames_per_s"] == pytest.approx(2.0)
+
+
+def test_footprint_on_map_sees_how_much_of_the_camera_view_is_map(tmp_path):
+    """The fix-rate denominator: a level camera whose nadir sits on the map's east edge sees
+    half map; 20 m farther east at 60 m, about a quarter; a nodata hole under it counts out."""
+    from types import SimpleNamespace
+
+    from affine import Affine
+    from pyproj import CRS
+
+    from mean_nav.bench.field import footprint_on_map
+    from mean_nav.geo.crs import to_lonlat
+    from mean_nav.geo.raster import MetricRaster
+    from mean_nav.nav.camera_model import CameraModel
+    from mean_nav.nav.telemetry import Telemetry
+    from mean_nav.replay.logs import write_telemetry_csv
+
+    crs = CRS.from_epsg(32632)
+    x0, y0 = 650_000.0, 5_300_000.0
+    valid = np.zeros((400, 400), bool)
+    valid[:, :200] = True                                   # the map: the western half
+    raster = MetricRaster(np.zeros((400, 400, 3), np.uint8), valid, crs, Affine(1.0, 0, x0, 0, -1.0, y0), 1.0)
+    edge_x, mid_y = x0 + 200, y0 - 200
+    nadirs = [(edge_x, mid_y), (edge_x + 20, mid_y), (edge_x - 150, mid_y)]
+    rows = []
+    for k, (x, y) in enumerate(nadirs):
+        lon, lat = to_lonlat(crs, x, y)
+        for dt in (0.0, 0.5):
+            rows.append(Telemetry(time_s=10.0 * k + dt, roll=0.0, pitch=0.0, yaw=0.0, rel_alt_m=60.0,
+                                  lat=float(lat), lon=float(lon)))
+    write_telemetry_csv(tmp_path / "truth.csv", rows)
+    flight = SimpleNamespace(root=tmp_path, frame_times=np.array([0.25, 10.25, 20.25]),
+                             camera=CameraModel.from_fov(640, 480, 70))
+    on_map = footprint_on_map(flight, raster)
+    assert on_map[0] == pytest.approx(0.5, abs=0.07)
+    half_width = 60 * np.tan(np.radians(35))               # 42 m: the footprint's east-west half width
+    assert on_map[1] == pytest.approx((half_width - 20) / (2 * half_width), abs=0.07)
+    assert on_map[2] == 1.0
+    valid[:, :100] = False                                  # a hole under the third nadir
+    assert footprint_on_map(flight, raster)[2] < 0.05
