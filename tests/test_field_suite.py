@@ -13,10 +13,12 @@ from mean_nav.nav.estimate import FixQuality
 
 
 def test_short_suite_fixes_the_easy_flight_and_reports_every_column(tmp_path, capsys):
-    work = tmp_path / "work"
-    assert main(["bench", "field", "--short", "--work", str(work), "--no-progress"]) == 0
+    work, results = tmp_path / "work", tmp_path / "out"
+    args = ["bench", "field", "--short", "--work", str(work), "-o", str(results), "--no-progress"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    report = json.loads((work / "field_short.json").read_text())
+    report = json.loads((results / "field_short.json").read_text())
+    assert (results / "field_short.png").stat().st_size > 0
     names = [f["name"] for f in report["flights"]]
     assert names == [f.name for f in suite(short=True, only=None)]
     for flight in report["flights"]:
@@ -34,14 +36,14 @@ def test_short_suite_fixes_the_easy_flight_and_reports_every_column(tmp_path, ca
 
     # a second run rebuilds nothing: same world, cache and flight folders, same estimates
     built = sorted(p.relative_to(work) for p in (work / "caches").iterdir())
-    first = (work / "replays" / "easy" / "estimates.csv").read_text()
-    assert main(["bench", "field", "--short", "--only", "easy", "--work", str(work), "--no-progress"]) == 0
+    first = (results / "easy" / "estimates.csv").read_text()
+    assert main(args + ["--only", "easy"]) == 0
     assert "cache:" not in capsys.readouterr().out
     assert sorted(p.relative_to(work) for p in (work / "caches").iterdir()) == built
     header = first.splitlines()[0].split(",")
     lat = header.index("latency_s")
     strip = lambda text: [[c for i, c in enumerate(l.split(",")) if i != lat] for l in text.splitlines()]
-    assert strip((work / "replays" / "easy" / "estimates.csv").read_text()) == strip(first)
+    assert strip((results / "easy" / "estimates.csv").read_text()) == strip(first)
 
 
 def test_only_names_an_unknown_flight_and_lists_the_choices():

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +169,22 @@ def suite(short: bool, only: str | None) -> list[FieldFlight]:
 
 # --- building (reused between runs) ----------------------------------------------------------
 
+DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mean-nav" / "bench-field"
+
+
+@contextmanager
+def building(path: Path):
+    """Hold an exclusive lock for building `path`, so two runs sharing a work folder wait for
+    each other instead of writing the same files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _key(version: int, *parts) -> str:
     text = json.dumps([version, *parts], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -177,7 +196,8 @@ def world_sheets(work: Path, world: WorldSpec) -> list[Path]:
 
     plain = dataclasses.replace(world, map_variant="same")
     folder = work / "worlds" / _key(MAP_VERSION, dataclasses.asdict(plain))
-    return generate_tiled_world(folder, world.seed, world.sheets, world.sheet_px, world.gsd_m)
+    with building(folder):
+        return generate_tiled_world(folder, world.seed, world.sheets, world.sheet_px, world.gsd_m)
 
 
 def map_sheets(work: Path, world: WorldSpec) -> list[Path]:
@@ -187,27 +207,29 @@ def map_sheets(work: Path, world: WorldSpec) -> list[Path]:
         return sheets
     if world.map_variant not in ("holes", "other_season"):
         raise MeanNavError(f"world map_variant {world.map_variant!r}: use same, holes or other_season")
+    folder = work / "worlds" / _key(MAP_VERSION, dataclasses.asdict(world))
+    with building(folder):
+        return [_map_variant(world, k, src, folder / src.name) for k, src in enumerate(sheets)]
+
+
+def _map_variant(world: WorldSpec, k: int, src_path: Path, path: Path) -> Path:
+    """Sheet k of the world as the map source saw it (written once)."""
     import rasterio
 
     from ..data.world import nodata_holes, other_season, write_geotiff_at
 
-    folder = work / "worlds" / _key(MAP_VERSION, dataclasses.asdict(world))
-    out = []
-    for k, src_path in enumerate(sheets):
-        path = folder / src_path.name
-        if not path.is_file():
-            with rasterio.open(src_path) as src:
-                image = src.read().transpose(1, 2, 0)
-                crs, (left, top) = src.crs, (src.transform.c, src.transform.f)
-            valid = None
-            if world.map_variant == "holes":
-                valid = nodata_holes(image.shape[:2], world.gsd_m, seed=world.seed * 100 + k)
-                image = np.where(valid[..., None], image, 0).astype(np.uint8)
-            else:
-                image = other_season(image, world.gsd_m, seed=world.seed * 100 + k, map_gsd_m=2 * world.gsd_m)
-            write_geotiff_at(path, image, world.gsd_m, crs, left, top, valid)
-        out.append(path)
-    return out
+    if path.is_file():
+        return path
+    with rasterio.open(src_path) as src:
+        image = src.read().transpose(1, 2, 0)
+        crs, (left, top) = src.crs, (src.transform.c, src.transform.f)
+    valid = None
+    if world.map_variant == "holes":
+        valid = nodata_holes(image.shape[:2], world.gsd_m, seed=world.seed * 100 + k)
+        image = np.where(valid[..., None], image, 0).astype(np.uint8)
+    else:
+        image = other_season(image, world.gsd_m, seed=world.seed * 100 + k, map_gsd_m=2 * world.gsd_m)
+    return write_geotiff_at(path, image, world.gsd_m, crs, left, top, valid)
 
 
 def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
@@ -217,17 +239,18 @@ def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
     maps = map_sheets(work, flight.world)
     folder = work / "caches" / _key(MAP_VERSION, dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
                                     embedder.model_hash)
-    if (folder / "meta.json").is_file():
-        try:
-            return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
-        except MeanNavError as exc:
-            log.warning("rebuilding %s: %s", folder, exc)
-            shutil.rmtree(folder)
-    print(f"  cache: {flight.world.side_m / 1000:g} km map, {flight.cache.tile_size_m:g} m tiles every "
-          f"{flight.cache.stride_m:g} m at {flight.cache.gsd_m:g} m/px -> {folder}", flush=True)
-    build_cache(maps, folder, embedder, gsd_m=flight.cache.gsd_m, tile_size_m=flight.cache.tile_size_m,
-                stride_m=flight.cache.stride_m, progress=progress)
-    return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
+    with building(folder):
+        if (folder / "meta.json").is_file():
+            try:
+                return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
+            except MeanNavError as exc:
+                log.warning("rebuilding %s: %s", folder, exc)
+                shutil.rmtree(folder)
+        print(f"  cache: {flight.world.side_m / 1000:g} km map, {flight.cache.tile_size_m:g} m tiles every "
+              f"{flight.cache.stride_m:g} m at {flight.cache.gsd_m:g} m/px -> {folder}", flush=True)
+        build_cache(maps, folder, embedder, gsd_m=flight.cache.gsd_m, tile_size_m=flight.cache.tile_size_m,
+                    stride_m=flight.cache.stride_m, progress=progress)
+        return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
 
 
 def simulated_flight(work: Path, flight: FieldFlight, progress: bool) -> Path:
@@ -238,10 +261,11 @@ def simulated_flight(work: Path, flight: FieldFlight, progress: bool) -> Path:
     sim = dataclasses.replace(SimulationConfig(map_gsd_m=flight.world.gsd_m), **flight.sim)
     key = _key(FLIGHT_VERSION, dataclasses.asdict(flight.world), [p.name for p in ground], dataclasses.asdict(sim))
     folder = work / "flights" / f"{flight.name}-{key}"
-    if not (folder / "flight.yaml").is_file():
-        if folder.exists():
-            shutil.rmtree(folder)
-        simulate_flight(ground, folder, sim, progress=progress)
+    with building(folder):
+        if not (folder / "flight.yaml").is_file():
+            if folder.exists():
+                shutil.rmtree(folder)
+            simulate_flight(ground, folder, sim, progress=progress)
     return folder
 
 
@@ -326,7 +350,7 @@ def initial_lonlat(flight, spec: FieldFlight, crs):
     return lonlat
 
 
-def run_flight(work: Path, spec: FieldFlight, embedder, progress: bool) -> dict:
+def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress: bool) -> dict:
     from ..geo.raster import read_metric_raster
     from ..nav.localizer import Localizer, LocalizerConfig
     from ..replay.flight import Flight
@@ -340,7 +364,7 @@ def run_flight(work: Path, spec: FieldFlight, embedder, progress: bool) -> dict:
     raster = read_metric_raster(maps, max(spec.cache.gsd_m, spec.world.side_m / 2000), crs=coverage.raster.crs)
     localizer = Localizer(embedder, cache, flight.camera, LocalizerConfig(),
                           initial_lonlat=initial_lonlat(flight, spec, raster.crs))
-    out = work / "replays" / spec.name
+    out = out_dir / spec.name
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
@@ -418,19 +442,21 @@ def plot_results(results: list[dict], path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..demo import ASSET
 
-    parser.add_argument("--work", type=Path, default=Path("runs/bench/field"),
-                        help="work folder: worlds, caches and flights are built once here and reused")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help=f"worlds, caches and flights are built once here and reused (default {DEFAULT_WORK})")
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs/bench/field"),
+                        help="replays, field.json and field.png go here (default runs/bench/field)")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these flights")
     parser.add_argument("--short", action="store_true", help="the reduced suite (small maps, few frames)")
     parser.add_argument("--model", type=Path, default=ASSET, help=f"ONNX model (default: the shipped {ASSET.name})")
     parser.add_argument("--threads", type=int, default=2, help="inference threads")
-    parser.add_argument("--json", type=Path, default=None, help="results JSON (default: WORK/field[_short].json)")
+    parser.add_argument("--json", type=Path, default=None, help="results JSON (default: OUT/field[_short].json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the flights and exit")
 
 
-def run_suite(work: Path, flights: list[FieldFlight], model: Path, threads: int = 2, progress: bool = True,
-              json_path: Path | None = None, short: bool = False) -> dict:
+def run_suite(work: Path, out: Path, flights: list[FieldFlight], model: Path, threads: int = 2,
+              progress: bool = True, json_path: Path | None = None, short: bool = False) -> dict:
     """Build what is missing, replay every flight, print the table, write the JSON."""
     from ..demo import ensure_model
     from ..deploy.backends import load_embedder
@@ -438,18 +464,19 @@ def run_suite(work: Path, flights: list[FieldFlight], model: Path, threads: int 
 
     model = ensure_model(model)
     work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     embedder = load_embedder(model, threads=threads)
     results = []
     for k, spec in enumerate(flights, start=1):
         print(f"[{k}/{len(flights)}] {spec.name}: {spec.failure}", flush=True)
-        results.append(run_flight(work, spec, embedder, progress))
+        results.append(run_flight(work, out, spec, embedder, progress))
     table = format_table(results)
     print()
     print(table)
     report = {"suite": "field", "short": short, "model": str(model), "model_hash": embedder.model_hash,
               "config": "LocalizerConfig() defaults", "suite_version": SUITE_VERSION, "columns": list(COLUMNS),
               "definitions": DEFINITIONS, "targets": TARGETS, "flights": results, "table": table}
-    json_path = json_path or work / ("field_short.json" if short else "field.json")
+    json_path = json_path or out / ("field_short.json" if short else "field.json")
     write_json(json_path, report)
     plot_results(results, json_path.with_suffix(".png"))
     print(f"results: {json_path}, {json_path.with_suffix('.png')}")
@@ -462,5 +489,5 @@ def run(args) -> int:
         for f in flights:
             print(f"{f.name:<20} {f.failure}")
         return 0
-    run_suite(args.work, flights, args.model, args.threads, not args.no_progress, args.json, args.short)
+    run_suite(args.work, args.out, flights, args.model, args.threads, not args.no_progress, args.json, args.short)
     return 0
