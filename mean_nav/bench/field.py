@@ -45,10 +45,11 @@ from ..errors import MeanNavError
 log = logging.getLogger(__name__)
 
 SUITE_VERSION = 1            # the flights' definitions, in the JSON
-# bump when the code behind a key changes, so old builds are not reused: maps and caches are
-# slow to build, flights fast
-MAP_VERSION = 1
-FLIGHT_VERSION = 1
+# bump when the code behind a key changes, so old builds are not reused (a cache of the 5 km
+# map takes ~25 min to build on a loaded 2-core machine, a world a minute, a flight seconds)
+MAP_VERSION = 1       # world.py's worlds and map variants
+CACHE_VERSION = 2     # what build_cache stores (2: map features, geo/map_features.py)
+FLIGHT_VERSION = 1    # simulate.py
 FOOTPRINT_ON_MAP = 0.4       # a frame is "over the map" when this much of its footprint is map
 TARGETS = {"fix_rate": ">= 0.95", "false_fixes": "0", "coverage_68": "0.60-0.75",
            "error_per_floor": "<= 1.3", "first_fix_s (no prior, 25 km2)": "<= 30"}
@@ -237,7 +238,7 @@ def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
     from ..geo.cache import TileCache, build_cache
 
     maps = map_sheets(work, flight.world)
-    folder = work / "caches" / _key(MAP_VERSION, dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
+    folder = work / "caches" / _key(CACHE_VERSION, dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
                                     embedder.model_hash)
     with building(folder):
         if (folder / "meta.json").is_file():
