@@ -4,6 +4,7 @@ over a procedural world the tests generate otherwise (a fresh clone)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,13 @@ WORLD_SEED, WORLD_PX, WORLD_GSD_M = 11, 1000, 0.25   # seed 11: 19 of 20 test-fl
 
 def shared_data_present() -> bool:
     return ORTHO.is_file() and not WITHOUT_SHARED
+
+
+def free_udp_port() -> int:
+    """A UDP port on the loopback that nothing uses now (for a link and its pymavlink peer)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def require_shared_data() -> None:

@@ -5,7 +5,6 @@ daemon sends), and every GPS_INPUT is checked against the simulated truth."""
 import csv
 import json
 import math
-import socket
 import threading
 import time
 
@@ -19,16 +18,11 @@ from mean_nav.nav.daemon import NavConfig, NavDaemon
 from mean_nav.nav.localizer import LocalizerConfig
 from mean_nav.nav.mavlink_io import MAV, MavlinkConfig, mavutil
 from mean_nav.nav.output import OutputConfig
-from nav_testing import SHARED_DATA, ThumbnailEmbedder, build_test_cache, require_shared_data, simulate
+from nav_testing import SHARED_DATA, ThumbnailEmbedder, build_test_cache, free_udp_port, require_shared_data, simulate
 
 FIX_MAX_AGE_S = 1.0
 MANILA = SHARED_DATA / "orthophotos" / "5b90f92da0d7280005fab355_4310.tif"
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TruthTrack:
@@ -238,6 +232,7 @@ def test_camera_loss_is_reported_critical_and_tracking_resumes_when_it_returns(c
 
 
 def test_daemon_over_an_unmapped_area_sends_no_3d_fix(cache, tmp_path):
+    require_shared_data()          # flies over a real Manila orthophoto
     flight_dir = simulate(tmp_path / "manila", map_path=MANILA, duration_s=5.0, seed=2)
     daemon, ap, _, _ = fly(tmp_path, cache, flight_dir)
     assert daemon.stats["frames"] >= 3     # lost-mode frames are slower: the newest frame wins

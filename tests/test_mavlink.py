@@ -12,12 +12,8 @@ from mean_nav.nav.gps_time import gps_week_and_ms
 from mean_nav.errors import MeanNavError
 from mean_nav.nav.mavlink_io import (IGNORE_ALT, IGNORE_VEL_VERT, MAV, MavlinkConfig, MavlinkLink, TelemetryHistory,
                                      dop_for_accuracy, mavutil)
+from nav_testing import free_udp_port
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

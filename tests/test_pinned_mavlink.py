@@ -6,13 +6,13 @@ import calendar
 import datetime as dt
 import itertools
 import math
-import socket
 
 import pytest
 
 from mean_nav.nav.estimate import Estimate, FixQuality
 from mean_nav.nav.gps_time import gps_minus_utc_s, gps_week_and_ms
 from mean_nav.nav.mavlink_io import MavlinkConfig, MavlinkLink, mavutil
+from nav_testing import free_udp_port
 
 WEEK_MS = 7 * 24 * 3600 * 1000
 GPS_EPOCH = dt.datetime(1980, 1, 6, tzinfo=dt.timezone.utc)
@@ -86,16 +86,10 @@ def test_an_explicit_leap_second_count_overrides_the_table():
 
 # --- GPS_INPUT as the autopilot decodes it -----------------------------------------------
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def autopilot():
     """A pymavlink peer standing in for the autopilot; returns a factory of links to it."""
-    port = _free_udp_port()
+    port = free_udp_port()
     peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=1, source_component=1,
                                       dialect="common")
     links = []
