@@ -386,3 +386,20 @@ def test_approx_index_entry_is_checked_and_its_file_must_be_listed(small_cache, 
         meta["approx_index"] = {"file": "approx.faiss", "factory": "IVF64,PQ8", "nprobe": 8}
     with pytest.raises(MeanNavError, match="files does not list approx.faiss"):
         TileCache.load(_edited_cache(small_cache, tmp_path / "b", unlisted))
+
+
+def test_ulog_with_a_damaged_message_size_is_an_error_not_a_hang(tmp_path):
+    """pyulog 1.3 seeks back and forth forever when a definition message claims 65535 bytes."""
+    import struct
+
+    from mean_nav.bench.fuzz import time_limit
+    from mean_nav.replay.logs import read_telemetry_log
+
+    data = bytearray(_shared_log("pyulog_sample_log_small.ulg")[:128 << 10])
+    offset = 57870  # a FORMAT ('M') message of the definitions section
+    assert struct.unpack("<HB", data[offset:offset + 3]) == (52, ord("M"))
+    data[offset:offset + 2] = struct.pack("<H", 0xFFFF)
+    path = tmp_path / "damaged.ulg"
+    path.write_bytes(bytes(data))
+    with time_limit(20), pytest.raises(MeanNavError, match="damaged.ulg: cannot read as a PX4 ULog"):
+        read_telemetry_log(path)  # a hang raises fuzz.Hang and fails the test

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from mean_nav.bench.fuzz import LOADERS, mutate, prepare, run_case
 
-# mutations per loader in CI (~350 in all); the logs are the slow ones
+# mutations per loader in CI (~375 in all); the logs are the slow ones
 CASES = {"telemetry_csv": 60, "frames_csv": 50, "flight_yaml": 30, "camera_yaml": 60, "config_yaml": 50, "cache_meta": 50,
-         "tlog": 25, "dataflash_bin": 25}
+         "tlog": 25, "dataflash_bin": 25, "ulog": 25}
 
 
 @pytest.fixture(scope="module")

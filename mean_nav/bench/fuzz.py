@@ -2,8 +2,8 @@
 the program, counted by outcome.
 
 Loaders: telemetry.csv, frames.csv and flight.yaml (flight folder), camera.yaml, nav.yaml (the daemon
-config, seeded from nav.example.yaml), a tile cache's meta.json, and telemetry logs (.tlog
-and DataFlash .BIN from ../shared/data/logs, when present). Each case applies one to three
+config, seeded from nav.example.yaml), a tile cache's meta.json, and telemetry logs (.tlog,
+DataFlash .BIN and PX4 .ulg from ../shared/data/logs, when present). Each case applies one to three
 mutations (bit flips, truncation, inserted bytes, deleted or duplicated lines, a token
 replaced by a hostile value such as NaN, 10^400, an alias bomb or bad UTF-8, or an edit of
 the parsed YAML/JSON tree) to a valid seed file and runs the loader on it. Outcomes:
@@ -391,6 +391,8 @@ LOADERS = {
                    BINARY_MUTATORS),
     "dataflash_bin": Loader("dataflash_bin", "flight.BIN", _shared_log("pymavlink_test.BIN", 64 << 10), _load_log,
                             _check_track, BINARY_MUTATORS),
+    "ulog": Loader("ulog", "flight.ulg", _shared_log("pyulog_sample_log_small.ulg", 128 << 10), _load_log,
+                   _check_track, BINARY_MUTATORS),
 }
 
 

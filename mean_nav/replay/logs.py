@@ -264,7 +264,7 @@ def read_tlog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
 
     conn = None
     try:
-        with _pymavlink_quiet():
+        with _parsers_quiet():
             conn = mavutil.mavlink_connection(str(path), dialect="common")
             types = ["ATTITUDE", "GLOBAL_POSITION_INT", "DISTANCE_SENSOR"]
             while True:
@@ -310,7 +310,7 @@ def read_dataflash(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
 
     conn = None
     try:
-        with _pymavlink_quiet():
+        with _parsers_quiet():
             conn = mavutil.mavlink_connection(str(path))
             types = ["ATT", "POS", "GPS", "XKF1", "NKF1", "RFND"]
             while True:
@@ -365,8 +365,9 @@ def read_ulog(path: str | Path, max_gap_s: float = 1.0) -> TelemetryTrack:
 
     path = _existing(path)
     try:
-        ulog = ULog(str(path), ["vehicle_attitude", "vehicle_local_position", "vehicle_global_position",
-                                "vehicle_gps_position", "sensor_gps", "distance_sensor"])
+        with _parsers_quiet(), _ReadBudget(path) as handle:
+            ulog = ULog(handle, ["vehicle_attitude", "vehicle_local_position", "vehicle_global_position",
+                                 "vehicle_gps_position", "sensor_gps", "distance_sensor"])
     except Exception as exc:  # pyulog raises bare exceptions on corrupt files
         raise MeanNavError(f"{path}: cannot read as a PX4 ULog ({_reason(exc)}); the file is damaged or "
                            "not a .ulg, copy it again from the vehicle") from None
@@ -432,8 +433,9 @@ def _existing(path) -> Path:
     return path
 
 
-def _pymavlink_quiet():
-    """pymavlink prints every damaged header (stdout and stderr): keep it off the user's terminal."""
+def _parsers_quiet():
+    """pymavlink and pyulog print every damaged header (stdout and stderr): keep it off the
+    user's terminal."""
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stdout(_Discard()))
     stack.enter_context(contextlib.redirect_stderr(_Discard()))
@@ -443,6 +445,37 @@ def _pymavlink_quiet():
 class _Discard(io.TextIOBase):
     def write(self, text: str) -> int:
         return len(text)
+
+
+class _ReadBudget:
+    """A binary file that refuses to be read more than a few times over: pyulog 1.3 can
+    seek back and forth forever on a damaged message near the end of a .ulg."""
+
+    def __init__(self, path: Path, times: int = 4):
+        self._file = open(path, "rb")
+        self._left = times * max(path.stat().st_size, 1 << 16)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._left -= max(len(data), 1)
+        if self._left < 0:
+            raise OSError("the reader keeps re-reading the same bytes (damaged message)")
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "_ReadBudget":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _close(conn) -> None:
