@@ -24,6 +24,9 @@ def test_short_suite_fixes_the_easy_flight_and_reports_every_column(tmp_path, ca
     for flight in report["flights"]:
         assert set(COLUMNS) <= set(flight)
         assert flight["frames"] >= 10
+        missed = flight["frames_over_map"] - (flight["fixes"] - flight["fixes_off_map"])
+        assert sum(n for _, n in flight["no_fix_reasons"]) <= missed
+        assert (missed > 0) == bool(flight["no_fix_reasons"])
     easy = report["flights"][0]
     assert easy["name"] == "easy"
     assert easy["fix_rate"] > 0.6 and easy["false_fixes"] == 0

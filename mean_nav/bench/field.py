@@ -376,8 +376,21 @@ def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress:
     heights = flight.telemetry.column("rel_alt_m", flight.frame_times)
     result = {"name": spec.name, "failure": spec.failure, "prior": spec.prior, "replay": str(out),
               "flight": str(flight.root), "replay_wall_s": wall}
-    result.update(score(cols, footprint_on_map(flight, raster), sim.attitude_error_deg, heights))
+    on_map = footprint_on_map(flight, raster)
+    result.update(score(cols, on_map, sim.attitude_error_deg, heights))
+    result["no_fix_reasons"] = no_fix_reasons(cols, on_map >= FOOTPRINT_ON_MAP)
     return result
+
+
+def no_fix_reasons(cols: dict, over_map: np.ndarray, most: int = 3) -> list[list]:
+    """The most common reasons of frames over the map without a fix, [reason, frames] (for tuning)."""
+    from collections import Counter
+
+    from ..nav.estimate import FixQuality
+
+    missed = over_map & (cols["fix"] != int(FixQuality.FIX))
+    reasons = Counter(str(r) for r in np.asarray(cols["reason"], dtype=object)[missed])
+    return [[reason, n] for reason, n in reasons.most_common(most)]
 
 
 # --- output ----------------------------------------------------------------------------------
