@@ -56,6 +56,7 @@ class XFeatExtractor:
 
     name = "xfeat"
     descriptor_norm = "l2"
+    rotation_invariant = False   # verification turns the query by the known heading error first
 
     def __init__(self, path: str | Path, max_features: int = 1024, threads: int | None = None,
                  cpu_only: bool = False):
