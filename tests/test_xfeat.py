@@ -1,6 +1,7 @@
 """XFeat + LighterGlue: export parity, the onnxruntime runtime behind the features interface,
 and refusals (weights hash, mismatched pair, failed check). Small images, one export per module."""
 import hashlib
+import math
 import importlib.util
 import subprocess
 import sys
@@ -239,3 +240,58 @@ def test_build_engine_takes_feature_graphs_and_sizes_their_profiles(models, tmp_
     err = capsys.readouterr().err
     assert "TensorRT is not installed" in err or "CUDA" in err
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
+@pytest.fixture(scope="module")
+def xfeat_cache(models, tmp_path_factory):
+    """A small cache (Gorinchem, 0.25 m/px) that stores XFeat map features."""
+    from nav_testing import ORTHO, ThumbnailEmbedder, require_shared_data
+
+    require_shared_data()
+    from mean_nav.geo.cache import TileCache, build_cache
+    from mean_nav.geo.cache_cli import parse_features
+
+    out, _ = models
+    features = parse_features("xfeat", 512, str(out))   # 256 keypoints leave a 30 deg turn < 40 inliers
+    folder = build_cache([ORTHO], tmp_path_factory.mktemp("xfeat_cache") / "c", ThumbnailEmbedder(), gsd_m=0.25,
+                         tile_size_m=60.0, stride_m=20.0, progress=False, features=features)
+    return TileCache.load(folder), features[0]
+
+
+def test_cache_stores_xfeat_map_features_the_localizer_reads(xfeat_cache):
+    from mean_nav.geo.map_features import StoredMapFeatures, map_feature_source
+
+    cache, refine = xfeat_cache
+    entry = cache.meta["map_features"]["xfeat"]
+    assert entry["settings"]["weights_sha256"] == ef.KNOWN_WEIGHTS_SHA256["xfeat.pt"]
+    source = map_feature_source(cache, refine)
+    assert isinstance(source, StoredMapFeatures)      # read, not computed in flight
+    c0, r0, size = cache.region_window(float(np.mean(cache.x)), float(np.mean(cache.y)), 120.0)
+    feats, _ = source.region(c0, r0, size, size)
+    assert 100 < len(feats) and feats.descriptors.shape[1] == 64 and feats.image_size == (size, size)
+
+
+def test_a_30_deg_heading_error_still_verifies_with_xfeat_and_lighterglue(xfeat_cache):
+    """Not rotation invariant: the first frames find the turn (rotation_only), a second frame
+    confirms it, then the query is turned by it before extraction and verifies directly."""
+    from mean_nav.bench.features import rotate_view
+    from mean_nav.nav.acquisition import Candidate
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.verify import Verifier
+
+    cache, refine = xfeat_cache
+    t = len(cache.x) // 2
+    qx, qy = float(cache.x[t]) + 7.0, float(cache.y[t]) - 5.0     # off the tile centre: a real offset
+    view = cache.region(qx, qy, cache.tile_size_m)
+    image, valid = rotate_view(view.image, view.valid, 30.0)
+    verifier = Verifier(LocalizerConfig(refine=refine), cache)
+    candidate = [Candidate(float(cache.x[t]), float(cache.y[t]), t, 1.0, ("tile", t))]
+    first, why = verifier.verify(image, valid, candidate, height_m=60.0, t=0.0)
+    assert first is None and "not yet confirmed" in why
+    confirmed, why = verifier.verify(image, valid, candidate, height_m=60.0, t=0.5)
+    assert confirmed is not None, why
+    assert abs(abs(verifier.heading.offset_deg) - 30.0) < 3.0
+    direct, why = verifier.verify(image, valid, candidate, height_m=60.0, t=1.0)   # turned before extraction
+    assert direct is not None, why
+    assert math.hypot(direct.x - qx, direct.y - qy) < 1.0
+    assert abs(abs(direct.heading_error_deg) - 30.0) < 3.0 and direct.inliers >= 40

@@ -30,10 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "with `mean-nav cache merge`. Under torchrun, RANK/WORLD_SIZE choose the shard")
     b.add_argument("--block-px", type=int, default=4096, help="pixels per processing block side (memory vs. overhead)")
     b.add_argument("--features", default="sift", metavar="DETECTORS",
-                   help="map features to store, comma-separated (sift, orb) or `none`; the localizer's "
+                   help="map features to store, comma-separated (sift, orb, xfeat) or `none`; the localizer's "
                         "localizer.refine.detector must be among them or it computes map features in flight")
     b.add_argument("--max-features", type=int, default=1500,
                    help="features per map region, as localizer.refine.max_features (must match it)")
+    b.add_argument("--xfeat-models", metavar="DIR",
+                   help="for --features xfeat: the folder from `mean-nav export-features -o` (localizer.refine.xfeat_models)")
     b.add_argument("--approx", default=None, metavar="FACTORY",
                    help="also build a faiss index (`auto` or a faiss factory string such as IVF1024,PQ96)")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -92,7 +94,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def parse_features(text: str, max_features: int) -> list:
+def parse_features(text: str, max_features: int, xfeat_models: str | None = None) -> list:
     """--features sift,orb -> RefineConfigs of the map features to store ([] for `none`)."""
     from ..nav.features import DEFAULT_MATCHER
     from ..nav.refine import RefineConfig
@@ -106,7 +108,7 @@ def parse_features(text: str, max_features: int) -> list:
                            f"{sorted(DEFAULT_MATCHER)} or `none`")
     if max_features < 1:
         raise MeanNavError(f"--max-features: {max_features} must be at least 1")
-    return [RefineConfig(detector=n, max_features=max_features) for n in names]
+    return [RefineConfig(detector=n, max_features=max_features, xfeat_models=xfeat_models) for n in names]
 
 
 def _torchrun_shard() -> tuple[int, int] | None:
@@ -127,7 +129,7 @@ def _build(args) -> int:
     if shard is None and _torchrun_shard() is not None:
         shard = _torchrun_shard()
         out = out / f"shard-{shard[0]:03d}-of-{shard[1]:03d}"
-    features = parse_features(args.features, args.max_features)
+    features = parse_features(args.features, args.max_features, args.xfeat_models)
     embedder = load_embedder(args.model, backend=args.backend, threads=args.threads)
     stride = args.stride if args.stride is not None else args.tile_size / 2
     runner = None
