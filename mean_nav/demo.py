@@ -99,21 +99,15 @@ def shrink_for_asset(onnx_path: Path) -> Path:
     return fp16_path
 
 
-def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bool = True) -> dict:
-    """Steps 1-5; returns the replay summary. Everything is written under `out`."""
+def world_and_cache(out: Path, cfg: DemoConfig, model: Path, progress: bool = True, timings: dict | None = None):
+    """Steps 1-3: the procedural world GeoTIFF and its tile cache under `out` (reused when
+    intact). Returns (world path, (embedder, cache))."""
     from .data.world import generate_world
     from .deploy.backends import load_embedder
     from .geo.cache import TileCache, build_cache
-    from .nav.localizer import Localizer
-    from .replay.flight import Flight
-    from .replay.report import write_json
-    from .replay.runner import MapCoverage, initial_prior, print_summary, replay
-    from .replay.simulate import SimulationConfig, simulate_flight
 
-    model = ensure_model(model)
+    timings = {} if timings is None else timings
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
-
     started = time.perf_counter()
     world = out / f"world_{cfg.world_seed}.tif"
     if not world.is_file():
@@ -138,6 +132,21 @@ def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bo
     else:
         print(f"[3/5] cache: reusing {cache_dir}", flush=True)
     timings["cache_s"] = time.perf_counter() - t
+    return world, (embedder, cache)
+
+
+def run_demo(out: Path, cfg: DemoConfig, model: Path | None = None, progress: bool = True) -> dict:
+    """Steps 1-5; returns the replay summary. Everything is written under `out`."""
+    from .nav.localizer import Localizer
+    from .replay.flight import Flight
+    from .replay.report import write_json
+    from .replay.runner import MapCoverage, initial_prior, print_summary, replay
+    from .replay.simulate import SimulationConfig, simulate_flight
+
+    model = ensure_model(model)
+    timings = {}
+    started = time.perf_counter()
+    world, (embedder, cache) = world_and_cache(out, cfg, model, progress, timings)
 
     t = time.perf_counter()
     flight_dir = out / "flight"
@@ -192,9 +201,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean_nav/assets/, then run the demo")
     parser.add_argument("--duration", type=float, default=None, help="flight seconds (default: one lap)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sitl", action="store_true",
+                        help="fly GNSS-free on ArduCopter SITL (../shared/sitl) instead of replaying: take off on "
+                             "GNSS, switch the EKF to mean-nav, fly a 626 m route, land; report in OUT/sitl/")
+    parser.add_argument("--faults", action="store_true",
+                        help="with --sitl: lose the camera for 10 s mid-route, then cross the map edge")
 
 
 def run(args) -> int:
+    if args.sitl:
+        from . import demo_sitl
+        return demo_sitl.run(args)
     cfg = DemoConfig(duration_s=args.duration, threads=args.threads)
     model = args.model
     if args.rebuild_model:

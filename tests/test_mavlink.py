@@ -97,6 +97,20 @@ def test_without_a_fix_no_position_is_sent(pair):
     assert recv(peer, "GPS_INPUT", timeout=0.3) is None
 
 
+def test_silent_until_the_first_fix_then_no_fix_is_reported(pair):
+    link, peer = pair
+    link.cfg.silent_until_first_fix = True
+    coasting = fix_estimate(fix=FixQuality.NONE)
+    link.send_estimate(coasting, time.time())
+    assert recv(peer, "GPS_INPUT", timeout=0.3) is None      # on the ground: not even "no fix"
+    time.sleep(0.06)
+    assert link.send_estimate(fix_estimate(), time.time())
+    time.sleep(0.06)
+    link.send_estimate(coasting, time.time())
+    kinds = [recv(peer, "GPS_INPUT").fix_type, recv(peer, "GPS_INPUT").fix_type]
+    assert kinds == [3, 1]
+
+
 def test_samples_closer_than_50_ms_are_dropped(pair):
     link, peer = pair
     now = time.monotonic()

@@ -88,6 +88,9 @@ class MavlinkConfig:
     output: Literal["gps_input", "global_position_sensor", "none"] = "gps_input"
     gps_id: int = bounded(0, ge=0, le=255)  # GPS_INPUT gps_id (0 = GPS1)
     send_no_fix: bool = True                      # GPS_INPUT fix_type 1 ("no fix") when there is no fix
+    # nothing at all before the first fix: a MAV GPS2 beside a GNSS receiver stays undetected on the
+    # ground, so Copter's arming check ("GPS 2: Bad fix") does not block a GNSS take-off
+    silent_until_first_fix: bool = False
     attitude_rate_hz: float = bounded(50.0, gt=0, le=1000, unit="Hz")
     position_rate_hz: float = bounded(10.0, gt=0, le=1000, unit="Hz")
     rangefinder_rate_hz: float = bounded(10.0, gt=0, le=1000, unit="Hz")
@@ -552,7 +555,7 @@ class MavlinkLink:
         week, week_ms = gps_week_and_ms(time_unix_s)
         time_usec = int(time_unix_s * 1e6)
         if est.fix != FixQuality.FIX:
-            if not self.cfg.send_no_fix:
+            if not self.cfg.send_no_fix or (self.cfg.silent_until_first_fix and not self.positions_sent):
                 return False
             # fix_type 1: "connected, no fix" (0 would say no GPS is there); the accuracy goes out
             # too so the autopilot does not keep showing the last fix's

@@ -207,6 +207,7 @@ class OutputLoop:
                                         "lon": round(est.lon, 8) if fix else None,
                                         "alt_m": round(est.alt_m, 2) if fix and math.isfinite(est.alt_m) else None,
                                         "sigma_h_m": round(est.sigma_h_m, 2) if fix else None,
+                                        "sigma_speed_ms": round(est.sigma_speed_ms, 2) if fix else None,
                                         "reason": est.reason}) + "\n")
         return est
 

@@ -1,0 +1,579 @@
+"""`mean-nav demo --sitl`: GNSS-free flight with a real autopilot (ArduCopter SITL) in the loop.
+
+  1. map and cache: the demo's procedural world (300 m square) and its tile cache, built
+     with the shipped demo model (mean_nav/assets/demo_lite0.onnx);
+  2. ArduCopter SITL (../shared/sitl) at home = the map centre, GPS1 = SITL's simulated
+     GNSS, GPS2 = mean-nav (GPS2_TYPE 14, GPS_INPUT gps_id 1), GPS_AUTO_SWITCH 0;
+  3. the daemon (`mean-nav run`, a separate process) with the `sim://` camera: frames
+     rendered from SITL's true pose (SIM_STATE), telemetry and GPS_INPUT over SERIAL1;
+  4. the flight, commanded as a ground station would over SERIAL0: arm and take off in
+     GUIDED on GNSS; once mean-nav holds a 3D fix, GPS_PRIMARY 1 and SIM_GPS1_ENABLE 0 (the
+     EKF now runs on mean-nav alone); a rectangle route (5 corners, 540 m) at 60 m; land;
+     with `faults`: the camera is lost for 10 s mid-route, then one leg crosses the map edge;
+  5. the report: what ArduPilot said, the true track (SIM_STATE) against the route, EKF
+     vs truth vs mean-nav, error over time (report.png, summary.json).
+
+SITL runs at normal priority (it must keep real time); the daemon runs at nice 10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MeanNavError
+
+log = logging.getLogger(__name__)
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_SITL = PROJECT.parent / "shared" / "sitl"
+GUIDED, LAND = 4, 9
+ARMED_FLAG = 128            # HEARTBEAT base_mode MAV_MODE_FLAG_SAFETY_ARMED
+
+
+@dataclass
+class SitlFlightConfig:
+    sitl_dir: Path = SHARED_SITL
+    instance: int = 0                      # SITL -I: ports 5760 + 10 * instance ...
+    altitude_m: float = 60.0
+    speed_ms: float = 8.0
+    ground_amsl_m: float = 10.0
+    # route corners in metres east, north of home (the map centre): 5 legs, 4 turns
+    route_en: list = field(default_factory=lambda: [(-75.0, -60.0), (-75.0, 60.0), (75.0, 60.0), (75.0, -60.0),
+                                                    (-75.0, -60.0)])
+    camera_fps: float = 2.0
+    faults: bool = False                   # camera lost 10 s mid-route, then a leg across the map edge
+    camera_outage_s: float = 10.0
+    edge_leg_en: tuple = (230.0, 0.0)      # 80 m beyond the east edge of the 300 m world
+    model_threads: int = 1
+    timeout_s: float = 600.0
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        base = 5760 + 10 * self.instance
+        return base, base + 2, base + 3   # SERIAL0 (ground station), SERIAL1 (daemon), SERIAL2 (camera)
+
+
+def sitl_available(sitl_dir: Path = SHARED_SITL) -> str:
+    """'' when the shared SITL can run here, else why not."""
+    if not (sitl_dir / "arducopter").is_file():
+        return f"{sitl_dir}/arducopter not found (the shared ArduCopter SITL)"
+    if not (sitl_dir / "copter.parm").is_file():
+        return f"{sitl_dir}/copter.parm not found"
+    return ""
+
+
+# --- processes ---------------------------------------------------------------------------
+def _normal_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)    # SITL must keep real time (possible as root)
+    except OSError:
+        pass
+
+
+def _niced() -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    """Stop one process we started, by its PID: SIGTERM, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+# --- the ground station ------------------------------------------------------------------
+class GroundStation(threading.Thread):
+    """SERIAL0 of SITL: commands the flight and records what the autopilot reports."""
+
+    def __init__(self, port: int):
+        super().__init__(name="gcs", daemon=True)
+        from .nav.mavlink_io import MAV, mavutil
+
+        self.MAV = MAV
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self.conn = mavutil.mavlink_connection(f"tcp:127.0.0.1:{port}", source_system=255,
+                                                       source_component=190, dialect="common", retries=0)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise MeanNavError(f"SITL: nothing listens on 127.0.0.1:{port}; see sitl.log") from None
+                time.sleep(0.5)
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.truth, self.ekf, self.gps1, self.gps2, self.texts, self.modes = [], [], [], [], [], []
+        self.params: dict[str, float] = {}
+        self.armed = False
+        self.mode = -1
+        self.target = (1, 1)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                msg = self.conn.recv_match(blocking=True, timeout=0.2)
+            except Exception:
+                return
+            if msg is None:
+                continue
+            t = time.time()
+            kind = msg.get_type()
+            if kind == "SIM_STATE":
+                lat = msg.lat_int / 1e7 if msg.lat_int else msg.lat
+                lon = msg.lon_int / 1e7 if msg.lon_int else msg.lon
+                self.truth.append((t, lat, lon, msg.alt))
+            elif kind == "GLOBAL_POSITION_INT":
+                self.ekf.append((t, msg.lat / 1e7, msg.lon / 1e7, msg.relative_alt / 1000.0))
+            elif kind == "GPS_RAW_INT":
+                self.gps1.append((t, msg.fix_type))
+            elif kind == "GPS2_RAW":
+                self.gps2.append((t, msg.fix_type, msg.lat / 1e7, msg.lon / 1e7, msg.h_acc / 1000.0))
+            elif kind == "STATUSTEXT":
+                self.texts.append((t, msg.text))
+                log.info("ArduPilot: %s", msg.text)
+            elif kind == "PARAM_VALUE":
+                self.params[msg.param_id] = msg.param_value
+            elif kind == "HEARTBEAT" and msg.get_srcComponent() == 1 and msg.type != 18:
+                self.target = (msg.get_srcSystem(), msg.get_srcComponent())
+                self.armed = bool(msg.base_mode & ARMED_FLAG)
+                if msg.custom_mode != self.mode:
+                    self.modes.append((t, msg.custom_mode))
+                self.mode = msg.custom_mode
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=3)
+        self.conn.close()
+
+    # commands
+    def command(self, command: int, *params: float) -> None:
+        p = list(params) + [0.0] * (7 - len(params))
+        with self.lock:
+            self.conn.mav.command_long_send(*self.target, command, 0, *p)
+
+    def request_streams(self) -> None:
+        MAV = self.MAV
+        for msg_id, hz in ((MAV.MAVLINK_MSG_ID_SIM_STATE, 10), (MAV.MAVLINK_MSG_ID_GLOBAL_POSITION_INT, 10),
+                           (MAV.MAVLINK_MSG_ID_GPS_RAW_INT, 5), (MAV.MAVLINK_MSG_ID_GPS2_RAW, 5)):
+            self.command(MAV.MAV_CMD_SET_MESSAGE_INTERVAL, msg_id, 1e6 / hz)
+
+    def set_param(self, name: str, value: float, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                self.conn.mav.param_set_send(*self.target, name.encode(), float(value),
+                                             self.MAV.MAV_PARAM_TYPE_REAL32)
+            time.sleep(0.3)
+            if name in self.params and abs(self.params[name] - value) < 1e-3:
+                return
+        raise MeanNavError(f"SITL: parameter {name} did not take the value {value}")
+
+    def set_mode(self, mode: int) -> None:
+        self.command(self.MAV.MAV_CMD_DO_SET_MODE, 1, mode)
+
+    def goto(self, lat: float, lon: float, rel_alt_m: float) -> None:
+        mask = 0b110111111000          # position only
+        with self.lock:
+            self.conn.mav.set_position_target_global_int_send(
+                0, *self.target, self.MAV.MAV_FRAME_GLOBAL_RELATIVE_ALT_INT, mask, int(lat * 1e7), int(lon * 1e7),
+                rel_alt_m, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    def wait(self, what: str, condition, timeout_s: float, every=None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise MeanNavError(f"SITL flight: timed out waiting for {what}")
+            if every:
+                every()
+            time.sleep(0.5)
+
+
+# --- the flight --------------------------------------------------------------------------
+def prepare(out: Path, cfg: SitlFlightConfig, progress: bool = True):
+    """World, cache, camera model, home and the route in lon/lat."""
+    from .demo import DemoConfig, ensure_model, world_and_cache
+    from .geo.crs import from_lonlat, to_lonlat
+    from .geo.raster import read_metric_raster
+    from .nav.camera_model import CameraModel
+
+    demo = DemoConfig(threads=cfg.model_threads)
+    model = ensure_model(None)
+    world, _ = world_and_cache(out, demo, model, progress)
+    raster = read_metric_raster([world], 1.0)
+    lon0, lat0 = raster.centre_lonlat()
+    crs = raster.crs
+    x0, y0 = from_lonlat(crs, lon0, lat0)
+
+    def lonlat(e, n):
+        lon, lat = to_lonlat(crs, float(x0) + e, float(y0) + n)
+        return float(lon), float(lat)
+
+    CameraModel.from_fov(demo.camera_px[0], demo.camera_px[1], demo.hfov_deg).to_yaml(out / "camera.yaml")
+    return world, model, out / "cache", (lon0, lat0), lonlat, (crs, float(x0), float(y0))
+
+
+def write_configs(out: Path, cfg: SitlFlightConfig, world: Path, model: Path, cache_dir: Path, home) -> Path:
+    import yaml
+
+    _, serial1, serial2 = cfg.ports
+    nav = {
+        "camera": {"uri": f"sim://{world.resolve()}?camera=camera.yaml&mavlink=tcp:127.0.0.1:{serial2}"
+                          f"&fps={cfg.camera_fps:g}&ground={cfg.ground_amsl_m:g}&pause_file=camera_lost",
+                   "calibration": "camera.yaml", "reopen_max_s": 1.0},
+        "model": {"path": str(model), "threads": cfg.model_threads},
+        "cache": {"path": str(cache_dir.resolve())},
+        "mavlink": {"connection": f"tcp:127.0.0.1:{serial1}", "gps_id": 1, "silent_until_first_fix": True},
+        "output": {"rate_hz": 5.0, "altitude": "baro", "output_log": str((out / "output.jsonl").resolve())},
+        "initial_lat": home[1], "initial_lon": home[0],
+        "frame_log": str((out / "frames.jsonl").resolve()),
+    }
+    path = out / "nav.yaml"
+    path.write_text(yaml.safe_dump(nav, sort_keys=False), encoding="utf-8")
+    # GPS2 (mean-nav) is configured only in the air: Copter's arming check wants every configured
+    # GPS at a 3D fix ("PreArm: GPS 2: Bad fix"), and a downward camera has none on the ground
+    params = {"GPS1_TYPE": 1, "GPS2_TYPE": 0, "GPS_AUTO_SWITCH": 0, "GPS_PRIMARY": 0, "SIM_GPS1_ENABLE": 1,
+              "SERIAL1_PROTOCOL": 2, "SERIAL2_PROTOCOL": 2, "WPNAV_SPEED": cfg.speed_ms * 100,
+              "WPNAV_SPEED_UP": 400, "WPNAV_SPEED_DN": 300, "LAND_SPEED": 100}
+    (out / "mean_nav.parm").write_text("".join(f"{k} {v:g}\n" for k, v in params.items()), encoding="utf-8")
+    return path
+
+
+def fly(out: Path, cfg: SitlFlightConfig | None = None, progress: bool = True) -> dict:
+    """Run the whole flight; returns the summary (also written to out/summary.json)."""
+    cfg = cfg or SitlFlightConfig()
+    why = sitl_available(cfg.sitl_dir)
+    if why:
+        raise MeanNavError(f"demo --sitl: {why}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("frames.jsonl", "output.jsonl", "camera_lost"):
+        (out / stale).unlink(missing_ok=True)
+    world, model, cache_dir, home, lonlat, frame = prepare(out, cfg, progress)
+    nav_yaml = write_configs(out, cfg, world, model, cache_dir, home)
+    serial0, _, _ = cfg.ports
+    sitl = daemon = gcs = None
+    events: dict[str, float] = {}
+    started = time.time()
+    try:
+        sitl = subprocess.Popen(
+            [str(cfg.sitl_dir / "arducopter"), "--model", "+", "--speedup", "1", "--defaults",
+             f"{cfg.sitl_dir / 'copter.parm'},{(out / 'mean_nav.parm').resolve()}",
+             "--home", f"{home[1]:.7f},{home[0]:.7f},{cfg.ground_amsl_m:g},0", f"-I{cfg.instance}", "--wipe"],
+            cwd=out, stdout=open(out / "sitl.log", "wb"), stderr=subprocess.STDOUT, preexec_fn=_normal_priority)
+        gcs = GroundStation(serial0)
+        gcs.start()
+        env = dict(os.environ, PYTHONPATH=str(PROJECT))
+        daemon = subprocess.Popen([sys.executable, "-m", "mean_nav.cli", "run", "--config", str(nav_yaml)],
+                                  cwd=out, env=env, stdout=open(out / "daemon.log", "wb"),
+                                  stderr=subprocess.STDOUT, preexec_fn=_niced)
+        gcs.wait("the autopilot's heartbeat", lambda: gcs.mode >= 0, 60)
+        gcs.request_streams()
+        _flight(gcs, cfg, lonlat, out, events)
+    finally:
+        stop_process(daemon)
+        if gcs is not None:
+            gcs.close()
+        stop_process(sitl)
+    events["total_s"] = time.time() - started
+    np.savez(out / "series.npz", truth=np.array(gcs.truth), ekf=np.array(gcs.ekf), gps2=np.array(gcs.gps2),
+             gps1=np.array(gcs.gps1), texts=np.array(gcs.texts, dtype=object), events=json.dumps(events))
+    summary = analyse(out, gcs, cfg, lonlat, frame, events)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    plot_report(out, world, gcs, cfg, lonlat, frame, events)
+    return summary
+
+
+def _flight(gcs: GroundStation, cfg: SitlFlightConfig, lonlat, out: Path, events: dict) -> None:
+    def rel_alt():
+        return gcs.ekf[-1][3] if gcs.ekf else 0.0
+
+    def gps2_fixed_for(seconds):
+        recent = [g for g in gcs.gps2 if g[0] > time.time() - seconds]
+        return len(recent) >= 3 * seconds and all(g[1] >= 3 for g in recent)
+
+    def arm():
+        gcs.set_mode(GUIDED)
+        gcs.command(gcs.MAV.MAV_CMD_COMPONENT_ARM_DISARM, 1)
+
+    gcs.wait("GNSS 3D fix", lambda: gcs.gps1 and gcs.gps1[-1][1] >= 3, 90)
+    gcs.wait("arming in GUIDED on GNSS", lambda: gcs.armed, 120, every=lambda: (arm(), time.sleep(2.5)))
+    events["armed"] = time.time()
+    gcs.command(gcs.MAV.MAV_CMD_NAV_TAKEOFF, 0, 0, 0, 0, 0, 0, cfg.altitude_m)
+    gcs.wait("take-off altitude", lambda: rel_alt() > cfg.altitude_m - 2, 90)
+    events["airborne"] = time.time()
+    gcs.set_param("GPS2_TYPE", 14)
+    gcs.wait("a steady mean-nav 3D fix on GPS2", lambda: gps2_fixed_for(3), 90)
+    # mean-nav takes over: the EKF now runs on GPS2 alone, the simulated GNSS is switched off
+    gcs.set_param("GPS_PRIMARY", 1)
+    gcs.set_param("SIM_GPS1_ENABLE", 0)
+    events["switched"] = time.time()
+    time.sleep(3.0)
+
+    def leg(target_en, name):
+        lon, lat = lonlat(*target_en)
+        gcs.goto(lat, lon, cfg.altitude_m)
+        distance = math.hypot(*np.subtract(target_en, _en(gcs.ekf[-1], lonlat)))
+
+        def arrived():
+            if gcs.mode != GUIDED:
+                return True        # a failsafe took over: the route is over
+            return math.hypot(*np.subtract(target_en, _en(gcs.ekf[-1], lonlat))) < 2.0
+        gcs.wait(f"waypoint {name}", arrived, distance / cfg.speed_ms + 40)
+        events[f"wp_{name}"] = time.time()
+
+    for i, corner in enumerate(cfg.route_en):
+        if cfg.faults and i == 2:
+            # mid-route: the camera is lost for camera_outage_s while flying the next leg
+            lon, lat = lonlat(*corner)
+            gcs.goto(lat, lon, cfg.altitude_m)
+            time.sleep(4.0)
+            (out / "camera_lost").touch()
+            events["camera_lost"] = time.time()
+            time.sleep(cfg.camera_outage_s)
+            (out / "camera_lost").unlink()
+            events["camera_back"] = time.time()
+        leg(corner, str(i + 1))
+        if gcs.mode != GUIDED:
+            break
+    events["route_done"] = time.time()
+    if cfg.faults and gcs.mode == GUIDED:
+        events["edge_leg"] = time.time()
+        leg(cfg.edge_leg_en, "beyond_edge")
+        if gcs.mode == GUIDED:
+            leg((0.0, 0.0), "back")
+    events["landing"] = time.time()
+    gcs.set_mode(LAND)
+    gcs.wait("landing and disarm", lambda: not gcs.armed, 150)
+    events["landed"] = time.time()
+
+
+def _en(sample, lonlat) -> tuple[float, float]:
+    """Metres east, north of home of a (t, lat, lon, ...) sample (inverse of lonlat, by Newton)."""
+    e0, n0 = 0.0, 0.0
+    for _ in range(3):
+        lon, lat = lonlat(e0, n0)
+        lon1, lat1 = lonlat(e0 + 1.0, n0 + 1.0)
+        e0 += (sample[2] - lon) / (lon1 - lon)
+        n0 += (sample[1] - lat) / (lat1 - lat)
+    return e0, n0
+
+
+# --- analysis ----------------------------------------------------------------------------
+def _local(frame, lat, lon):
+    from .geo.crs import from_lonlat
+
+    crs, x0, y0 = frame
+    x, y = from_lonlat(crs, np.asarray(lon, float), np.asarray(lat, float))
+    return np.asarray(x) - x0, np.asarray(y) - y0
+
+
+def distance_to_polyline(points: np.ndarray, route: np.ndarray) -> np.ndarray:
+    """Distance of each (N, 2) point to the polyline through route (M, 2)."""
+    best = np.full(len(points), np.inf)
+    for a, b in zip(route[:-1], route[1:]):
+        ab = b - a
+        s = np.clip(((points - a) @ ab) / max(ab @ ab, 1e-9), 0.0, 1.0)
+        best = np.minimum(best, np.linalg.norm(points - (a + s[:, None] * ab), axis=1))
+    return best
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame, events: dict) -> dict:
+    truth = np.array(gcs.truth)
+    tx, ty = _local(frame, truth[:, 1], truth[:, 2])
+    ekf = _ekf_with_origin(gcs)
+    ex, ey = _local(frame, ekf[:, 1], ekf[:, 2])
+    t_switch = events.get("switched", math.inf)
+    t_land = events.get("landing", math.inf)
+    on_mean_nav = (truth[:, 0] > t_switch) & (truth[:, 0] < t_land)
+    ekf_err = np.hypot(ex - np.interp(ekf[:, 0], truth[:, 0], tx), ey - np.interp(ekf[:, 0], truth[:, 0], ty))
+    ekf_on = (ekf[:, 0] > t_switch) & (ekf[:, 0] < t_land)
+
+    # the planned route: from the first corner to the last, flown with mean-nav alone
+    route = np.array(cfg.route_en, float)
+    t_first, t_last = events.get("wp_1", math.nan), events.get(f"wp_{len(route)}", math.nan)
+    on_route = (truth[:, 0] >= t_first) & (truth[:, 0] <= t_last)
+    if cfg.faults:
+        on_route &= ~((truth[:, 0] > events.get("camera_lost", math.inf)) & (truth[:, 0] < events.get("wp_3", 0)))
+    route_err = distance_to_polyline(np.stack([tx, ty], 1)[on_route], route)
+    length = float(np.sum(np.linalg.norm(np.diff(route, axis=0), axis=1)))
+
+    sent = _read_jsonl(out / "output.jsonl")
+    fixes = [r for r in sent if r["fix"] == 3]
+    fix_t = np.array([r["unix_s"] for r in fixes])
+    if fixes:
+        fx, fy = _local(frame, [r["lat"] for r in fixes], [r["lon"] for r in fixes])
+        fix_err = np.hypot(fx - np.interp(fix_t, truth[:, 0], tx), fy - np.interp(fix_t, truth[:, 0], ty))
+        sigma = np.array([r["sigma_h_m"] for r in fixes])
+        inside = (fix_t > truth[0, 0]) & (fix_t < truth[-1, 0])
+        fix_err, sigma, fix_t = fix_err[inside], sigma[inside], fix_t[inside]
+    else:
+        fix_err = sigma = np.zeros(0)
+    send_t = np.array([r["unix_s"] for r in sent])
+    flying = (send_t > events.get("airborne", math.inf)) & (send_t < t_land)
+    intervals = np.diff(send_t)
+    gps2_on = [g for g in gcs.gps2 if t_switch < g[0] < t_land - 0.0]
+    frames = _read_jsonl(out / "frames.jsonl")
+    ms = lambda key: [r[key] for r in frames if r.get(key) is not None]
+    failsafes = [txt for t, txt in gcs.texts if "failsafe" in txt.lower() and t_switch < t < t_land]
+    landing = [txt for t, txt in gcs.texts if t >= t_land]
+    touchdown = None
+    if "landed" in events:
+        on_ground = truth[:, 0] <= events["landed"]
+        touchdown = _r(math.hypot(tx[on_ground][-1] - route[-1][0], ty[on_ground][-1] - route[-1][1]))
+    summary = {
+        "route": {"waypoints": len(route), "length_m": round(length, 1),
+                  "true_track_to_route_max_m": _r(np.max(route_err)) if route_err.size else None,
+                  "true_track_to_route_p95_m": _r(np.percentile(route_err, 95)) if route_err.size else None},
+        "ekf_vs_truth_on_mean_nav_m": {"median": _r(np.median(ekf_err[ekf_on])) if ekf_on.any() else None,
+                                       "max": _r(np.max(ekf_err[ekf_on])) if ekf_on.any() else None},
+        "gps_input": {"messages": len(sent), "fix3": len(fixes),
+                      "fix3_fraction_in_flight": _r(np.mean([r["fix"] == 3 for r, f in zip(sent, flying) if f]))
+                      if flying.any() else None,
+                      "mean_interval_ms": _r(np.mean(intervals) * 1000) if intervals.size else None,
+                      "max_interval_ms": _r(np.max(intervals) * 1000) if intervals.size else None,
+                      "fix3_error_median_m": _r(np.median(fix_err)) if fix_err.size else None,
+                      "fix3_error_max_m": _r(np.max(fix_err)) if fix_err.size else None,
+                      "fix3_worst_error_over_accuracy": _r(np.max(fix_err / sigma)) if fix_err.size else None,
+                      "fix3_beyond_3_sigma": int(np.sum(fix_err > 3 * sigma)),
+                      "accuracy_median_m": _r(np.median(sigma)) if sigma.size else None},
+        "gps2_raw_on_mean_nav": {"samples": len(gps2_on), "below_3d": sum(g[1] < 3 for g in gps2_on)},
+        "frames": {"processed": len(frames), "fixes": sum(r["fix"] == 3 for r in frames),
+                   "processing_ms_median": _r(np.median(ms("processing_ms"))) if frames else None,
+                   "processing_ms_p95": _r(np.percentile(ms("processing_ms"), 95)) if frames else None,
+                   "latency_ms_median": _r(np.median(ms("latency_ms"))) if frames else None,
+                   "latency_ms_p95": _r(np.percentile(ms("latency_ms"), 95)) if frames else None,
+                   "rate_hz": _r(len(frames) / (frames[-1]["capture_s"] - frames[0]["capture_s"]))
+                   if len(frames) > 1 else None},
+        "ardupilot": {"failsafes_on_mean_nav": failsafes, "landing_messages": landing,
+                      "touchdown_from_land_point_m": touchdown,
+                      "messages_after_switch": [txt for t, txt in gcs.texts if t > t_switch],
+                      "modes": [m for _, m in gcs.modes]},
+        "seconds_on_mean_nav": _r(t_land - t_switch) if math.isfinite(t_land - t_switch) else None,
+        "events_s": {k: _r(v - events.get("armed", v)) for k, v in events.items() if k != "total_s"},
+        "total_s": _r(events.get("total_s", math.nan)),
+        "faults": cfg.faults,
+    }
+    if cfg.faults and "camera_lost" in events:
+        lost, back = events["camera_lost"], events["camera_back"]
+        window = (ekf[:, 0] > lost) & (ekf[:, 0] < back + 15)
+        summary["camera_outage"] = {"ekf_error_max_m": _r(np.max(ekf_err[window])) if window.any() else None,
+                                    "ardupilot": [txt for t, txt in gcs.texts if lost <= t <= back + 15]}
+    if cfg.faults and "edge_leg" in events:
+        window = ekf[:, 0] > events["edge_leg"]
+        summary["map_edge"] = {"ekf_error_max_m": _r(np.max(ekf_err[window])) if window.any() else None,
+                               "ardupilot": [txt for t, txt in gcs.texts if t >= events["edge_leg"]]}
+    return summary
+
+
+def _ekf_with_origin(gcs: GroundStation) -> np.ndarray:
+    """GLOBAL_POSITION_INT samples once the EKF has an origin (before, it reports 0, 0)."""
+    ekf = np.array(gcs.ekf)
+    return ekf[(ekf[:, 1] != 0) | (ekf[:, 2] != 0)]
+
+
+def _r(v, digits: int = 2):
+    return round(float(v), digits) if v is not None and math.isfinite(float(v)) else None
+
+
+def plot_report(out: Path, world: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame, events) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .geo.raster import read_metric_raster
+
+    raster = read_metric_raster([world], 1.0)
+    left, bottom, right, top = raster.bounds
+    _, x0, y0 = frame
+    truth, ekf = np.array(gcs.truth), _ekf_with_origin(gcs)
+    tx, ty = _local(frame, truth[:, 1], truth[:, 2])
+    ex, ey = _local(frame, ekf[:, 1], ekf[:, 2])
+    fixes = [r for r in _read_jsonl(out / "output.jsonl") if r["fix"] == 3]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    ax.imshow(raster.image, extent=(left - x0, right - x0, bottom - y0, top - y0))
+    route = np.array(cfg.route_en)
+    ax.plot(route[:, 0], route[:, 1], "w--", lw=1.5, label="planned route")
+    ax.plot(tx, ty, "-", color="lime", lw=1.2, label="truth (SIM_STATE)")
+    ax.plot(ex, ey, "-", color="orange", lw=0.8, label="EKF (GLOBAL_POSITION_INT)")
+    if fixes:
+        fx, fy = _local(frame, [r["lat"] for r in fixes], [r["lon"] for r in fixes])
+        ax.plot(fx, fy, ".", color="red", ms=1.5, label="mean-nav GPS_INPUT (fix 3)")
+    ax.set_xlabel("east of home (m)")
+    ax.set_ylabel("north of home (m)")
+    ax.set_xlim(min(left - x0, tx.min() - 10), max(right - x0, tx.max() + 10))
+    ax.set_ylim(min(bottom - y0, ty.min() - 10), max(top - y0, ty.max() + 10))
+    ax.legend(loc="lower left", fontsize=7)
+    ax.set_title("ArduCopter SITL on mean-nav: track over the map")
+    t0 = events.get("armed", truth[0, 0])
+    ax2.set_ylim(0, 12)
+    ekf_err = np.hypot(ex - np.interp(ekf[:, 0], truth[:, 0], tx), ey - np.interp(ekf[:, 0], truth[:, 0], ty))
+    ax2.plot(ekf[:, 0] - t0, ekf_err, color="orange", lw=1, label="EKF - truth")
+    if fixes:
+        ft = np.array([r["unix_s"] for r in fixes])
+        ferr = np.hypot(fx - np.interp(ft, truth[:, 0], tx), fy - np.interp(ft, truth[:, 0], ty))
+        ax2.plot(ft - t0, ferr, ".", color="red", ms=2, label="mean-nav fix - truth")
+        ax2.plot(ft - t0, [r["sigma_h_m"] for r in fixes], "-", color="grey", lw=0.8, label="reported accuracy")
+    for name, colour in (("switched", "blue"), ("camera_lost", "black"), ("camera_back", "black"),
+                         ("edge_leg", "purple"), ("landing", "green")):
+        if name in events:
+            ax2.axvline(events[name] - t0, color=colour, ls=":", lw=1)
+            ax2.text(events[name] - t0, ax2.get_ylim()[1] * 0.95, name, rotation=90, fontsize=7, va="top")
+    ax2.set_xlabel("seconds since arming")
+    ax2.set_ylabel("horizontal error (m)")
+    ax2.set_xlim(-5, (events.get("landed", truth[-1, 0]) - t0) + 5)
+    ax2.set_ylim(0, 12)
+    ax2.legend(fontsize=7)
+    ax2.set_title("error over time (GNSS off after 'switched')")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+    plt.close(fig)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    r, g, f = summary["route"], summary["gps_input"], summary["frames"]
+    print(f"route: {r['waypoints']} waypoints, {r['length_m']:.0f} m; true track within "
+          f"{r['true_track_to_route_max_m']} m of it (p95 {r['true_track_to_route_p95_m']} m)")
+    print(f"EKF vs truth on mean-nav alone: median {summary['ekf_vs_truth_on_mean_nav_m']['median']} m, "
+          f"max {summary['ekf_vs_truth_on_mean_nav_m']['max']} m, for {summary['seconds_on_mean_nav']} s")
+    print(f"GPS_INPUT: {g['messages']} sent, mean interval {g['mean_interval_ms']} ms (max {g['max_interval_ms']}), "
+          f"fix 3 in flight {g['fix3_fraction_in_flight']}, error median {g['fix3_error_median_m']} m max "
+          f"{g['fix3_error_max_m']} m, worst error/accuracy {g['fix3_worst_error_over_accuracy']}")
+    print(f"frames: {f['processed']} at {f['rate_hz']} Hz, {f['fixes']} fixes, processing median "
+          f"{f['processing_ms_median']} ms p95 {f['processing_ms_p95']} ms, capture-to-fix latency median "
+          f"{f['latency_ms_median']} ms p95 {f['latency_ms_p95']} ms")
+    print(f"ArduPilot after the switch: {summary['ardupilot']['messages_after_switch']}")
+    for fault in ("camera_outage", "map_edge"):
+        if fault in summary:
+            print(f"{fault}: EKF error max {summary[fault]['ekf_error_max_m']} m; ArduPilot: "
+                  f"{summary[fault]['ardupilot']}")
+    print(f"report: {out / 'report.png'}, {out / 'summary.json'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SitlFlightConfig(faults=args.faults, model_threads=args.threads)
+    summary = fly(args.out / "sitl", cfg)
+    print_summary(summary, args.out / "sitl")
+    return 0
