@@ -292,3 +292,37 @@ def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path)
     peer.close()
     assert statuses and statuses[-1] == MAV.MAV_STATE_POWEROFF
     assert daemon.stats["frames"] >= 3
+
+
+def test_an_exception_in_one_frame_is_reported_critical_and_the_daemon_carries_on(cache, tmp_path):
+    import cv2
+
+    from mean_nav.nav.camera_model import CameraModel
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), np.full((120, 160, 3), 60 + 40 * i, np.uint8))
+    port = free_udp_port()
+    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", dialect="common")
+    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}"), startup_grace_s=0.0)
+    daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache, camera=CameraModel.from_fov(160, 120, 70),
+                       source=ImageFolderSource(frames, realtime=True, fps=10.0, loop=True))
+    calls = {"n": 0}
+    real_telemetry_at = daemon.link.telemetry_at
+
+    def broken_for_a_while(t, wait_s=0.0):
+        calls["n"] += 1
+        if calls["n"] <= 4:
+            raise RuntimeError("telemetry decoder bug")
+        return real_telemetry_at(t, wait_s)
+
+    daemon.link.telemetry_at = broken_for_a_while
+    assert daemon.run(duration_s=3.0) == 0          # never raised out of the loop
+    statuses = []
+    while (msg := peer.recv_match(type="HEARTBEAT", blocking=True, timeout=0.2)) is not None:
+        statuses.append(msg.system_status)
+    peer.close()
+    assert daemon.stats["errors"] == 4 and daemon.stats["frames"] >= 8     # and it carried on
+    assert MAV.MAV_STATE_CRITICAL in statuses[:3]
+    assert daemon.output.stats["ticks"] >= 12                                 # the output loop kept going
