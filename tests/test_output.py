@@ -30,7 +30,7 @@ def moving_track(t0=100.0, speed_e=8.0, n=6, dt=0.5):
     R = np.eye(2) * 0.5 ** 2
     for i in range(n):
         t = t0 + i * dt
-        flt.update(t, np.array([speed_e * (t - t0), 0.0]), R)
+        flt.update(t, np.array([speed_e * (t - t0), 0.0]), R, 60.0)
     assert flt.tracking
     return flt, t0 + (n - 1) * dt
 

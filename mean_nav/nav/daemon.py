@@ -132,6 +132,8 @@ class NavDaemon:
                                    verify=cfg.cache.verify_checksums)
         initial = None if cfg.initial_lat is None else (cfg.initial_lon, cfg.initial_lat)
         self.localizer = Localizer(embedder, cache, self.camera, cfg.localizer, initial_lonlat=initial)
+        # operator notices (a prior that disagrees with the map, ...) go to the ground station
+        self.localizer.on_notice = lambda text: self.link.send_statustext(MAV.MAV_SEVERITY_WARNING, f"MNAV: {text}")
         if source is None:
             uri = cfg.camera.uri
             if "://" not in uri and not uri.isdigit():
