@@ -204,8 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sitl", action="store_true",
                         help="fly GNSS-free on ArduCopter SITL (../shared/sitl) instead of replaying: take off on "
                              "GNSS, switch the EKF to mean-nav, fly a 626 m route, land; report in OUT/sitl/")
-    parser.add_argument("--faults", action="store_true",
-                        help="with --sitl: lose the camera for 10 s mid-route, then cross the map edge")
+    parser.add_argument("--faults", default="", metavar="camera,edge",
+                        help="with --sitl: camera = lose the camera for 10 s mid-route; edge = fly a leg 80 m "
+                             "beyond the map edge and back after the route")
 
 
 def run(args) -> int:

@@ -9,7 +9,8 @@
   4. the flight, commanded as a ground station would over SERIAL0: arm and take off in
      GUIDED on GNSS; once mean-nav holds a 3D fix, GPS_PRIMARY 1 and SIM_GPS1_ENABLE 0 (the
      EKF now runs on mean-nav alone); a rectangle route (5 corners, 540 m) at 60 m; land;
-     with `faults`: the camera is lost for 10 s mid-route, then one leg crosses the map edge;
+     with `faults` "camera": the camera is lost for 10 s mid-route; "edge": after the route
+     one leg crosses the map edge (80 m beyond) and comes back;
   5. the report: what ArduPilot said, the true track (SIM_STATE) against the route, EKF
      vs truth vs mean-nav, error over time (report.png, summary.json).
 
@@ -49,14 +50,14 @@ ARMED_FLAG = 128            # HEARTBEAT base_mode MAV_MODE_FLAG_SAFETY_ARMED
 class SitlFlightConfig:
     sitl_dir: Path = SHARED_SITL
     instance: int = 0                      # SITL -I: ports 5760 + 10 * instance ...
-    altitude_m: float = 60.0
+    altitude_m: float = 80.0                # the 70 deg camera then sees a whole 60 m tile, also banked in turns
     speed_ms: float = 8.0
     ground_amsl_m: float = 10.0
     # route corners in metres east, north of home (the map centre): 5 legs, 4 turns
     route_en: list = field(default_factory=lambda: [(-75.0, -60.0), (-75.0, 60.0), (75.0, 60.0), (75.0, -60.0),
                                                     (-75.0, -60.0)])
     camera_fps: float = 2.0
-    faults: bool = False                   # camera lost 10 s mid-route, then a leg across the map edge
+    faults: tuple = ()                     # "camera": lost 10 s mid-route; "edge": a leg across the map edge
     camera_outage_s: float = 10.0
     edge_leg_en: tuple = (230.0, 0.0)      # 80 m beyond the east edge of the 300 m world
     model_threads: int = 1
@@ -341,7 +342,7 @@ def _flight(gcs: GroundStation, cfg: SitlFlightConfig, lonlat, out: Path, events
         events[f"wp_{name}"] = time.time()
 
     for i, corner in enumerate(cfg.route_en):
-        if cfg.faults and i == 2:
+        if "camera" in cfg.faults and i == 2:
             # mid-route: the camera is lost for camera_outage_s while flying the next leg
             lon, lat = lonlat(*corner)
             gcs.goto(lat, lon, cfg.altitude_m)
@@ -355,7 +356,7 @@ def _flight(gcs: GroundStation, cfg: SitlFlightConfig, lonlat, out: Path, events
         if gcs.mode != GUIDED:
             break
     events["route_done"] = time.time()
-    if cfg.faults and gcs.mode == GUIDED:
+    if "edge" in cfg.faults and gcs.mode == GUIDED:
         events["edge_leg"] = time.time()
         leg(cfg.edge_leg_en, "beyond_edge")
         if gcs.mode == GUIDED:
@@ -417,7 +418,7 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
     route = np.array(cfg.route_en, float)
     t_first, t_last = events.get("wp_1", math.nan), events.get(f"wp_{len(route)}", math.nan)
     on_route = (truth[:, 0] >= t_first) & (truth[:, 0] <= t_last)
-    if cfg.faults:
+    if "camera" in cfg.faults:
         on_route &= ~((truth[:, 0] > events.get("camera_lost", math.inf)) & (truth[:, 0] < events.get("wp_3", 0)))
     route_err = distance_to_polyline(np.stack([tx, ty], 1)[on_route], route)
     length = float(np.sum(np.linalg.norm(np.diff(route, axis=0), axis=1)))
@@ -442,9 +443,9 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
     failsafes = [txt for t, txt in gcs.texts if "failsafe" in txt.lower() and t_switch < t < t_land]
     landing = [txt for t, txt in gcs.texts if t >= t_land]
     touchdown = None
-    if "landed" in events:
-        on_ground = truth[:, 0] <= events["landed"]
-        touchdown = _r(math.hypot(tx[on_ground][-1] - route[-1][0], ty[on_ground][-1] - route[-1][1]))
+    if "landed" in events:   # where the vehicle landed against where its EKF believed it was
+        i, j = np.searchsorted(truth[:, 0], events["landed"]) - 1, np.searchsorted(ekf[:, 0], events["landed"]) - 1
+        touchdown = _r(math.hypot(tx[i] - ex[j], ty[i] - ey[j]))
     summary = {
         "route": {"waypoints": len(route), "length_m": round(length, 1),
                   "true_track_to_route_max_m": _r(np.max(route_err)) if route_err.size else None,
@@ -470,20 +471,20 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
                    "rate_hz": _r(len(frames) / (frames[-1]["capture_s"] - frames[0]["capture_s"]))
                    if len(frames) > 1 else None},
         "ardupilot": {"failsafes_on_mean_nav": failsafes, "landing_messages": landing,
-                      "touchdown_from_land_point_m": touchdown,
+                      "touchdown_ekf_error_m": touchdown,
                       "messages_after_switch": [txt for t, txt in gcs.texts if t > t_switch],
                       "modes": [m for _, m in gcs.modes]},
         "seconds_on_mean_nav": _r(t_land - t_switch) if math.isfinite(t_land - t_switch) else None,
         "events_s": {k: _r(v - events.get("armed", v)) for k, v in events.items() if k != "total_s"},
         "total_s": _r(events.get("total_s", math.nan)),
-        "faults": cfg.faults,
+        "faults": list(cfg.faults),
     }
-    if cfg.faults and "camera_lost" in events:
+    if "camera_lost" in events:
         lost, back = events["camera_lost"], events["camera_back"]
         window = (ekf[:, 0] > lost) & (ekf[:, 0] < back + 15)
         summary["camera_outage"] = {"ekf_error_max_m": _r(np.max(ekf_err[window])) if window.any() else None,
                                     "ardupilot": [txt for t, txt in gcs.texts if lost <= t <= back + 15]}
-    if cfg.faults and "edge_leg" in events:
+    if "edge_leg" in events:
         window = ekf[:, 0] > events["edge_leg"]
         summary["map_edge"] = {"ekf_error_max_m": _r(np.max(ekf_err[window])) if window.any() else None,
                                "ardupilot": [txt for t, txt in gcs.texts if t >= events["edge_leg"]]}
@@ -575,7 +576,11 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = SitlFlightConfig(faults=args.faults, model_threads=args.threads)
+    faults = tuple(f for f in (args.faults or "").split(",") if f)
+    unknown = sorted(set(faults) - {"camera", "edge"})
+    if unknown:
+        raise MeanNavError(f"demo --faults {args.faults!r}: unknown fault {unknown[0]!r}; use camera, edge or camera,edge")
+    cfg = SitlFlightConfig(faults=faults, model_threads=args.threads)
     summary = fly(args.out / "sitl", cfg)
     print_summary(summary, args.out / "sitl")
     return 0

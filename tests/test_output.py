@@ -46,7 +46,7 @@ def make_loop(cfg=None, link=None):
 
 def test_the_fix_is_propagated_to_the_send_time_and_its_accuracy_grows():
     flt, last = moving_track()
-    loop = make_loop()
+    loop = make_loop(OutputConfig(fix_max_age_s=3.0))
     loop.update(flt, last, identity_lonlat)
     at_fix, later = loop.estimate_at(last), loop.estimate_at(last + 1.5)
     assert at_fix.fix == later.fix == FixQuality.FIX

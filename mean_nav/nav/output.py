@@ -44,9 +44,10 @@ class OutputConfig:
     # GPS_INPUT rate: ArduPilot calls a GPS unhealthy below 5 Hz (mean interval > 215 ms; 4.5 Hz fails)
     # and drops samples closer than 50 ms
     rate_hz: float = bounded(5.0, ge=5, le=20, unit="Hz")
-    # fix_type 3 only while the last gated fix is younger: 5 s bridges a few lost frames or a
-    # companion stalled by load (the accuracy sent grows meanwhile: ~15 m after 3 s at 3 m/s^2)
-    fix_max_age_s: float = bounded(5.0, gt=0, le=60, unit="s")
+    # fix_type 3 only while the last gated fix is younger. Measured on ArduCopter SITL: across a
+    # turn, a fix propagated for 1.5 s after a processing stall was 2.5 x its accuracy off and
+    # tripped EKF3's variance failsafe; EKF3's own IMU dead reckoning bridges such gaps better
+    fix_max_age_s: float = bounded(1.5, gt=0, le=60, unit="s")
     altitude: Literal["baro", "field_elevation", "dem", "none"] = "baro"
     # take-off ground AMSL, for altitude: field_elevation
     field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
