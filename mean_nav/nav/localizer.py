@@ -59,7 +59,9 @@ class LocalizerConfig:
     # search radius around initial_lonlat before the first fix
     initial_radius_m: float = bounded(500.0, gt=0, le=1e6, unit="m")
     min_inliers: int = bounded(15, ge=3, le=100_000)  # feature inliers for a verified match
-    stop_at_inliers: int = bounded(80, ge=1, le=1_000_000)  # a candidate this strong ends the verification early
+    # a candidate this strong ends the verification early: while tracking, the prediction's
+    # map verified this well skips the network (40: half the per-frame time of 80, same fixes)
+    stop_at_inliers: int = bounded(40, ge=1, le=1_000_000)
     # map margin around a candidate; default half a tile
     region_margin_m: float | None = bounded(None, ge=0, le=1e4, unit="m")
     verify_prediction: bool = True      # also verify the map around the filter's prediction
@@ -83,11 +85,11 @@ class LocalizerConfig:
     # fraction of the rectified view that must lie on valid map (the nadir itself may not)
     min_map_overlap: float = bounded(0.25, gt=0, le=1)
     # a fit turned far from the known heading error needs this many inliers, and a second such
-    # fit within heading_confirm_s at a place reachable at max_speed_ms, before it is believed
+    # fit within heading_confirm_s at a place reachable at filter.max_speed_ms, before it is believed
     heading_min_inliers: int = bounded(40, ge=3, le=100_000)
     heading_confirm_s: float = bounded(30.0, gt=0, le=3600, unit="s")
-    max_speed_ms: float = bounded(40.0, gt=0, le=1000, unit="m/s")
-    # while lost, search over heading (the view turned in 45 deg steps) at most this often
+    # while lost, search over heading (the view turned in 45 deg steps) at most this often;
+    # the interval doubles with each search that finds nothing
     heading_search_s: float = bounded(3.0, ge=0, le=3600, unit="s")
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)

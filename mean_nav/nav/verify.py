@@ -81,7 +81,7 @@ class HeadingTracker:
         if prev is None or not 0.0 < t - prev.time_s <= cfg.heading_confirm_s:
             return False
         agrees = abs(angle_difference_deg(rotation_deg, prev.rotation_deg)) <= cfg.refine.max_rotation_deg
-        reachable = math.hypot(x - prev.x, y - prev.y) <= cfg.max_speed_ms * (t - prev.time_s) + cfg.search_radius_m
+        reachable = math.hypot(x - prev.x, y - prev.y) <= cfg.filter.max_speed_ms * (t - prev.time_s) + cfg.search_radius_m
         if agrees and reachable:
             self.offset_deg = _wrap(rotation_deg)
             self._proposal = None
@@ -106,7 +106,7 @@ class Verifier:
         self.map_features = map_feature_source(cache, cfg.refine, max_chunks=cfg.feature_cache_tiles)
         self.heading = HeadingTracker(cfg)
         self._last_heading_search_s = -math.inf
-        self._verified_s = -math.inf
+        self._heading_searches_since_fit = 0
         self.rotation_invariant = bool(getattr(self.matcher.extractor, "rotation_invariant", False))
 
     def region(self, cand: Candidate, size_m: float):
@@ -169,17 +169,18 @@ class Verifier:
         best = attempt(self.heading.offset_deg, _remember(candidates, seen))
         if best is None and retrieve is not None and self._heading_search_due(t):
             self._last_heading_search_s = t
+            self._heading_searches_since_fit += 1
             for turn, cands in self._turned_candidates(query, retrieve):
                 best = attempt(turn, cands)
                 if best is not None:
                     break
         if best is not None:
-            self._verified_s = t
+            self._heading_searches_since_fit = 0
             return best, ""
         if strong_turns:
             result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
             if self.heading.propose(result.rotation_deg, t, m.x, m.y):
-                self._verified_s = t
+                self._heading_searches_since_fit = 0
                 return m, ""
             reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with "
                               f"{result.inliers} inliers: heading error not yet confirmed by a second frame")
@@ -190,10 +191,13 @@ class Verifier:
         return None, f"geometric verification failed for {len(reasons)} candidates ({why})"
 
     def _heading_search_due(self, t: float) -> bool:
-        """Lost (no verified fit this frame), and the last heading search long enough ago."""
+        """Lost (no verified fit this frame), and the last heading search long enough ago: the
+        interval doubles with every search since the last verified fit (a long leg off the
+        map costs a few searches, not one every few seconds)."""
         if not math.isfinite(t):
             return True
-        return t - self._last_heading_search_s >= self.cfg.heading_search_s
+        failed = self._heading_searches_since_fit
+        return t - self._last_heading_search_s >= self.cfg.heading_search_s * 2.0 ** min(failed, 10)
 
     def _turned_candidates(self, query: np.ndarray, retrieve) -> list[tuple[float, list[Candidate]]]:
         """The best top_k places over all turned views, grouped by the turn that found them."""
@@ -218,8 +222,9 @@ class Verifier:
         cfg = self.cfg
         best: Measurement | None = None
         for cand in candidates:
-            # a candidate close to one already verified shows the same map: skip it
-            if any(math.hypot(cand.x - x, cand.y - y) < self.margin_m / 2 for x, y in tried):
+            # a region reaches margin_m beyond a tile on each side, so it already holds the view
+            # of any candidate within margin_m of its centre: verifying that one again adds nothing
+            if any(max(abs(cand.x - x), abs(cand.y - y)) <= self.margin_m for x, y in tried):
                 continue
             tried.append((cand.x, cand.y))
             features, on_map, transform = self.region(cand, size_m)
