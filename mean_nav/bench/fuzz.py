@@ -256,11 +256,12 @@ def _check_camera(cam) -> str | None:
 
 
 def _check_track(track) -> str | None:
+    bounds = {"lat": 90.0, "lon": 180.0}
     for name, series in track.channels.items():
-        v = series.values
-        if len(v) and not all(math.isfinite(x) for x in v.tolist()):
+        v = series.values.tolist()
+        if not all(math.isfinite(x) for x in v):
             return f"{name} holds non-finite values"
-        if name == "lat" and len(v) and abs(v).max() > 90 or name == "lon" and len(v) and abs(v).max() > 180:
+        if name in bounds and any(abs(x) > bounds[name] for x in v):
             return f"{name} out of range"
     return None
 
