@@ -49,10 +49,11 @@ RADIUS68_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.6827))
 # innovations can no longer tell the wander from the fit's own noise.
 ATTITUDE_GRID_DEG = tuple(0.3 * math.sqrt(2.0) ** k for k in range(10))
 # Without a given prior: a typical small autopilot in flight (roll/pitch 1 sigma), uncertain by
-# a factor of 3. Low frame rates (0.1 Hz) carry no information on it; from ~0.5 Hz up the
+# a factor of 2 (a factor of 3 made the mixture's second moment ~1.7 deg where nothing is
+# learnt, at photo rates: radii 3x the errors). Low frame rates (0.1 Hz) carry no information on it; from ~0.5 Hz up the
 # frame-to-frame wander of the fixes moves the estimate within tens of seconds.
 DEFAULT_ATTITUDE_PRIOR_DEG = 0.5
-DEFAULT_PRIOR_WIDTH = 3.0
+DEFAULT_PRIOR_WIDTH = 2.0
 GIVEN_PRIOR_WIDTH = 1.5
 MAX_CANDIDATES = 4          # start-up fixes remembered while waiting for agreement
 
