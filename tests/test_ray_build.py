@@ -170,12 +170,13 @@ def test_rerun_after_a_driver_crash_resumes_from_the_finished_blocks(cluster, in
     _assert_same_cache(local_cache, out)
 
 
-def test_cli_ray_flag_builds_the_same_cache(cluster, inputs, local_cache, tmp_path):
+def test_cli_ray_flag_builds_the_same_cache(cluster, inputs, local_cache, tmp_path, monkeypatch):
     from mean_nav.cli import main
 
     map_path, model = inputs
     out = tmp_path / "cli"
-    assert main(["cache", "build", str(map_path), "--out", str(out), "--model", str(model), "--backend",
+    monkeypatch.chdir(map_path.parent)      # a relative map path: the workers' working folder is another
+    assert main(["cache", "build", map_path.name, "--out", str(out), "--model", str(model), "--backend",
                  "onnxruntime", "--threads", "1", "--gsd", "2", "--tile-size", "32", "--stride", "16", "--crs", UTM32N,
                  "--batch-size", "16", "--block-px", "64", "--no-progress", "--ray"]) == 0
     _assert_same_cache(local_cache, out)

@@ -117,22 +117,35 @@ def bench_builds(args) -> dict:
 
 # ----------------------------------------------------------------------------- cache index memory
 
-def _index_peak_child(folder: str, tiles: int, dim: int) -> None:
-    """In a fresh process: generate a cache, build its approximate index, print the peak RSS."""
-    import resource
-
+def _generate_child(folder: str, tiles: int, dim: int) -> None:
     from ..bench.cache import generate_cache
-    from ..geo.cache import TileCache
 
     generate_cache(Path(folder), tiles, dim, 200.0, 100.0, progress=False)
+
+
+def _index_peak_child(folder: str) -> None:
+    """In a fresh process (so the high-water mark is the index build's): build the approximate
+    index of a cache, print the peak RSS."""
+    import resource
+
+    from ..geo.cache import TileCache
+
     cache = TileCache.load(Path(folder), verify=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     entry = cache.build_approx_index(progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux
-    print(json.dumps({"tiles": tiles, "factory": entry["factory"], "seconds": round(time.perf_counter() - t0, 1),
+    print(json.dumps({"tiles": len(cache), "factory": entry["factory"], "seconds": round(time.perf_counter() - t0, 1),
                       "peak_rss_mb": round(peak / 1024, 1), "rss_before_index_mb": round(before / 1024, 1),
                       "index_file_mb": round((Path(folder) / entry["file"]).stat().st_size / 1e6, 1)}))
+
+
+def _child(call: str) -> str:
+    out = subprocess.run([sys.executable, "-c", f"from mean_nav.bench.ray import *; {call}"], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise MeanNavError(f"cache index measurement failed: {out.stderr.strip().splitlines()[-1:]}")
+    return out.stdout
 
 
 def bench_index_memory(args) -> dict:
@@ -141,11 +154,8 @@ def bench_index_memory(args) -> dict:
     rows = []
     for n in sizes:
         folder = args.folder / f"index-{n}"
-        code = f"from mean_nav.bench.ray import _index_peak_child; _index_peak_child({str(folder)!r}, {n}, {args.dim})"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise MeanNavError(f"cache index measurement failed: {out.stderr.strip().splitlines()[-1:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        _child(f"_generate_child({str(folder)!r}, {n}, {args.dim})")
+        rows.append(json.loads(_child(f"_index_peak_child({str(folder)!r})").strip().splitlines()[-1]))
         shutil.rmtree(folder, ignore_errors=True)
     (n0, m0), (n1, m1) = ((r["tiles"], r["peak_rss_mb"]) for r in rows)
     per_million = (m1 - m0) / max(n1 - n0, 1) * 1e6

@@ -257,8 +257,10 @@ def build_cache(maps: list[Path], out: Path, embedder: Embedder, gsd_m: float, t
     started = time.perf_counter()
     embedded = 0
     # each block reads only the maps that touch it (large areas come as many map sheets)
-    job = BlockJob(grid, tuple(maps), tuple(union_bounds([m], grid.crs) for m in maps), out, batch_size,
-                   min_valid_fraction, tuple((refine, fsettings) for refine, fsettings, _ in feature_sets))
+    # absolute paths: a Ray worker's working folder is not the driver's
+    job = BlockJob(grid, tuple(m.resolve() for m in maps), tuple(union_bounds([m], grid.crs) for m in maps),
+                   out.resolve(), batch_size, min_valid_fraction,
+                   tuple((refine, fsettings) for refine, fsettings, _ in feature_sets))
     todo = []
     for block in blocks:
         if job.block_file(block).exists():
