@@ -31,6 +31,8 @@ from ..errors import MeanNavError
 
 log = logging.getLogger(__name__)
 
+INDEX_TRAIN_SIZE = 100_000    # TileCache.build_approx_index's default training sample
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="deploy .onnx the builds embed with")
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="threads of the plain local build (default: all)")
     parser.add_argument("--index-tiles", type=int, default=0,
-                        help="also measure `cache index` peak memory on generated caches of N/4 and N tiles")
+                        help="also measure `cache index` peak memory on generated caches of N/4 and N tiles "
+                        "(N >= 400000)")
     parser.add_argument("--dim", type=int, default=768, help="descriptor dimension for --index-tiles")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mean-nav-bench-ray"), help="scratch folder")
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/ray.png"))
@@ -140,22 +143,30 @@ def _index_peak_child(folder: str) -> None:
                       "index_file_mb": round((Path(folder) / entry["file"]).stat().st_size / 1e6, 1)}))
 
 
-def _child(call: str) -> str:
-    out = subprocess.run([sys.executable, "-c", f"from mean_nav.bench.ray import *; {call}"], capture_output=True,
-                         text=True, check=False)
+def _child(function: str, *args) -> str:
+    """Run one of this module's functions in a fresh Python; its stdout."""
+    code = f"from mean_nav.bench.ray import {function}; {function}(*{args!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise MeanNavError(f"cache index measurement failed: {out.stderr.strip().splitlines()[-1:]}")
     return out.stdout
 
 
 def bench_index_memory(args) -> dict:
-    """Peak memory of `cache index` at two sizes: fixed part + part per million tiles."""
-    sizes = [max(20_000, args.index_tiles // 4), args.index_tiles]
+    """Peak memory of `cache index` at two sizes: fixed part + part per million tiles.
+
+    Both sizes hold at least the index's training sample (100,000 vectors), so the
+    training memory is the same in both and the difference is what grows with the cache.
+    """
+    sizes = [args.index_tiles // 4, args.index_tiles]
+    if sizes[0] < INDEX_TRAIN_SIZE:
+        raise MeanNavError(f"--index-tiles must be at least {4 * INDEX_TRAIN_SIZE} (a quarter of it still holds "
+                           f"the {INDEX_TRAIN_SIZE}-vector training sample)")
     rows = []
     for n in sizes:
         folder = args.folder / f"index-{n}"
-        _child(f"_generate_child({str(folder)!r}, {n}, {args.dim})")
-        rows.append(json.loads(_child(f"_index_peak_child({str(folder)!r})").strip().splitlines()[-1]))
+        _child("_generate_child", str(folder), n, args.dim)
+        rows.append(json.loads(_child("_index_peak_child", str(folder)).strip().splitlines()[-1]))
         shutil.rmtree(folder, ignore_errors=True)
     (n0, m0), (n1, m1) = ((r["tiles"], r["peak_rss_mb"]) for r in rows)
     per_million = (m1 - m0) / max(n1 - n0, 1) * 1e6
@@ -190,6 +201,7 @@ def run(args) -> int:
     if args.workers < 2:
         raise MeanNavError("--workers must be at least 2 (the benchmark compares 1 and N workers)")
     results = bench_builds(args)
+    log.info("builds: %s", json.dumps(results))
     if args.index_tiles:
         results["cache_index_memory"] = bench_index_memory(args)
     plot(results, args.plot)
