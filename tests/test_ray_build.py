@@ -25,7 +25,10 @@ from mean_nav.geo.cache import META, WORK, build_cache  # noqa: E402
 from mean_nav.geo.ray_build import ModelSpec, RayBlockRunner  # noqa: E402
 from mean_nav.geo.tiles import TileGrid, area_tile_range, plan_blocks  # noqa: E402
 
-BUILD = dict(gsd_m=2.0, tile_size_m=32.0, stride_m=16.0, crs=UTM32N, batch_size=16, progress=False, block_px=64)
+# no map features except where the output must carry them too (the equality test): SIFT per
+# block is most of a build's time here, and the subject is where blocks run
+BUILD = dict(gsd_m=2.0, tile_size_m=32.0, stride_m=16.0, crs=UTM32N, batch_size=16, progress=False, block_px=64,
+             features=())
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,9 @@ def local_cache(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "cache"
     build_cache([map_path], out, OnnxRuntimeEmbedder(model, threads=1), **BUILD)
     return out
+
+
+WITH_FEATURES = dict(BUILD, features=None)    # the default map features (SIFT)
 
 
 def _runner(model, **kw) -> RayBlockRunner:
@@ -118,7 +124,8 @@ def test_a_worker_killed_mid_build_loses_only_its_block(cluster, inputs, local_c
     _assert_same_cache(local_cache, tmp_path / "cache")
 
 
-def test_ray_build_equals_the_local_build_shared_storage_and_shipped(cluster, inputs, local_cache, tmp_path, caplog):
+def test_ray_build_equals_the_local_build_shared_storage_and_shipped(cluster, inputs, local_cache, tmp_path,
+                                                                     caplog):
     map_path, model = inputs
     blocks = _block_count(map_path)
     assert blocks >= 8       # enough blocks for both workers to get several
@@ -130,10 +137,15 @@ def test_ray_build_equals_the_local_build_shared_storage_and_shipped(cluster, in
     final = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedded")][-1]
     assert f"ray: {len(runner.per_worker)} workers" in final
     assert final.count(" tiles/s (") == len(runner.per_worker) >= 2    # one throughput per worker
-    # no shared storage: model and map through the object store, block files back to the driver
+    # no shared storage: model and map through the object store, every file a block writes (map
+    # part, map features, block file) back to the driver
+    with_features = tmp_path / "local-with-features"
+    build_cache([map_path], with_features, OnnxRuntimeEmbedder(model, threads=1), **WITH_FEATURES)
+    assert any((with_features / "features").iterdir())
     shipped = _runner(model, ship=True, scratch=str(tmp_path / "worker-scratch"))
-    build_cache([map_path], tmp_path / "shipped", OnnxRuntimeEmbedder(model, threads=1), runner=shipped, **BUILD)
-    _assert_same_cache(local_cache, tmp_path / "shipped")
+    build_cache([map_path], tmp_path / "shipped", OnnxRuntimeEmbedder(model, threads=1), runner=shipped,
+                **WITH_FEATURES)
+    _assert_same_cache(with_features, tmp_path / "shipped")
     assert any((tmp_path / "worker-scratch" / "inputs").rglob("map.tif"))   # it really travelled
 
 
@@ -178,5 +190,5 @@ def test_cli_ray_flag_builds_the_same_cache(cluster, inputs, local_cache, tmp_pa
     monkeypatch.chdir(map_path.parent)      # a relative map path: the workers' working folder is another
     assert main(["cache", "build", map_path.name, "--out", str(out), "--model", str(model), "--backend",
                  "onnxruntime", "--threads", "1", "--gsd", "2", "--tile-size", "32", "--stride", "16", "--crs", UTM32N,
-                 "--batch-size", "16", "--block-px", "64", "--no-progress", "--ray"]) == 0
+                 "--batch-size", "16", "--block-px", "64", "--features", "none", "--no-progress", "--ray"]) == 0
     _assert_same_cache(local_cache, out)
