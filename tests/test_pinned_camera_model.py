@@ -198,3 +198,18 @@ def test_render_view_matches_the_independent_renderer(world):
     theirs = ray_cast(world, cam, np.array(axes), 40.0)
     inner = (slice(40, -40), slice(40, -40))
     assert np.abs(ours[inner].astype(float) - theirs[inner]).mean() < 1.0
+
+
+def test_a_camera_file_without_mount_or_distortion_is_an_ideal_nadir_camera(tmp_path):
+    (tmp_path / "cam.yaml").write_text("width: 640\nheight: 480\nfx: 500\nfy: 500\ncx: 319.5\ncy: 239.5\n")
+    cam = CameraModel.from_yaml(tmp_path / "cam.yaml")
+    assert (cam.mount_roll_deg, cam.mount_pitch_deg, cam.mount_yaw_deg) == (0.0, 0.0, 0.0)
+    assert not cam.has_distortion
+    assert homography_pixels(cam, 0.0, 0.0, 0.0, 50.0, [[0.0, 0.0]])[0] == pytest.approx([319.5, 239.5])
+
+
+def test_ground_outside_the_map_renders_black_which_means_no_data(world):
+    cam = cam_640()
+    far = ground_to_image(MAP_GSD, world.shape[0], centre_en=(200.0, 0.0))   # nadir 200 m off the 90 m map
+    view = render_view(world, far, cam, 0.0, 0.0, 0.0, 40.0)
+    assert not view.any()

@@ -228,3 +228,29 @@ def test_an_implausible_fix_goes_out_as_no_fix(autopilot, bad):
     msg = received_gps_input(peer)
     assert msg.fix_type == 1 and (msg.lat, msg.lon) == (0, 0)
     assert link.positions_sent == 0
+
+
+def test_latitude_and_longitude_round_to_the_nearest_1e7_degree(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    # x 1e7 = 518401685.6 and -49866870.6: rounding gives ...686 and -...871, truncation would not
+    send(link, estimate(lat=51.84016856, lon=-4.98668706))
+    msg = received_gps_input(peer)
+    assert (msg.lat, msg.lon) == (518401686, -49866871)
+    assert msg.yaw == 0                      # 0: no yaw from vision (1 would be 0.01 deg)
+
+
+def test_no_fix_reports_no_satellites_and_no_yaw(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    send(link, estimate(fix=FixQuality.NONE))
+    msg = received_gps_input(peer)
+    assert (msg.satellites_visible, msg.yaw) == (0, 0)
+
+
+def test_px4_position_is_encoded_in_1e7_degrees_both_ways(autopilot):
+    connect, peer = autopilot
+    link = connect(output="global_position_sensor")
+    assert link.send_estimate(estimate(lat=-33.8567844, lon=151.2152967), 1.77e9, now=float(next(_SEND_CLOCK)))
+    msg = peer.recv_match(type="GLOBAL_POSITION_SENSOR", blocking=True, timeout=2.0)
+    assert msg is not None and (msg.lat, msg.lon) == (-338567844, 1512152967)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mean_nav.nav.features import Features
+from mean_nav.nav.features.opencv_image import GreyPreparer
 from mean_nav.nav.features.ratio_test import RatioTestMatcher
 from mean_nav.nav.refine import FeatureMatcher, RefineConfig
 
@@ -117,3 +118,59 @@ def test_no_keypoint_sits_on_the_no_data_border(detector):
     dist = cv2.distanceTransform(valid, cv2.DIST_L2, 5)
     at = np.round(feats.points).astype(int)
     assert dist[at[:, 1], at[:, 0]].min() >= 3.0
+
+
+# --- edges the gates must survive -------------------------------------------------------
+
+def test_the_ratio_test_copes_with_nothing_to_match():
+    m = RatioTestMatcher("l2", ratio=0.8)
+    one = Features(np.zeros((1, 2), np.float32), np.ones((1, 3), np.float32))
+    empty = Features(np.zeros((0, 2), np.float32), np.zeros((0, 3), np.float32))
+    assert len(m.match(empty, one)) == 0
+    assert len(m.match(one, one)) == 0                      # a second neighbour is needed
+    # every query equally close to two map descriptors: nothing distinctive, nothing kept
+    twins = Features(np.zeros((2, 2), np.float32), np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], np.float32))
+    query = Features(np.zeros((1, 2), np.float32), np.zeros((1, 3), np.float32))
+    assert len(m.match(query, twins)) == 0
+
+
+def test_exactly_min_inliers_perfect_matches_are_a_place():
+    q, r = pair(15, 0, shift=(100.0, 100.0))
+    assert FeatureMatcher(RefineConfig(min_inliers=15)).match(q, r, (119.5, 119.5)).ok
+
+
+def test_noise_free_matches_still_report_the_keypoint_floor_and_the_rms_residual():
+    rng = np.random.default_rng(4)
+    query = rng.uniform(0, 240, (80, 2))
+    perfect = FeatureMatcher().match(one_hot_features(query), one_hot_features(query + (50.0, 20.0)), (119.5, 119.5))
+    # keypoints are not located better than ~0.3 px: the centre of 80 of them to ~0.3 / sqrt(80)
+    assert math.sqrt(np.trace(perfect.cov_px) / 2) == pytest.approx(0.3 / math.sqrt(80), rel=0.5)
+    noisy_region = query + (50.0, 20.0) + rng.normal(0, 1.5, query.shape)
+    noisy = FeatureMatcher(RefineConfig(ransac_threshold_px=10.0)).match(
+        one_hot_features(query), one_hot_features(noisy_region), (119.5, 119.5))
+    assert noisy.residual_px == pytest.approx(1.5, rel=0.15)       # RMS per coordinate
+
+
+def test_the_grey_image_is_black_outside_the_valid_area():
+    image = np.full((64, 64, 3), 180, np.uint8)
+    valid = np.zeros((64, 64), bool)
+    valid[:, :40] = True
+    grey, mask = GreyPreparer(equalize=False)(image, valid)
+    assert (grey[:, 40:] == 0).all() and (grey[:, :40] == 180).all()
+    # a 7 px square erosion takes 3 px off the valid side of the edge: columns 37..39 masked
+    assert mask[:, 37:].max() == 0 and mask[:, :37].min() == 255
+
+
+def test_equalisation_finds_features_in_a_low_contrast_image():
+    rng = np.random.default_rng(5)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (240, 240)).astype(np.float32), (0, 0), 2.0)
+    flat = cv2.normalize(tex, None, 100, 150, cv2.NORM_MINMAX).astype(np.uint8)   # a dull, hazy image
+    image = np.dstack([flat] * 3)
+    with_clahe = FeatureMatcher(RefineConfig(equalize=True)).features(image)
+    without = FeatureMatcher(RefineConfig(equalize=False)).features(image)
+    assert len(with_clahe) > 2 * max(len(without), 1)
+
+
+def test_a_blank_image_gives_no_features_and_a_well_formed_empty_set():
+    feats = FeatureMatcher().features(np.full((64, 64, 3), 90, np.uint8))
+    assert len(feats) == 0 and feats.descriptors.shape[0] == 0 and feats.descriptors.ndim == 2

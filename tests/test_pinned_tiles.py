@@ -145,3 +145,17 @@ def test_read_window_returns_the_source_pixels_rasterio_places_there(tmp_path):
     touching = (x0 + 15.0, y0 - 40.0, x0 + 30.0, y0)     # starts exactly at the window's right edge
     assert maps_overlapping([path], [touching], grid, col0, row0, 10, 6) == []
     assert math.isclose(grid.pixel_to_xy(col0, row0)[0], x0 + 5.5)
+
+
+def test_map_overlap_is_judged_in_metres_at_any_gsd(tmp_path):
+    grid = grid_of(0.5, 8, 4)                        # 0.5 m pixels: pixel 200 starts at 100 m
+    window = (200, -400, 20, 20)                      # x in [100, 110), y in (190, 200]
+    inside = (105.0, 150.0, 130.0, 195.0)
+    left_of_it = (0.0, 150.0, 99.0, 195.0)
+    paths = [tmp_path / "in.tif", tmp_path / "left.tif"]
+    assert maps_overlapping(paths, [inside, left_of_it], grid, *window) == [paths[0]]
+
+
+def test_a_window_without_maps_is_empty_and_invalid():
+    image, valid = read_window([], grid_of(1.0, 8, 4), 0, 0, 12, 7)
+    assert image.shape == (7, 12, 3) and not image.any() and not valid.any()
