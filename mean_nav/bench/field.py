@@ -383,13 +383,20 @@ def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress:
 
 
 def no_fix_reasons(cols: dict, over_map: np.ndarray, most: int = 3) -> list[list]:
-    """The most common reasons of frames over the map without a fix, [reason, frames] (for tuning)."""
+    """The most common kinds of reason of frames over the map without a fix, [kind, frames]
+    (for tuning); a kind is the reason without its details (parentheses, numbers)."""
+    import re
     from collections import Counter
 
     from ..nav.estimate import FixQuality
 
     missed = over_map & (cols["fix"] != int(FixQuality.FIX))
-    reasons = Counter(str(r) for r in np.asarray(cols["reason"], dtype=object)[missed])
+    def kind(reason: str) -> str:
+        head, _, rest = reason.partition(" (")
+        tail = rest[rest.rfind(")") + 1:] if rest else ""
+        return re.sub(r"\d+(\.\d+)?", "N", head + tail).strip()
+
+    reasons = Counter(kind(str(r)) for r in np.asarray(cols["reason"], dtype=object)[missed])
     return [[reason, n] for reason, n in reasons.most_common(most)]
 
 
