@@ -23,7 +23,9 @@ surveys and 30 Hz video:
 
 Attitude error magnitude (multiple-model adaptive estimation): users rarely know their
 autopilot's roll/pitch accuracy, and it sets the reported sigma above ~50 m. The filter runs
-one Kalman filter per hypothesis on a log grid (0.1..6.4 deg); each hypothesis is weighted
+one Kalman filter per hypothesis, a log grid of sizes (0.3..6.8 deg) crossed with correlation
+times (`bias_tau_s` x 1, 6, 24: a slow error is hardly observable, so the slow, large
+hypotheses the data cannot rule out stay in the mixture); each hypothesis is weighted
 by the likelihood of its own innovations (a fading memory of `attitude_memory_s`), and the
 output is the weighted mixture (mean, covariance including the spread between hypotheses).
 A wrong hypothesis mis-predicts how the nadir wanders from frame to frame, so the weights
@@ -48,6 +50,11 @@ RADIUS68_PER_SIGMA = math.sqrt(-2.0 * math.log(1.0 - 0.6827))
 # the camera mount calibration and the flat-ground assumption dominate anyway, and the
 # innovations can no longer tell the wander from the fit's own noise.
 ATTITUDE_GRID_DEG = tuple(0.3 * math.sqrt(2.0) ** k for k in range(10))
+# correlation-time hypotheses, multiples of FilterConfig.bias_tau_s (the fastest). A slow error
+# barely wanders between fixes, so its size is hardly observable: with one assumed fast tau the
+# small-wander data made the bank conclude "small error" and report radii 5x too small. Crossing
+# the size grid with slow taus keeps every (size, tau) the data cannot rule out in the mixture.
+BIAS_TAU_FACTORS = (1.0, 6.0, 24.0)
 # Without a given prior: a typical small autopilot in flight (roll/pitch 1 sigma), uncertain by
 # a factor of 2 (a factor of 3 made the mixture's second moment ~1.7 deg where nothing is
 # learnt, at photo rates: radii 3x the errors). Low frame rates (0.1 Hz) carry no information on it; from ~0.5 Hz up the
@@ -74,7 +81,8 @@ class FilterConfig:
     # gated-out fixes for this long (and at least two): the track is what is wrong
     reject_after_s: float = bounded(2.0, ge=0, le=86_400, unit="s")
     max_sigma_m: float = bounded(60.0, gt=0, le=1e5, unit="m")  # coasting beyond this 68 % radius is not a position
-    bias_tau_s: float = bounded(5.0, gt=0, le=1e5, unit="s")  # correlation time of the attitude error
+    # shortest correlation time of the attitude error considered (the bank also tries BIAS_TAU_FACTORS x it)
+    bias_tau_s: float = bounded(5.0, gt=0, le=1e5, unit="s")
     attitude_memory_s: float = bounded(60.0, gt=0, le=1e6, unit="s")  # fading memory of the attitude-error estimate
     # fixes closer in time share their matching error (the same features seen again)
     measurement_correlation_s: float = bounded(0.3, ge=0, le=60, unit="s")
@@ -111,13 +119,22 @@ class PositionFilter:
 
     def __init__(self, cfg: FilterConfig | None = None, attitude_prior_deg: float | None = None):
         self.cfg = cfg or FilterConfig()
-        grid = np.radians(np.array(ATTITUDE_GRID_DEG))
+        sizes = np.radians(np.array(ATTITUDE_GRID_DEG))
+        # hypotheses: every attitude-error size crossed with every correlation time
+        grid = np.tile(sizes, len(BIAS_TAU_FACTORS))
+        self._tau = np.repeat(self.cfg.bias_tau_s * np.array(BIAS_TAU_FACTORS), len(sizes))
         if attitude_prior_deg is None:
+            # the fixes only tell how fast the error wanders (size^2 / tau: a 2 deg error over
+            # 30 s wanders like 0.8 deg over 5 s), so the typical autopilot is a prior on that
+            # rate, and a slower, larger error with the same wander is as plausible a priori
             centre, width = DEFAULT_ATTITUDE_PRIOR_DEG, DEFAULT_PRIOR_WIDTH
+            prior_on = grid * np.sqrt(self.cfg.bias_tau_s / self._tau)
         else:
+            # a given accuracy is the size itself; the data then picks the correlation time
             centre, width = max(float(attitude_prior_deg), 1e-3), GIVEN_PRIOR_WIDTH
+            prior_on = grid
         # log-normal prior over the grid: the innovations move it when they can tell
-        log_prior = -0.5 * (np.log(grid / math.radians(centre)) / math.log(width)) ** 2
+        log_prior = -0.5 * (np.log(prior_on / math.radians(centre)) / math.log(width)) ** 2
         self._grid = grid
         self._log_prior = log_prior
         self._log_likelihood = np.zeros(len(grid))   # fading memory; survives track resets
@@ -139,7 +156,8 @@ class PositionFilter:
 
     @property
     def weights(self) -> np.ndarray:
-        """Probability of each attitude-error hypothesis (ATTITUDE_GRID_DEG)."""
+        """Probability of each attitude-error hypothesis (ATTITUDE_GRID_DEG, tiled once per
+        BIAS_TAU_FACTORS entry)."""
         log_w = self._log_prior + self._log_likelihood
         w = np.exp(log_w - log_w.max())
         return w / w.sum()
@@ -193,19 +211,22 @@ class PositionFilter:
         X0 = np.einsum("kij,kid->kjd", mix, X)
         d = X[:, :, None, :] - X0[:, None, :, :]                         # [K, i, j, 6]
         P0 = np.einsum("kij,kide->kjde", mix, P) + np.einsum("kij,kijd,kije->kjde", mix, d, d)
-        F = np.eye(6)
-        F[0, 2] = F[1, 3] = dt
-        decay = math.exp(-dt / cfg.bias_tau_s)
-        F[4, 4] = F[5, 5] = decay
+        K = len(self._grid)
+        F = np.tile(np.eye(6), (K, 1, 1))
+        F[:, 0, 2] = F[:, 1, 3] = dt
+        decay = np.exp(-dt / self._tau)                                  # per hypothesis
+        F[:, 4, 4] = F[:, 5, 5] = decay
+        F = F[:, None]                                                   # [K, 1, 6, 6]
         # continuous white-noise acceleration, per axis [[dt^3/3, dt^2/2], [dt^2/2, dt]] q
         q = np.array([cfg.cruise_accel_sigma_ms2, cfg.accel_sigma_ms2]) ** 2       # m^2/s^3 per mode
-        Q = np.zeros((len(self._grid), 2, 6, 6))
+        Q = np.zeros((K, 2, 6, 6))
         for i in (0, 1):
             Q[:, :, i, i] = dt ** 3 / 3 * q
             Q[:, :, i, i + 2] = Q[:, :, i + 2, i] = dt ** 2 / 2 * q
             Q[:, :, i + 2, i + 2] = dt * q
             Q[:, :, i + 4, i + 4] = (self._grid ** 2 * (1.0 - decay ** 2))[:, None]  # keeps the tilt error stationary
-        return X0 @ F.T, F @ P0 @ F.T + Q, c
+        Ft = np.swapaxes(F, -1, -2)
+        return np.einsum("kjd,ked->kje", X0, F[:, 0]), F @ P0 @ Ft + Q, c
 
     def _mix(self, X: np.ndarray, P: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and covariance of the whole bank (hypotheses x modes)."""
