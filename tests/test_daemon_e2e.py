@@ -259,10 +259,8 @@ def test_invalid_config_exits_with_one_clear_line(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path):
-    import os
-    import signal
-
+def daemon_on_grey_frames(cache, tmp_path, fps: float, **nav):
+    """A daemon on a looping folder of three plain grey frames, and the ground station it talks to."""
     import cv2
 
     from mean_nav.nav.camera_model import CameraModel
@@ -273,9 +271,17 @@ def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path)
         cv2.imwrite(str(frames / f"{i:03d}.png"), np.full((120, 160, 3), 60 + 40 * i, np.uint8))
     port = free_udp_port()
     peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", dialect="common")
-    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}"))
+    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}"), **nav)
     daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache, camera=CameraModel.from_fov(160, 120, 70),
-                       source=ImageFolderSource(frames, realtime=True, fps=5.0, loop=True))
+                       source=ImageFolderSource(frames, realtime=True, fps=fps, loop=True))
+    return daemon, peer
+
+
+def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path):
+    import os
+    import signal
+
+    daemon, peer = daemon_on_grey_frames(cache, tmp_path, fps=5.0)
     previous = signal.getsignal(signal.SIGTERM)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
@@ -295,19 +301,7 @@ def test_sigterm_stops_the_daemon_cleanly_with_a_last_heartbeat(cache, tmp_path)
 
 
 def test_an_exception_in_one_frame_is_reported_critical_and_the_daemon_carries_on(cache, tmp_path):
-    import cv2
-
-    from mean_nav.nav.camera_model import CameraModel
-
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(frames / f"{i:03d}.png"), np.full((120, 160, 3), 60 + 40 * i, np.uint8))
-    port = free_udp_port()
-    peer = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", dialect="common")
-    cfg = NavConfig(mavlink=MavlinkConfig(connection=f"udpout:127.0.0.1:{port}"), startup_grace_s=0.0)
-    daemon = NavDaemon(cfg, embedder=ThumbnailEmbedder(), cache=cache, camera=CameraModel.from_fov(160, 120, 70),
-                       source=ImageFolderSource(frames, realtime=True, fps=10.0, loop=True))
+    daemon, peer = daemon_on_grey_frames(cache, tmp_path, fps=10.0, startup_grace_s=0.0)
     calls = {"n": 0}
     real_telemetry_at = daemon.link.telemetry_at
 

@@ -22,6 +22,22 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
+def print_and_save_json(results: dict, json_path=None) -> None:
+    """Print a benchmark's results as JSON and, when asked, write them to a file (atomically)."""
+    import json
+    import os
+    from pathlib import Path
+
+    text = json.dumps(results, indent=2)
+    print(text)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
     for name, (module_name, help_) in BENCHMARKS.items():

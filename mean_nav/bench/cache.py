@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MeanNavError
+from . import print_and_save_json
 
 log = logging.getLogger(__name__)
 
@@ -422,10 +423,6 @@ def run(args) -> int:
         results["build"] = bench_build(args, folder.parent / (folder.name + "-build"))
     results["loadavg_at_end"] = os.getloadavg()[0]
     plot(results, args.plot)
-    text = json.dumps(results, indent=2)
-    print(text)
+    print_and_save_json(results, args.json)
     print(f"plot: {args.plot}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
     return 0

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ..errors import MeanNavError
+from . import print_and_save_json
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +206,6 @@ def run(args) -> int:
     if args.index_tiles:
         results["cache_index_memory"] = bench_index_memory(args)
     plot(results, args.plot)
-    text = json.dumps(results, indent=2)
-    print(text)
+    print_and_save_json(results, args.json)
     print(f"plot: {args.plot}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
     return 0
