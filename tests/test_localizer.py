@@ -99,6 +99,24 @@ def test_bad_frames_and_telemetry_give_no_fix_with_a_reason_and_keep_the_track(c
     assert loc.process(frames[6].image, frames[6].telemetry, frames[6].time_s).fix == FixQuality.FIX
 
 
+def test_attitude_interpolation_error_widens_the_measurement_by_height_times_its_tangent(cache, flight):
+    from dataclasses import replace
+
+    frames = frames_of(flight, 4)
+    first_update = []     # (R, height) the filter got for the first verified frame of each run
+    for sigma in (0.0, math.radians(10)):
+        loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+        update = loc.filter.update
+        seen = []
+        loc.filter.update = lambda t, z, R, h, update=update, seen=seen: seen.append((R, h)) or update(t, z, R, h)
+        for f in frames:
+            loc.process(f.image, replace(f.telemetry, attitude_interp_sigma_rad=sigma), f.time_s)
+        assert seen, "no frame reached the filter"
+        first_update.append(seen[0])
+    (plain, h), (widened, _) = first_update
+    assert widened - plain == pytest.approx((h * math.tan(math.radians(10))) ** 2 * np.eye(2))
+
+
 def test_replay_is_deterministic(cache, flight):
     frames = frames_of(flight, 6)
     runs = []

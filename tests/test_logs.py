@@ -140,3 +140,15 @@ def test_unknown_log_type_and_missing_file_are_clear_errors(tmp_path):
         read_telemetry_log(tmp_path / "flight.log")
     with pytest.raises(MeanNavError, match="not found"):
         read_telemetry_log(tmp_path / "missing.tlog")
+
+
+def test_attitude_interpolated_across_a_step_carries_its_rms_error_and_none_at_a_sample():
+    # roll jumps 10 deg between two 20 Hz samples at an unknown moment: at fraction w of the
+    # interval the interpolated roll is off by w*10 or (1-w)*10 deg, RMS 10*sqrt(w(1-w)) deg
+    t = np.array([0.0, 0.05, 0.10])
+    ch = {n: Series(t, np.zeros(3)) for n in ("pitch", "yaw", "rel_alt_m")}
+    ch["roll"] = Series(t, np.radians([0.0, 10.0, 10.0]))
+    track = TelemetryTrack(ch, "test")
+    at = track.at([0.0, 0.025, 0.0125, 0.05, 0.075]).telemetry
+    sigma_deg = [math.degrees(tel.attitude_interp_sigma_rad) for tel in at]
+    assert sigma_deg == pytest.approx([0.0, 5.0, 10 * math.sqrt(0.25 * 0.75), 0.0, 0.0], abs=1e-9)

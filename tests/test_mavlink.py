@@ -226,6 +226,15 @@ def test_attitude_is_interpolated_at_the_frame_time_across_the_yaw_wrap():
     assert inside_hole.time_s == 10.1 and inside_hole.roll == pytest.approx(0.2)   # never bridged
 
 
+def test_attitude_interpolated_across_a_step_carries_its_rms_error():
+    h = TelemetryHistory()
+    h.add_attitude(10.0, 0.0, 0.0, 0.0)
+    h.add_attitude(10.05, 0.0, math.radians(10), 0.0)   # pitch steps 10 deg at an unknown moment
+    # at the midpoint the interpolated pitch is 5 deg off whichever side the step fell
+    assert math.degrees(h.at(10.025).attitude_interp_sigma_rad) == pytest.approx(5.0)
+    assert h.at(10.05).attitude_interp_sigma_rad == 0.0 and h.at(10.0).attitude_interp_sigma_rad == 0.0
+
+
 def test_signed_messages_verify_only_with_the_right_key():
     port = free_udp_port()
     key = bytes(range(32))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import cv2
@@ -180,6 +180,12 @@ class Localizer:
                 why = f"{why}; {self.acquisition.search}"
             return self._no_fix(t, telemetry, why)
         self._verified_xy = (measurement.x, measurement.y)
+        if telemetry.attitude_interp_sigma_rad > 0:
+            # the attitude was interpolated between telemetry samples across a change it cannot
+            # time, so the rectified nadir is off by about height x tan(that error): white error
+            # of this one frame, not the slow attitude bias the filter tracks
+            spread_m = h * math.tan(min(telemetry.attitude_interp_sigma_rad, math.radians(80)))
+            measurement = replace(measurement, cov=measurement.cov + spread_m ** 2 * np.eye(2))
         # attitude error moves the measured nadir by height x angle and drifts slowly: the
         # filter carries it as a shared error (and estimates its size) instead of averaging it
         with self.stages("filter"):

@@ -244,6 +244,7 @@ class TelemetryHistory:
                 dyaw = math.remainder(a1[2] - a0[2], 2 * math.pi)   # unwrap across +-pi
                 yaw = math.remainder(a0[2] + w * dyaw, 2 * math.pi)
                 stamp = t
+                sigma = max(abs(a1[0] - a0[0]), abs(a1[1] - a0[1])) * math.sqrt(w * (1 - w))
             else:
                 if i == 0:
                     j = 0
@@ -252,8 +253,9 @@ class TelemetryHistory:
                 else:
                     j = i if times[i] - t < t - times[i - 1] else i - 1
                 roll, pitch, yaw = self._attitudes[j]
-                stamp = times[j]
-            tel = Telemetry(time_s=stamp, roll=roll, pitch=pitch, yaw=yaw, rel_alt_m=math.nan)
+                stamp, sigma = times[j], 0.0     # a stale sample is judged by its age instead
+            tel = Telemetry(time_s=stamp, roll=roll, pitch=pitch, yaw=yaw, rel_alt_m=math.nan,
+                            attitude_interp_sigma_rad=sigma)
             if self.position is not None and abs(t - self.position_time) <= position_max_age_s:
                 lat, lon, alt, rel, vn, ve, vd, _ = self.position
                 tel.lat, tel.lon, tel.alt_amsl_m, tel.rel_alt_m = lat, lon, alt, rel

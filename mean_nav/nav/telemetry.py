@@ -26,6 +26,11 @@ class Telemetry:
     gimbal_roll: float = math.nan
     gimbal_pitch: float = math.nan
     gimbal_yaw: float = math.nan
+    # RMS error (radians) of the roll/pitch interpolated at time_s between two attitude samples,
+    # 0 at a sample: a change of d between them may be a step at any moment in between, so at
+    # fraction w of the interval the interpolation is off by w*d or (1-w)*d, RMS d*sqrt(w(1-w)).
+    # The localizer widens that frame's measurement by height x tan(this).
+    attitude_interp_sigma_rad: float = 0.0
 
     @property
     def has_gimbal_attitude(self) -> bool:

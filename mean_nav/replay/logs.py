@@ -112,10 +112,26 @@ class TelemetryTrack:
             out = wrap_pi(out)
         return out
 
+    def interpolation_sigma(self, name: str, times: np.ndarray) -> np.ndarray:
+        """RMS error of channel `name` interpolated at `times` if the change between the two
+        bracketing samples is a step at an unknown moment (see Telemetry.attitude_interp_sigma_rad)."""
+        times = np.asarray(times, float)
+        series = self.channels.get(name)
+        if series is None or len(series.time_s) < 2:
+            return np.zeros(times.shape)
+        t, v = series.time_s, series.values
+        if name in ANGLE_CHANNELS:
+            v = np.unwrap(v)
+        right = np.clip(np.searchsorted(t, times, side="left"), 1, len(t) - 1)
+        left = right - 1
+        w = np.clip((times - t[left]) / (t[right] - t[left]), 0.0, 1.0)
+        return np.abs(v[right] - v[left]) * np.sqrt(w * (1 - w))
+
     def at(self, times) -> TelemetryAt:
         """Telemetry at each time, or None with the reason (outside the log, gap)."""
         times = np.asarray(times, float)
         cols = {name: self.column(name, times) for name in ALL_CHANNELS}
+        attitude_sigma = np.maximum(self.interpolation_sigma("roll", times), self.interpolation_sigma("pitch", times))
         first, last = self.time_range()
         result: list[Telemetry | None] = []
         problems: list[str] = []
@@ -137,7 +153,7 @@ class TelemetryTrack:
                 vn=float(cols["vn"][i]), ve=float(cols["ve"][i]), vd=float(cols["vd"][i]),
                 lat=float(cols["lat"][i]), lon=float(cols["lon"][i]),
                 gimbal_roll=float(cols["gimbal_roll"][i]), gimbal_pitch=float(cols["gimbal_pitch"][i]),
-                gimbal_yaw=float(cols["gimbal_yaw"][i])))
+                gimbal_yaw=float(cols["gimbal_yaw"][i]), attitude_interp_sigma_rad=float(attitude_sigma[i])))
             problems.append("")
         return TelemetryAt(result, problems)
 
