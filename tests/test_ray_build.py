@@ -33,8 +33,11 @@ BUILD = dict(gsd_m=2.0, tile_size_m=32.0, stride_m=16.0, crs=UTM32N, batch_size=
 
 @pytest.fixture(scope="module")
 def cluster():
+    # only what ray.init starts: earlier tests may have left long-lived helpers of their own
+    # (e.g. multiprocessing's resource tracker), which are not Ray's to stop
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} - before
     yield
     ray.shutdown()
     # Ray's processes exit on their own after shutdown; on a loaded 2-core machine that took
