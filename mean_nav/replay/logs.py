@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -498,6 +500,13 @@ def _close(conn) -> None:
     if conn is not None:
         with contextlib.suppress(Exception):  # a damaged reader may fail to close too
             conn.close()
+    else:
+        # pymavlink's DFReader opens the log before it parses the header and does not close it
+        # when its constructor fails on a damaged file: finalise that orphan here, quietly,
+        # instead of leaving a ResourceWarning for whatever code runs next
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 def _reason(exc: Exception) -> str:
