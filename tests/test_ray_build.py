@@ -97,6 +97,20 @@ def _assert_same_cache(a: Path, b: Path) -> None:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def _settled_block_files(work: Path, quiet_s: float = 2.0, timeout_s: float = 60.0) -> set[str]:
+    """Finished block files once no new one has appeared for quiet_s."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = {p.name for p in work.glob("block-*[0-9].npz")}
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return seen
+
+
 def _block_count(map_path: Path) -> int:
     grid = TileGrid.from_metres(UTM32N, BUILD["gsd_m"], BUILD["tile_size_m"], BUILD["stride_m"])
     return len(plan_blocks(grid, area_tile_range([map_path], grid), BUILD["block_px"]))
@@ -191,7 +205,12 @@ def test_rerun_after_a_driver_crash_resumes_from_the_finished_blocks(cluster, in
         build_cache([map_path], out, OnnxRuntimeEmbedder(model, threads=1),
                     runner=_DriverDiesAfter(_runner(model), 3), **BUILD)
     assert not (out / META).exists()
-    finished = {p.name for p in (out / WORK).glob("block-*[0-9].npz")}
+    # the driver "died" but this process lives on, so blocks already running on the workers
+    # still finish: let them, then count what a rerun finds
+    deadline = time.monotonic() + 60
+    while _block_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finished = _settled_block_files(out / WORK)
     blocks = _block_count(map_path)
     assert 3 <= len(finished) < blocks
     rerun = _runner(model)
