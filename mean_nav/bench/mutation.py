@@ -139,9 +139,12 @@ class _Mutator(ast.NodeTransformer):
             return node
         if _callee_name(node.func) in _SHAPE_CALLEES:
             return node
-        if _callee_name(node.func) == "bounded" and node.args:
+        if _callee_name(node.func) == "bounded":
             # a config default: mutate the value, not the validation limits (the config layer's)
-            node.args[0] = self.visit(node.args[0])
+            node.args = [self.visit(a) for a in node.args]
+            for k in node.keywords:
+                if k.arg == "default_factory":
+                    k.value = self.visit(k.value)
             return node
         node = self.generic_visit(node)
         name = _callee_name(node.func)
@@ -313,6 +316,13 @@ def _install_mutant(module_name: str, code) -> None:
     setattr(package, attr, module)
 
 
+def _forget_project_modules() -> None:
+    """Drop every mean_nav module from sys.modules (third-party ones stay preloaded), so the
+    tests import the project afresh, around the mutant."""
+    for name in [k for k in sys.modules if k == "mean_nav" or k.startswith("mean_nav.")]:
+        del sys.modules[name]
+
+
 def _spawn_pytest(test_files: list[str], module_name: str | None, code, timeout_s: float,
                   trace_file: Path | None = None) -> int:
     """Fork; the child (optionally mutated, optionally line-traced) runs pytest quietly and
@@ -324,6 +334,10 @@ def _spawn_pytest(test_files: list[str], module_name: str | None, code, timeout_
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             signal.alarm(max(1, int(timeout_s)))
+            # `bench` imports every benchmark, and with them the localizer, the filter and the
+            # camera model: modules imported before the mutant would keep the real functions
+            # (`from .filter import ...`) and their module-level lines would never be traced
+            _forget_project_modules()
             if code is not None:
                 _install_mutant(module_name, code)
             lines: set[int] = set()
