@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from mean_nav.errors import MeanNavError
 from mean_nav.nav.camera_model import (CameraModel, ground_to_image, ground_to_pixel_homography,
                                        rectify_to_nadir, render_view, rotation_ned_from_body)
 
@@ -213,3 +214,117 @@ def test_ground_outside_the_map_renders_black_which_means_no_data(world):
     far = ground_to_image(MAP_GSD, world.shape[0], centre_en=(200.0, 0.0))   # nadir 200 m off the 90 m map
     view = render_view(world, far, cam, 0.0, 0.0, 0.0, 40.0)
     assert not view.any()
+
+
+# --- gimbal telemetry, camera files, sky, aliasing, valid mask ----------------------------
+
+def test_gimbal_attitude_needs_all_three_angles_and_keeps_their_order():
+    from mean_nav.nav.camera_model import gimbal_attitude
+    from mean_nav.nav.telemetry import Telemetry
+
+    assert gimbal_attitude(None) is None
+    t = Telemetry(0.0, 0.1, 0.2, 0.3, 50.0)
+    assert gimbal_attitude(t) is None                                   # no gimbal at all
+    t.gimbal_roll, t.gimbal_pitch = 0.01, -1.5
+    assert gimbal_attitude(t) is None                                   # yaw unknown
+    t.gimbal_yaw = 2.0
+    assert gimbal_attitude(t) == (0.01, -1.5, 2.0)                      # (roll, pitch, yaw)
+
+
+def test_a_default_camera_round_trips_through_its_file_with_opencvs_five_coefficients(tmp_path):
+    cam = CameraModel(640, 480, 500.0, 500.0, 319.5, 239.5)
+    assert cam.distortion == [0.0] * 5                                  # k1 k2 p1 p2 k3
+    cam.to_yaml(tmp_path / "cam.yaml")
+    assert CameraModel.from_yaml(str(tmp_path / "cam.yaml")) == cam     # a str path works too
+
+
+def test_the_calibration_rms_survives_the_camera_file(tmp_path):
+    cam = CameraModel(640, 480, 500.0, 500.0, 319.5, 239.5, rms_reprojection_px=0.42)
+    cam.to_yaml(tmp_path / "cam.yaml")
+    assert CameraModel.from_yaml(tmp_path / "cam.yaml").rms_reprojection_px == 0.42
+
+
+def test_negative_distortion_alone_is_distortion():
+    assert CameraModel(64, 48, 50.0, 50.0, 31.5, 23.5, [-0.2, 0.0, 0.0, 0.0, 0.0]).has_distortion
+    assert CameraModel(64, 48, 50.0, 50.0, 31.5, 23.5, [0.0, 0.0, 0.0, -0.001]).has_distortion
+    assert not CameraModel(64, 48, 50.0, 50.0, 31.5, 23.5).has_distortion
+
+
+def _camera_file(tmp_path, **fields):
+    values = dict(width=640, height=480, fx=500, fy=500, cx=319.5, cy=239.5)
+    values.update(fields)
+    path = tmp_path / "cam.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    return path
+
+
+def test_a_missing_camera_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(MeanNavError, match="calibrate-camera"):
+        CameraModel.from_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("count", [4, 5, 8, 12, 14])    # what cv2.undistort accepts
+def test_every_opencv_distortion_length_loads(tmp_path, count):
+    coefficients = [0.01] + [0.0] * (count - 1)
+    cam = CameraModel.from_yaml(_camera_file(tmp_path, distortion=coefficients))
+    assert cam.distortion == coefficients
+    cv2.undistort(np.zeros((8, 8), np.uint8), cam.K, np.asarray(cam.distortion))   # OpenCV agrees
+
+
+@pytest.mark.parametrize("count", [3, 6, 7])
+def test_other_distortion_lengths_are_refused_naming_the_field(tmp_path, count):
+    with pytest.raises(MeanNavError, match="'distortion' has"):
+        CameraModel.from_yaml(_camera_file(tmp_path, distortion=[0.0] * count))
+
+
+@pytest.mark.parametrize("cx,cy", [(0, 0), (640, 480), (0.5, 479.5)])
+def test_a_principal_point_anywhere_on_the_image_loads(tmp_path, cx, cy):
+    cam = CameraModel.from_yaml(_camera_file(tmp_path, cx=cx, cy=cy))
+    assert (cam.cx, cam.cy) == (cx, cy)
+
+
+@pytest.mark.parametrize("cx,cy,name", [(-1, 240, "'cx'"), (641, 240, "'cx'"), (320, -0.5, "'cy'"),
+                                        (320, 481, "'cy'")])
+def test_a_principal_point_off_the_image_is_refused(tmp_path, cx, cy, name):
+    with pytest.raises(MeanNavError, match=name):
+        CameraModel.from_yaml(_camera_file(tmp_path, cx=cx, cy=cy))
+
+
+def test_sky_above_the_horizon_renders_as_no_data():
+    # nose up 60 deg, nadir camera: the axes are the "vehicle pitch" pose of HAND_POSES at 60 deg,
+    # so a ray (a, b, 1) points down by b sin60 + cos60, at or above the horizon for b <= -cot 60
+    cam = CameraModel.from_fov(64, 48, 90.0)            # fy 32, cy 23.5
+    ground = np.full((400, 400), 200, np.uint8)          # 1 m/px, +-200 m around the nadir
+    view = render_view(ground, ground_to_image(1.0, 400), cam, 0.0, math.radians(60), 0.0, 2.0)
+    b = (np.arange(48) - cam.cy) / cam.fy
+    down = b * math.sin(math.radians(60)) + math.cos(math.radians(60))
+    sky, near_ground = down <= 0, b >= 0                 # rows b >= 0 see the ground < 3.5 m ahead
+    assert sky.sum() == 6                                # rows 0..5
+    assert not view[sky].any()
+    assert (view[near_ground] == 200).all()
+
+
+def test_a_much_finer_frame_is_averaged_not_aliased():
+    # 1 px stripes at 2 cm/px rectified to 20 cm/px: each output pixel covers 10 stripes, so
+    # it must be their mean (127.5); point sampling (on whole pixels here: cx = 199) gives 0 or 255
+    cam = CameraModel(400, 400, 500.0, 500.0, 199.0, 199.0)      # 10 m up: 2 cm per pixel
+    frame = np.zeros((400, 400), np.uint8)
+    frame[:, ::2] = 255
+    rect, valid = rectify_to_nadir(frame, cam, 0.0, 0.0, 0.0, 10.0, 0.2, 30)
+    inner = rect[5:-5, 5:-5].astype(float)
+    assert valid[5:-5, 5:-5].all()
+    assert np.abs(inner - 127.5).max() < 20
+
+
+def test_the_valid_mask_is_the_part_of_the_ground_the_frame_sees():
+    # nadir camera, 90 deg by ~74 deg at 10 m: it sees east +-10 m and north +-7.5 m
+    cam = CameraModel.from_fov(64, 48, 90.0)
+    frame = np.full((48, 64), 100, np.uint8)
+    rect, valid = rectify_to_nadir(frame, cam, 0.0, 0.0, 0.0, 10.0, 0.5, 60)    # +-15 m
+    px = lambda e, n: (round(29.5 + e / 0.5), round(29.5 - n / 0.5))  # noqa: E731 (col, row)
+    for e, n in [(0, 0), (9, 0), (-9, 0), (0, 7), (0, -7), (9, 7)]:
+        col, row = px(e, n)
+        assert valid[row, col] and rect[row, col] == 100, (e, n)
+    for e, n in [(12, 0), (-12, 0), (0, 9), (0, -9), (14, 14)]:
+        col, row = px(e, n)
+        assert not valid[row, col] and rect[row, col] == 0, (e, n)
