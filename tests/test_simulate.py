@@ -192,3 +192,29 @@ def test_gimbal_camera_looks_down_while_the_vehicle_pitches(tmp_path):
     assert np.median(pitches) < math.radians(-7)  # nose down ~10 deg at cruise
     assert np.median(corr_gimbal) > 0.8
     assert np.median(corr_vehicle) < np.median(corr_gimbal) - 0.3
+
+
+def test_a_stop_brakes_nose_up_to_a_hover_at_its_waypoint_then_flies_on():
+    from mean_nav.replay.simulate import fly
+
+    route = [(0.0, 0.0, 60.0, 8.0), (0.0, 100.0, 60.0, 8.0), (100.0, 100.0, 60.0, 8.0), (100.0, 0.0, 60.0, 8.0)]
+    calm = dict(turbulence_deg=0.0, duration_s=60.0)
+    plain = fly(route, SimulationConfig(**calm), np.random.default_rng(0))
+    stop = fly(route, SimulationConfig(**calm, stop_s=4.0, stop_waypoint=2), np.random.default_rng(0))
+    speed = np.hypot(stop.vn, stop.ve)
+    still = np.flatnonzero(speed < 1e-9)
+    assert still.size and np.all(np.diff(still) == 1)                 # one hover
+    hover = stop.time_s[still]
+    assert hover[-1] - hover[0] == pytest.approx(4.0, abs=0.05)
+    # where it stops: past waypoint 2 by at most the braking distance at 1.5 m/s^2 (+ 3 m reach)
+    at = np.hypot(stop.x[still[0]] - 100.0, stop.y[still[0]] - 100.0)
+    assert at < 8.0 ** 2 / (2 * 1.5) + 3.0 + 14.0                    # (the turn starts 0.8 turn radii early)
+    braking = (stop.time_s < hover[0]) & (stop.time_s > hover[0] - 4.0) & (speed > 1.0)
+    assert np.all(stop.pitch[braking] > 0) and stop.pitch[braking].max() == pytest.approx(math.atan(1.5 / G), abs=1e-3)
+    before = plain.time_s < hover[0] - 8.0                          # identical up to the braking
+    n = int(before.sum())
+    assert np.array_equal(plain.x[:n], stop.x[:n]) and np.array_equal(plain.yaw[:n], stop.yaw[:n])
+    after = stop.time_s > hover[-1] + 8.0
+    assert np.hypot(stop.vn[after], stop.ve[after]).max() > 7.0      # flies on
+    # without stop_s the route is flown exactly as before the option existed
+    assert np.array_equal(fly(route, SimulationConfig(**calm, stop_waypoint=1), np.random.default_rng(0)).x, plain.x)

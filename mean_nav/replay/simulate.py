@@ -2,7 +2,8 @@
 
 A multicopter flies a loop of straight legs inside the map (optionally one leg that
 leaves it), with coordinated turns (bank = atan(v * turn rate / g)), pitch from
-acceleration and climb, light turbulence, and altitude changes between legs. Frames are
+acceleration and climb, light turbulence, altitude changes between legs, and optionally
+a stop (`--stop`: brake to a hover at a waypoint, hold it, turn, fly on). Frames are
 rendered with perspective from the true attitude and height (`render_view`), then get a
 flight-wide illumination/colour change plus per-frame blur and sensor noise
 (`degrade_photometric`) and a few occluding blobs (vehicles, birds: `add_occlusions`).
@@ -59,6 +60,10 @@ class SimulationConfig:
     # keep the nadir this far inside the map edges (<0: outside them)
     margin_m: float = bounded(30.0, ge=-1e5, le=1e5, unit="m")
     leave_map_m: float = bounded(0.0, ge=0, le=1e5, unit="m")  # >0: one leg flies this far beyond the map edge and back
+    # >0: on reaching route waypoint stop_waypoint the vehicle brakes to a hover, holds it this
+    # long, then turns to the next waypoint (a stop: nose-up braking, zero speed)
+    stop_s: float = bounded(0.0, ge=0, le=3600, unit="s")
+    stop_waypoint: int = bounded(2, ge=1, le=1000)
     seed: int = bounded(0, ge=0, lt=2**32)
     width: int = bounded(640, ge=16, le=16384, unit="px")
     height: int = bounded(480, ge=16, le=16384, unit="px")
@@ -144,11 +149,23 @@ def fly(route, cfg: SimulationConfig, rng: np.random.Generator) -> Trajectory:
     turb = np.zeros(3)
     tau = 1.5  # turbulence correlation time, s
     limit = cfg.duration_s
+    stop = "pending" if cfg.stop_s > 0 else "done"   # pending -> braking -> hover -> done
+    hover_end = math.inf
     while True:
         tx, ty, th, tv = route[wp]
         dist = math.hypot(tx - x, ty - y)
         turn_radius = v / max_rate_at(v)
-        if dist < max(3.0, 0.8 * turn_radius):
+        if stop in ("braking", "hover"):
+            # brake along the heading (nose up), hover, then fly on to the next waypoint
+            tv = 0.0
+            if stop == "braking" and v < 0.1:
+                stop, hover_end, v = "hover", t + cfg.stop_s, 0.0
+            if stop == "hover" and t >= hover_end:
+                stop = "done"
+                continue
+        elif dist < max(3.0, 0.8 * turn_radius):
+            if stop == "pending" and wp == cfg.stop_waypoint:
+                stop = "braking"
             wp += 1
             if wp >= len(route):
                 if limit is None or t >= limit:
@@ -157,8 +174,10 @@ def fly(route, cfg: SimulationConfig, rng: np.random.Generator) -> Trajectory:
             continue
         desired = math.atan2(tx - x, ty - y)
         err = (desired - heading + math.pi) % (2 * math.pi) - math.pi
+        if stop in ("braking", "hover"):
+            err = 0.0   # the heading is held while stopping
         rate = float(np.clip(1.2 * err, -max_rate_at(v), max_rate_at(v)))
-        accel = float(np.clip(0.6 * (tv - v), -1.5, 1.5))
+        accel = float(np.clip((1.5 if stop == "braking" else 0.6) * (tv - v), -1.5, 1.5))
         climb = float(np.clip(0.5 * (th - h), -cfg.climb_rate_ms, cfg.climb_rate_ms))
         # first-order coloured noise for gusts
         turb += (-turb / tau) * STEP_S + rng.normal(0, math.radians(cfg.turbulence_deg), 3) * math.sqrt(2 * STEP_S / tau)
@@ -373,6 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=d.margin_m, help="keep the track this far inside the map, m")
     parser.add_argument("--leave-map", type=float, default=d.leave_map_m,
                         help="add a leg flying this many metres beyond the map edge and back (0: none)")
+    parser.add_argument("--stop", type=float, default=d.stop_s,
+                        help="brake to a hover at waypoint --stop-waypoint and hold it this many seconds (0: none)")
+    parser.add_argument("--stop-waypoint", type=int, default=d.stop_waypoint,
+                        help="route waypoint of the stop (1: the end of the first leg)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--size", type=int, nargs=2, default=(d.width, d.height), metavar=("W", "H"),
                         help="camera image size in pixels")
@@ -400,6 +423,7 @@ def config_from_args(args) -> SimulationConfig:
     return validate(SimulationConfig(
         altitude_m=args.altitude, altitude_change_m=args.altitude_change, speed_ms=args.speed, fps=args.fps,
         duration_s=args.duration, margin_m=args.margin, leave_map_m=args.leave_map, seed=args.seed,
+        stop_s=args.stop, stop_waypoint=args.stop_waypoint,
         width=args.size[0], height=args.size[1], hfov_deg=args.hfov, map_gsd_m=args.map_gsd,
         photometric_strength=args.photometric, occlusion_strength=args.occlusions, outside=args.outside,
         attitude_error_deg=args.attitude_error, attitude_error_tau_s=args.attitude_error_tau,
