@@ -19,7 +19,9 @@ surveys and 30 Hz video:
   - persistent disagreement (gated-out fixes for `reject_after_s`, at least two) means the
     track is what is wrong: it is dropped and the rejected fixes become start-up candidates;
   - fixes closer in time than `measurement_correlation_s` share their matching error (the
-    same features seen again), so the filter takes at most one independent fix per that time.
+    same features seen again), so the filter takes at most one independent fix per that time:
+    in the position update (R inflated by correlation / spacing) and in the attitude-error
+    weights (each fix's likelihood counted by spacing / correlation).
 
 Attitude error magnitude (multiple-model adaptive estimation): users rarely know their
 autopilot's roll/pitch accuracy, and it sets the reported sigma above ~50 m. The filter runs
@@ -318,7 +320,13 @@ class PositionFilter:
         joint = c * np.exp(mode_ll - top)                              # [K, M]
         log_likelihood = top + np.log(np.maximum(joint.sum(axis=1), 1e-300))
         self._bank = (X, P, joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-300))
-        self._log_likelihood = fade * self._log_likelihood + (log_likelihood - log_likelihood.max())
+        # a fix that shares its matching error with the last one (closer than
+        # measurement_correlation_s) is dt / correlation of an independent one's evidence, as
+        # its inflated R says: counted whole, 30 Hz video re-weighted the bank 9x per 0.3 s
+        # towards small attitude errors and its radius held 45 % of the errors (1 Hz: 85 %)
+        evidence = min(1.0, (fix.t - self.last_accept_t) / cfg.measurement_correlation_s) \
+            if cfg.measurement_correlation_s > 0 else 1.0
+        self._log_likelihood = fade * self._log_likelihood + evidence * (log_likelihood - log_likelihood.max())
         self._likelihood_t = fix.t
         self.t = self.last_accept_t = fix.t
         self._rejected = []
