@@ -74,6 +74,23 @@ def test_score_counts_fixes_over_the_map_coverage_and_false_fixes():
     assert s["median_m"] == pytest.approx(6.5)
     assert s["error_per_floor"] == pytest.approx(6.5 / (100 * np.tan(np.radians(1.0))))
     assert s["first_fix_s"] == pytest.approx(2.0) and s["frames_per_s"] == pytest.approx(2.0)
+    assert s["frame_rate_hz"] == pytest.approx(0.5)                  # frames 2 s apart
+
+
+def test_a_flight_faster_than_the_localizer_is_marked_in_the_table():
+    """The replay processes every frame whatever it costs; the daemon would skip frames, so
+    the table says where this machine did not keep up with the flight's frame rate."""
+    from mean_nav.bench.field import format_table
+
+    row = {"frames": 900, "fix_rate": 1.0, "median_m": 1.0, "p95_m": 2.0, "error_per_floor": 1.0,
+           "coverage_68": 0.7, "false_fixes": 0, "first_fix_s": 0.1}
+    slow = dict(row, name="video", frame_rate_hz=30.0, frames_per_s=20.0)
+    fast = dict(row, name="photos", frame_rate_hz=1.0, frames_per_s=20.0)
+    lines = format_table([fast, slow]).splitlines()
+    video, photos = next(l for l in lines if l.startswith("video")), next(l for l in lines if l.startswith("photos"))
+    assert video.rstrip().endswith("20.0*") and photos.rstrip().endswith("20.0")
+    assert any(l.startswith("* slower than the flight's frame rate") for l in lines)
+    assert not any(l.startswith("*") for l in format_table([fast]).splitlines())
 
 
 def test_footprint_on_map_sees_how_much_of_the_camera_view_is_map(tmp_path):
