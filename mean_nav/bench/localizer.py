@@ -47,7 +47,7 @@ def run(args) -> int:
 
     flight = Flight(args.flight)
     cfg = load_config(args.config, LocalizerConfig) if args.config else LocalizerConfig()
-    embedder = load_embedder(args.model, backend=args.backend, threads=args.threads)
+    embedder = load_embedder(args.model, backend=args.backend, threads=args.threads, spin=False)
     prior = initial_prior(flight)
     stored = Localizer(embedder, TileCache.load(args.cache), flight.camera, cfg, initial_lonlat=prior)
     if not isinstance(stored.verifier.map_features, StoredMapFeatures):

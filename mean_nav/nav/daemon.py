@@ -125,7 +125,8 @@ class NavDaemon:
         self.camera = camera or CameraModel.from_yaml(resolve(config_dir, cfg.camera.calibration))
         if embedder is None:
             from ..deploy.backends import load_embedder
-            embedder = load_embedder(resolve(config_dir, cfg.model.path), cfg.model.backend, cfg.model.threads)
+            embedder = load_embedder(resolve(config_dir, cfg.model.path), cfg.model.backend, cfg.model.threads,
+                                     spin=False)
         if cache is None:
             from ..geo.cache import TileCache
             cache = TileCache.load(resolve(config_dir, cfg.cache.path), expect_model_hash=embedder.model_hash,

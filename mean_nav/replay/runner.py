@@ -283,7 +283,7 @@ def build_localizer(model: Path, cache: Path, camera, config: Path | None, initi
     from ..geo.cache import TileCache
     from ..nav.localizer import Localizer, LocalizerConfig
 
-    embedder = load_embedder(model, backend=backend, threads=threads)
+    embedder = load_embedder(model, backend=backend, threads=threads, spin=False)
     tile_cache = TileCache.load(cache)
     cfg = load_config(config, LocalizerConfig) if config else LocalizerConfig()
     return Localizer(embedder, tile_cache, camera, cfg, initial_lonlat=initial_lonlat)
