@@ -131,7 +131,7 @@ def export_features(out_dir: str | Path, check_top_k: int = DEFAULT_CHECK_TOP_K,
                     allow_other_weights: bool = False) -> FeatureExportReport:
     import torch
 
-    from .xfeat_torch import XFeatGraph, load_lighterglue, load_xfeat, wheel_weights_dir
+    from .xfeat_torch import LighterGlueGraph, XFeatGraph, load_lighterglue, load_xfeat, wheel_weights_dir
 
     if check_size % 32 or check_size < 64:
         raise MeanNavError(f"--check-size {check_size}: must be a multiple of 32, at least 64")
@@ -162,7 +162,9 @@ def export_features(out_dir: str | Path, check_top_k: int = DEFAULT_CHECK_TOP_K,
         example_glue = (k[v][None], k[v][None] + 1.0, d[v][None], d[v][None],
                         torch.tensor([[check_size, check_size]], dtype=torch.float32),
                         torch.tensor([[check_size, check_size]], dtype=torch.float32))
-        _export(glue, example_glue, glue_path, GLUE_INPUTS, ["matches0", "scores0"],
+        # the export form (weights rearranged for onnxruntime); the check below compares it with
+        # the reference architecture the weights were loaded into
+        _export(LighterGlueGraph(glue).eval(), example_glue, glue_path, GLUE_INPUTS, ["matches0", "scores0"],
                 {"keypoints0": {1: "m"}, "descriptors0": {1: "m"}, "keypoints1": {1: "n"}, "descriptors1": {1: "n"},
                  "matches0": {0: "m"}, "scores0": {0: "m"}})
         _finish(glue_path, {"kind": "lighterglue", "weights_sha256": glue_sha, "xfeat_weights_sha256": xfeat_sha})

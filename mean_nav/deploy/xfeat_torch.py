@@ -305,3 +305,124 @@ def load_lighterglue(weights_dir: Path | None = None) -> tuple[LighterGlue, str]
     model = LighterGlue()
     model.load_state_dict(state, strict=True)
     return model.eval(), sha256_file(path)
+
+
+# ----------------------------------------------------------------------------- LighterGlue, export form
+
+
+class _SelfGraph(nn.Module):
+    """SelfBlock with its weights rearranged for a fast static graph (same function):
+    q, k, v contiguous instead of interleaved (no strided gathers), q and k channels of each
+    head de-interleaved (even then odd) so the rotary turn is two contiguous halves, and the
+    attention scale folded into q's weights."""
+
+    def __init__(self, block: SelfBlock):
+        super().__init__()
+        dim = block.out_proj.in_features
+        heads, head_dim = block.heads, dim // block.heads
+        w, b = block.Wqkv.weight.detach(), block.Wqkv.bias.detach()
+        # Wqkv rows are (head, channel, q/k/v); rotary pairs channels (2i, 2i+1) within a head
+        channel = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+        rows_qk = (torch.arange(heads)[:, None] * head_dim + channel[None]).flatten()
+        rows_v = torch.arange(dim)
+        scale = head_dim ** -0.5
+        order = torch.cat([rows_qk * 3, rows_qk * 3 + 1, rows_v * 3 + 2])
+        factor = torch.cat([torch.full((dim,), scale), torch.ones(2 * dim)])
+        self.qkv = nn.Linear(dim, 3 * dim)
+        with torch.no_grad():
+            self.qkv.weight.copy_(w[order] * factor[:, None])
+            self.qkv.bias.copy_(b[order] * factor)
+        self.heads, self.head_dim, self.dim = heads, head_dim, dim
+        self.out_proj, self.ffn = block.out_proj, block.ffn
+
+    def forward(self, x, cos, sin):
+        qkv = self.qkv(x)
+        d = self.dim
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        q, k, v = _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
+        q, k = _turn(q, cos, sin), _turn(k, cos, sin)
+        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return x + self.ffn(torch.cat([x, self.out_proj(_merge(attn @ v, self.heads))], -1))
+
+
+class _CrossGraph(nn.Module):
+    """CrossBlock with the similarity scale folded into to_qk's weights (same function)."""
+
+    def __init__(self, block: CrossBlock):
+        super().__init__()
+        dim = block.to_qk.in_features
+        self.to_qk = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.to_qk.weight.copy_(block.to_qk.weight * block.scale ** 0.5)
+            self.to_qk.bias.copy_(block.to_qk.bias * block.scale ** 0.5)
+        self.heads = block.heads
+        self.to_v, self.to_out, self.ffn = block.to_v, block.to_out, block.ffn
+
+    def forward(self, x0, x1):
+        h = self.heads
+        qk0, qk1 = _heads(self.to_qk(x0), h), _heads(self.to_qk(x1), h)
+        v0, v1 = _heads(self.to_v(x0), h), _heads(self.to_v(x1), h)
+        sim = qk0 @ qk1.transpose(-1, -2)
+        m0 = torch.softmax(sim, dim=-1) @ v1
+        m1 = torch.softmax(sim.transpose(-1, -2), dim=-1) @ v0
+        x0 = x0 + self.ffn(torch.cat([x0, self.to_out(_merge(m0, h))], -1))
+        x1 = x1 + self.ffn(torch.cat([x1, self.to_out(_merge(m1, h))], -1))
+        return x0, x1
+
+
+def _heads(x, heads: int):
+    """[B, M, H*d] -> [B, H, M, d]; with one head a no-op (the graph keeps [B, M, d])."""
+    return x if heads == 1 else x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge(x, heads: int):
+    return x if heads == 1 else x.transpose(1, 2).flatten(start_dim=-2)
+
+
+def _turn(x, cos, sin):
+    """The rotary encoding on de-interleaved channels: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+class LighterGlueGraph(nn.Module):
+    """What `mean-nav export-features` writes for LighterGlue: the same function as `LighterGlue`
+    (same inputs and outputs) with its weights rearranged for onnxruntime's CPU kernels (see
+    _SelfGraph; about 2x fewer nodes, no strided gathers). Built from a loaded LighterGlue."""
+
+    def __init__(self, glue: LighterGlue):
+        super().__init__()
+        self.input_proj, self.posenc_proj = glue.input_proj, glue.posenc.Wr
+        self.self_blocks = nn.ModuleList([_SelfGraph(t.self_attn) for t in glue.transformers])
+        self.cross_blocks = nn.ModuleList([_CrossGraph(t.cross_attn) for t in glue.transformers])
+        last = glue.log_assignment[-1]
+        dim = last.final_proj.in_features
+        self.final_proj = nn.Linear(dim, dim)
+        with torch.no_grad():   # the reference divides both projections by d^0.25
+            self.final_proj.weight.copy_(last.final_proj.weight / dim ** 0.25)
+            self.final_proj.bias.copy_(last.final_proj.bias / dim ** 0.25)
+        self.matchability = last.matchability
+        self.heads = glue.transformers[0].self_attn.heads
+
+    def _encoding(self, kpts, size):
+        projected = self.posenc_proj(LighterGlue.normalize_keypoints(kpts, size))    # [B, M, d/2]
+        if self.heads != 1:
+            projected = projected[:, None]
+        return torch.cos(projected), torch.sin(projected)
+
+    def forward(self, kpts0, kpts1, desc0, desc1, size0, size1):
+        cos0, sin0 = self._encoding(kpts0, size0)
+        cos1, sin1 = self._encoding(kpts1, size1)
+        desc0, desc1 = self.input_proj(desc0), self.input_proj(desc1)
+        for self_block, cross_block in zip(self.self_blocks, self.cross_blocks):
+            desc0, desc1 = cross_block(self_block(desc0, cos0, sin0), self_block(desc1, cos1, sin1))
+        m0, m1 = self.final_proj(desc0), self.final_proj(desc1)
+        sim = m0 @ m1.transpose(-1, -2)
+        certainties = F.logsigmoid(self.matchability(desc0)) + F.logsigmoid(self.matchability(desc1)).transpose(1, 2)
+        scores = (F.log_softmax(sim, 2) + F.log_softmax(sim, 1) + certainties)[0]
+        best0, match0 = scores.max(1)
+        match1 = scores.max(0).indices
+        mutual = match1[match0] == torch.arange(match0.shape[0])
+        probability = torch.where(mutual, best0.exp(), torch.zeros_like(best0))
+        return torch.where(mutual, match0, torch.full_like(match0, -1)), probability
