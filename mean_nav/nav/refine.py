@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -29,6 +30,10 @@ class RefineConfig:
     # lighterglue for xfeat)
     matcher: str | None = None
     xfeat_models: str | None = None   # folder with xfeat.onnx + lighterglue.onnx (`mean-nav export-features -o`)
+    # xfeat / lighterglue runtime: auto (a TensorRT engine built from the ONNX where there is one,
+    # else onnxruntime) | onnxruntime | tensorrt (deploy/feature_backends.py)
+    feature_backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    feature_threads: int | None = bounded(None, ge=1, le=1024)   # onnxruntime threads (None: one per core)
     # per query image and per map region (the region's strongest)
     max_features: int = bounded(1500, ge=2, le=100_000)
     ratio_test: float = bounded(0.8, gt=0, le=1)  # Lowe's ratio for the two nearest neighbours

@@ -1,6 +1,7 @@
 """LighterGlue matching of XFeat features in onnxruntime (the ONNX from `mean-nav export-features`).
 
-No torch here. The graph runs all of LighterGlue's layers on both keypoint sets and returns,
+No torch here; `refine.feature_backend` picks onnxruntime or a TensorRT engine built from the
+ONNX (deploy/feature_backends.py). The graph runs all of LighterGlue's layers on both keypoint sets and returns,
 for every query keypoint, its mutual best match among the reference's and that match's
 probability; matches below `min_score` (the reference's filter threshold, 0.1) are dropped.
 Keypoint positions are part of LighterGlue's input (normalised by each image's size), so
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...deploy.backends import open_onnx_session
+from ...deploy.feature_backends import FeatureGraph
 from ...errors import MeanNavError
 from . import Features, Matches
-from .xfeat import LIGHTERGLUE_ONNX, XFEAT_ONNX, model_path, onnx_metadata
+from .xfeat import LIGHTERGLUE_ONNX, XFEAT_ONNX, model_path
 
 DEFAULT_MIN_SCORE = 0.1
 
@@ -24,10 +25,10 @@ class LighterGlueMatcher:
     name = "lighterglue"
 
     def __init__(self, path: str | Path, min_score: float = DEFAULT_MIN_SCORE, threads: int | None = None,
-                 cpu_only: bool = False, xfeat_weights_sha256: str | None = None):
+                 cpu_only: bool = False, xfeat_weights_sha256: str | None = None, backend: str = "onnxruntime"):
         self.path = Path(path)
-        self.session = open_onnx_session(self.path, threads=threads, cpu_only=cpu_only)
-        meta = onnx_metadata(self.session, self.path, "lighterglue")
+        self.graph = FeatureGraph(self.path, "lighterglue", backend, threads=threads, cpu_only=cpu_only)
+        meta = self.graph.metadata
         self.weights_sha256 = meta["weights_sha256"]
         self.xfeat_weights_sha256 = meta["xfeat_weights_sha256"]
         if xfeat_weights_sha256 is not None and xfeat_weights_sha256 != self.xfeat_weights_sha256:
@@ -41,10 +42,11 @@ class LighterGlueMatcher:
         if refine.detector != "xfeat":
             raise MeanNavError(f"refine.matcher: lighterglue matches XFeat features only, not {refine.detector!r}; "
                                "use refine.detector: xfeat or another matcher")
-        from .xfeat import XFeatExtractor
+        from ...deploy.feature_backends import onnx_feature_metadata
 
-        detector = XFeatExtractor(model_path(refine, XFEAT_ONNX), cpu_only=True)
-        return cls(model_path(refine, LIGHTERGLUE_ONNX), xfeat_weights_sha256=detector.weights_sha256)
+        xfeat = onnx_feature_metadata(model_path(refine, XFEAT_ONNX))   # the pair must come from one export
+        return cls(model_path(refine, LIGHTERGLUE_ONNX), xfeat_weights_sha256=xfeat.get("weights_sha256"),
+                   threads=refine.feature_threads, backend=refine.feature_backend)
 
     def match(self, query: Features, ref: Features) -> Matches:
         if len(query) == 0 or len(ref) == 0:
@@ -66,7 +68,7 @@ class LighterGlueMatcher:
             "descriptors1": np.asarray(descriptors1, np.float32)[None],
             "size0": np.asarray(size0, np.float32).reshape(1, 2), "size1": np.asarray(size1, np.float32).reshape(1, 2),
         }
-        matches, scores = self.session.run(None, feeds)
+        matches, scores = self.graph.run(feeds)
         return np.where(scores > self.min_score, matches, -1).astype(np.int64), scores
 
 

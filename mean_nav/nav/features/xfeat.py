@@ -3,7 +3,8 @@
 No torch here: this is the flight computer's path. The graph takes a grey image whose
 sides are multiples of 32 and a count K and returns the K best keypoints; images of other sizes are
 padded (not resized, so the ground resolution stays the cache's) and keypoints in the
-padding or near the no-data border of a rectified view are dropped.
+padding or near the no-data border of a rectified view are dropped. `refine.feature_backend`
+runs it on a TensorRT engine built from the ONNX instead (deploy/feature_backends.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ...deploy.backends import open_onnx_session
+from ...deploy.feature_backends import FeatureGraph
 from ...errors import MeanNavError
 from . import Features
 
@@ -40,35 +41,28 @@ def model_path(refine, name: str) -> Path:
     return path
 
 
-def onnx_metadata(session, path: Path, kind: str) -> dict[str, str]:
-    """The mean_nav.* metadata of a feature ONNX; MeanNavError unless it is a `kind` graph."""
-    meta = {k[len("mean_nav."):]: v for k, v in session.get_modelmeta().custom_metadata_map.items()
-            if k.startswith("mean_nav.")}
-    if meta.get("kind") != kind:
-        raise MeanNavError(f"{path}: not a {kind} graph from `mean-nav export-features` "
-                           f"(kind {meta.get('kind')!r}); export it with `mean-nav export-features`")
-    return meta
-
-
 class XFeatExtractor:
     """Image -> Features (64-d float descriptors), on onnxruntime (CPU, or CUDA/TensorRT providers
-    where installed). No CLAHE: XFeat instance-normalises its input itself."""
+    where installed) or a TensorRT engine (`backend`). No CLAHE: XFeat instance-normalises its
+    input itself."""
 
     name = "xfeat"
     descriptor_norm = "l2"
     rotation_invariant = False   # verification turns the query by the known heading error first
 
     def __init__(self, path: str | Path, max_features: int = 1024, threads: int | None = None,
-                 cpu_only: bool = False):
+                 cpu_only: bool = False, backend: str = "onnxruntime"):
         self.path = Path(path)
-        self.session = open_onnx_session(self.path, threads=threads, cpu_only=cpu_only)
-        meta = onnx_metadata(self.session, self.path, "xfeat")
-        self.weights_sha256 = meta["weights_sha256"]
         self.max_features = int(max_features)   # 0: every keypoint the detector finds (map blocks)
+        # an engine has a fixed K: it can serve only an extractor with a keypoint budget
+        self.graph = FeatureGraph(self.path, "xfeat", backend, keypoints=self.max_features or None, threads=threads,
+                                  cpu_only=cpu_only)
+        self.weights_sha256 = self.graph.metadata["weights_sha256"]
 
     @classmethod
     def from_refine(cls, refine, max_features: int) -> "XFeatExtractor":
-        return cls(model_path(refine, XFEAT_ONNX), max_features)
+        return cls(model_path(refine, XFEAT_ONNX), max_features, threads=refine.feature_threads,
+                   backend=refine.feature_backend)
 
     def settings(self) -> dict:
         return {"detector": self.name, "weights_sha256": self.weights_sha256, "border_px": BORDER_PX}
@@ -84,8 +78,8 @@ class XFeatExtractor:
             grey = np.pad(grey, ((0, ph), (0, pw)), mode="edge")
         # non-maximum suppression over 5x5 leaves at most one keypoint per 3x3 pixels
         k = grey.size // 9 + 1 if self.max_features <= 0 else min(self.max_features, grey.size)
-        points, scores, descriptors = self.session.run(None, {"image": grey[None, None].astype(np.float32),
-                                                              "max_keypoints": np.array([k], np.int64)})
+        points, scores, descriptors = self.graph.run({"image": grey[None, None].astype(np.float32),
+                                                      "max_keypoints": np.array([k], np.int64)})
         # drop empty slots (score <= 0, as the reference does), padding and the no-data border
         inside = np.pad(keep, ((0, ph), (0, pw)))
         inside = cv2.erode(inside.astype(np.uint8), np.ones((2 * BORDER_PX + 1,) * 2, np.uint8)).astype(bool)
