@@ -10,7 +10,8 @@ false fix). Per method (SIFT, ORB with the ratio test; XFeat with mutual nearest
 and with LighterGlue): RANSAC inliers, verified rate and position error of the verified
 fixes, through the localizer's own FeatureMatcher (same geometry and thresholds).
 
-Speed, side by side: per query size, query extraction and per-candidate matching times
+Speed, side by side (methods timed in turn within each repeat): per query size, query
+extraction and per-candidate matching times
 (matching includes RANSAC and the fit) with map features already stored, a frame's time
 with `--candidates` candidates (p50 and p95), map-region extraction (what the cache build
 or the in-flight fallback pays), and XFeat / LighterGlue in torch for reference. Absolute
@@ -187,18 +188,23 @@ def _other_place(rgb, valid, size, rng):
 
 
 def make_matchers(methods: list[str], models: str | None, max_features: int,
-                  xfeat_features: list[int]) -> dict[str, FeatureMatcher]:
-    """label -> FeatureMatcher; XFeat methods once per keypoint budget (`xfeat+mnn/512`)."""
+                  xfeat_features: list[int], threads: int | None = None) -> dict[str, FeatureMatcher]:
+    """label -> FeatureMatcher; XFeat methods once per keypoint budget (`xfeat+mnn/512`) and per
+    models folder when `models` names several (comma-separated: `xfeat+lighterglue/512@new`)."""
     out = {}
+    folders = [m.strip() for m in (models or "").split(",") if m.strip()]
     for name in methods:
         if name not in METHODS:
             raise MeanNavError(f"--methods: unknown method {name!r}; use some of {', '.join(METHODS)}")
         detector, matcher = METHODS[name]
-        if detector == "xfeat" and not models:
+        if detector == "xfeat" and not folders:
             raise MeanNavError("--models: the folder from `mean-nav export-features -o` is needed for xfeat")
-        for n in xfeat_features if detector == "xfeat" else [max_features]:
-            cfg = RefineConfig(detector=detector, matcher=matcher, xfeat_models=models, max_features=n)
-            out[f"{name}/{n}"] = FeatureMatcher(cfg)
+        for folder in folders if detector == "xfeat" else [None]:
+            suffix = f"@{Path(folder).name}" if folder and len(folders) > 1 else ""
+            for n in xfeat_features if detector == "xfeat" else [max_features]:
+                cfg = RefineConfig(detector=detector, matcher=matcher, xfeat_models=folder, max_features=n,
+                                   feature_threads=threads)
+                out[f"{name}/{n}{suffix}"] = FeatureMatcher(cfg)
     return out
 
 
@@ -251,28 +257,49 @@ def _median_ms(fn, repeats: int) -> tuple[float, float, object]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95)), result
 
 
+def _ms(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn()
+    return 1000 * (time.perf_counter() - t0), result
+
+
 def speed(matchers: dict[str, FeatureMatcher], image: np.ndarray, sizes: list[int], candidates: int,
           repeats: int) -> list[dict]:
+    """Per size, every method timed in turn within each repeat (round robin), so a change in
+    the machine's load reaches all methods alike and their ratios hold."""
     rows = []
     for size in tqdm(sizes, desc="speed: query sizes", unit="size"):
         query = np.ascontiguousarray(image[:size, :size])
         region = np.ascontiguousarray(image[: 2 * size, : 2 * size])   # tile + half a tile each side
         centre = (size / 2 - 0.5, size / 2 - 0.5)
-        for name, fm in matchers.items():
-            q50, _, qf = _median_ms(lambda: fm.features(query), repeats)
-            r50, _, rf = _median_ms(lambda: fm.features(region), max(1, repeats // 3))
-            m50, m95, _ = _median_ms(lambda: fm.match(qf, rf, centre), repeats)
-            frames = []
-            for _ in range(repeats):
+        feats, times = {}, {}
+        for name, fm in matchers.items():   # warm-up: sessions allocate on their first runs
+            feats[name] = (fm.features(query), fm.features(region))
+            fm.match(*feats[name], centre)
+            times[name] = {"extract": [], "map": [], "match": [], "frame": []}
+        for _ in range(repeats):
+            for name, fm in matchers.items():
+                qf, rf = feats[name]
+                t = times[name]
+                t["extract"].append(_ms(lambda: fm.features(query))[0])
+                t["match"].append(_ms(lambda: fm.match(qf, rf, centre))[0])
                 t0 = time.perf_counter()
                 f = fm.features(query)
                 for _ in range(candidates):
                     fm.match(f, rf, centre)
-                frames.append(1000 * (time.perf_counter() - t0))
-            rows.append({"size": size, "method": name, "backend": "onnxruntime" if name.startswith("xfeat") else "opencv",
-                         "query_kp": len(qf), "map_kp": len(rf), "extract_ms": q50, "match_ms": m50,
-                         "match_p95_ms": m95, "frame_p50_ms": float(np.percentile(frames, 50)),
-                         "frame_p95_ms": float(np.percentile(frames, 95)), "map_extract_ms": r50})
+                t["frame"].append(1000 * (time.perf_counter() - t0))
+                if len(t["map"]) < max(1, repeats // 3):
+                    t["map"].append(_ms(lambda: fm.features(region))[0])
+        for name, fm in matchers.items():
+            qf, rf = feats[name]
+            t = {k: np.asarray(v) for k, v in times[name].items()}
+            backend = getattr(getattr(fm.matcher, "graph", None), "backend", None) or \
+                getattr(getattr(fm.extractor, "graph", None), "backend", None) or "opencv"
+            rows.append({"size": size, "method": name, "backend": backend,
+                         "query_kp": len(qf), "map_kp": len(rf), "extract_ms": float(np.median(t["extract"])),
+                         "match_ms": float(np.median(t["match"])), "match_p95_ms": float(np.percentile(t["match"], 95)),
+                         "frame_p50_ms": float(np.median(t["frame"])), "frame_p95_ms": float(np.percentile(t["frame"], 95)),
+                         "map_extract_ms": float(np.median(t["map"]))})
     return rows
 
 
@@ -326,7 +353,10 @@ def print_tables(quality_rows: list[dict], speed_rows: list[dict], candidates: i
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", help="folder from `mean-nav export-features -o` (needed for the xfeat methods)")
+    p.add_argument("--models", help="folder from `mean-nav export-features -o` (needed for the xfeat methods); "
+                   "several, comma-separated, compare exports side by side")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads of XFeat / LighterGlue (refine.feature_threads; default one per core)")
     p.add_argument("--images", default="../shared/data/orthophotos",
                    help="GeoTIFF orthophotos: a folder or files (default ../shared/data/orthophotos)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
@@ -356,7 +386,7 @@ def _maps(source: str) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     xfeat_features = [int(v) for v in args.xfeat_features.split(",")]
-    matchers = make_matchers(methods, args.models, args.max_features, xfeat_features)
+    matchers = make_matchers(methods, args.models, args.max_features, xfeat_features, args.threads)
     maps = _maps(args.images)
     quality_rows, speed_rows = [], []
     if not args.no_quality:
