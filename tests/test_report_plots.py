@@ -90,6 +90,15 @@ def test_a_flight_far_off_the_map_keeps_the_map_readable(tmp_path, figures):
     assert any("clipped" in t.get_text() for t in ax.texts)
 
 
+def test_a_track_just_past_the_margin_is_drawn_and_not_called_clipped(tmp_path, figures):
+    """Half a map size (100 m) of margin plus the 3 % padding: a leg 102 m beyond the map
+    is still inside the view, so no note may say the view clips it."""
+    report.plot_track(flight(beyond_m=102.0), tmp_path / "track.png", FakeRaster())
+    ax = figures["track.png"].axes[0]
+    assert ax.get_xlim()[1] > FakeRaster.bounds[2] + 103.0
+    assert not any("clipped" in t.get_text() for t in ax.texts)
+
+
 def test_error_plot_says_where_it_clips_and_marks_false_fixes(tmp_path, figures):
     cols = flight()
     report.plot_error(cols, tmp_path / "error.png")

@@ -241,8 +241,10 @@ def _keep_map_in_view(ax, bounds, *xy_pairs, max_outside: float = 0.5) -> None:
     view = (max(min(xs.min(), left), left - mx), max(min(ys.min(), bottom), bottom - my),
             min(max(xs.max(), right), right + mx), min(max(ys.max(), top), top + my))
     pad_x, pad_y = 0.03 * (view[2] - view[0]), 0.03 * (view[3] - view[1])
-    ax.set_xlim(view[0] - pad_x, view[2] + pad_x)
-    ax.set_ylim(view[1] - pad_y, view[3] + pad_y)
+    view = (view[0] - pad_x, view[1] - pad_y, view[2] + pad_x, view[3] + pad_y)
+    ax.set_xlim(view[0], view[2])
+    ax.set_ylim(view[1], view[3])
+    # against the padded view: a track just past the margin is still drawn, not clipped
     beyond = max(view[0] - xs.min(), xs.max() - view[2], view[1] - ys.min(), ys.max() - view[3], 0.0)
     if beyond > 0:
         ax.text(0.01, 0.01, f"view clipped: the track goes up to {beyond:.0f} m beyond it",
