@@ -110,3 +110,18 @@ def test_error_plot_says_where_it_clips_and_marks_false_fixes(tmp_path, figures)
     labels = [t.get_text() for t in legend.get_texts()]
     assert any("false fix" in s for s in labels) and any("no fix" in s for s in labels)
 
+
+
+def test_a_flight_without_gnss_truth_still_shows_its_fixes_and_says_they_are_not_scored(tmp_path, figures):
+    cols = flight()
+    for key in ("truth_lat", "truth_lon", "error_m", "in_map"):
+        cols[key] = np.full_like(cols[key], np.nan)
+    report.plot_track(cols, tmp_path / "track.png", FakeRaster())
+    ax = figures["track.png"].axes[0]
+    assert "no GNSS truth" in ax.get_title()
+    drawn = [l for l in ax.get_lines() if "no GNSS truth" in l.get_label()]
+    assert len(drawn) == 1 and len(drawn[0].get_xdata()) == int((cols["fix"] == int(FixQuality.FIX)).sum())
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "GNSS truth" not in labels and not any("no fix sent" in s for s in labels)
+    report.plot_error(cols, tmp_path / "error.png")
+    assert "no GNSS truth" in figures["error.png"].axes[0].get_title()

@@ -192,19 +192,25 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
         crs = utm_crs_for(lon0, lat0)
     tx, ty = (np.asarray(v, float) for v in from_lonlat(crs, cols["truth_lon"], cols["truth_lat"]))
     ex, ey = (np.asarray(v, float) for v in from_lonlat(crs, cols["lon"], cols["lat"]))
-    ax.plot(tx, ty, "-", color="white", lw=3, alpha=0.8)
-    ax.plot(tx, ty, "-", color="black", lw=1.2, label="GNSS truth")
-    no_fix = ~fix
+    has_truth = bool(np.isfinite(tx).any())
+    if has_truth:
+        ax.plot(tx, ty, "-", color="white", lw=3, alpha=0.8)
+        ax.plot(tx, ty, "-", color="black", lw=1.2, label="GNSS truth")
+    no_fix = ~fix if has_truth else np.zeros_like(fix)   # drawn along the truth, when there is one
     for k, (i0, i1) in enumerate(_runs(no_fix)):
         seg = slice(max(i0 - 1, 0), min(i1 + 1, len(tx)))   # join the neighbouring fixes
         ax.plot(tx[seg], ty[seg], "-", color="tab:orange", lw=2.5, alpha=0.9,
                 label="no fix sent" if k == 0 else None, zorder=2)
     if coast.any():
         ax.plot(ex[coast], ey[coast], ".", color="0.45", ms=3, label="coasting (not sent)")
-    if fix.any():
-        err = cols["error_m"][fix]
+    scored = fix & np.isfinite(cols["error_m"])
+    if (fix & ~scored).any():   # no truth for these: drawn, in one colour, as not scored
+        ax.plot(ex[fix & ~scored], ey[fix & ~scored], ".", color="tab:blue", ms=6, zorder=3,
+                label="fix (no GNSS truth: error unknown)")
+    if scored.any():
+        err = cols["error_m"][scored]
         vmax = _error_scale_m(err)
-        sc = ax.scatter(ex[fix], ey[fix], c=np.clip(err, 0, vmax), cmap="viridis", s=16, vmin=0, vmax=vmax,
+        sc = ax.scatter(ex[scored], ey[scored], c=np.clip(err, 0, vmax), cmap="viridis", s=16, vmin=0, vmax=vmax,
                         label="fix (colour: error)", zorder=3, edgecolors="none")
         clipped = int(np.sum(err > vmax))
         note = f"; {clipped} above, drawn in the top colour" if clipped else ""
@@ -223,7 +229,8 @@ def plot_track(cols: dict[str, np.ndarray], path: Path, raster=None) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))  # 7-digit eastings overlap otherwise
     ax.tick_params(axis="x", labelrotation=20)
     _legend_outside(ax, below=0.2)   # under the rotated easting labels
-    ax.set_title("replay track")
+    ax.set_title("replay track" if has_truth else "replay track (no GNSS truth in the flight: errors not scored)",
+                 fontsize=12 if has_truth else 10)
     _savefig(fig, path)
     plt.close(fig)
 
@@ -270,13 +277,16 @@ def plot_error(cols: dict[str, np.ndarray], path: Path) -> None:
                         color="orange", alpha=0.25, step="mid", label="nadir outside map")
     no_fix = ~fix & ~outside
     if no_fix.any():
-        ax.fill_between(t, 0, 1, where=no_fix, transform=ax.get_xaxis_transform(),
-                        color="0.5", alpha=0.18, step="mid", label="no fix sent (over the map)")
+        known = np.isfinite(cols["in_map"]).any()
+        ax.fill_between(t, 0, 1, where=no_fix, transform=ax.get_xaxis_transform(), color="0.5", alpha=0.18,
+                        step="mid", label="no fix sent (over the map)" if known else "no fix sent")
     sigma = np.where(np.isfinite(cols["sigma_h_m"]) & (cols["fix"] > 0), cols["sigma_h_m"], np.nan)
     ax.plot(t, sigma, "-", color="tab:blue", lw=1, label="reported sigma_h (68 %)")
     ax.plot(t, FALSE_FIX_SIGMAS * sigma, ":", color="tab:blue", lw=1,
             label=f"{FALSE_FIX_SIGMAS:g} sigma (false-fix line)")
-    ax.plot(t[fix], err[fix], ".", color="tab:green", ms=4, label="fix error")
+    scored = fix & np.isfinite(err)
+    if scored.any():
+        ax.plot(t[scored], err[scored], ".", color="tab:green", ms=4, label="fix error")
     coast = cols["fix"] == int(FixQuality.COASTING)
     if coast.any():
         ax.plot(t[coast], err[coast], ".", color="0.45", ms=3, label="coasting error (not sent)")
@@ -298,6 +308,8 @@ def plot_error(cols: dict[str, np.ndarray], path: Path) -> None:
             ax.plot(t[over], np.full(int(over.sum()), top), "^", color=colour, ms=5, clip_on=False, zorder=5)
             clipped_notes.append(f"{'error' if values is err else 'sigma'} up to {np.nanmax(values[over]):.0f} m")
     title = "horizontal error and reported accuracy"
+    if fix.any() and not scored.any():
+        title += "\nno GNSS truth in the flight: fix errors unknown, only the reported accuracy is drawn"
     if clipped_notes:
         title += (f"\naxis clipped at {top:.3g} m: triangles on the top edge are above it ("
                   + ", ".join(clipped_notes) + ")")
