@@ -364,7 +364,8 @@ def print_summary(s: dict, out: Path) -> None:
               f"time to first fix {num(s.get('time_to_first_fix_s'), '{:.1f}')} s")
     lat = s.get("latency_s", {})
     print(f"latency median {num(lat.get('median'), '{:.3f}')} s, p95 {num(lat.get('p95'), '{:.3f}')} s "
-          f"({num(s.get('frames_per_s'), '{:.1f}')} frames/s); fixes outside map: {s.get('fixes_outside_map')}")
+          f"({num(s.get('frames_per_s'), '{:.1f}')} frames/s); fixes outside map: "
+          f"{num(s.get('fixes_outside_map'), '{}')}")
     if s.get("problems"):
         print(f"problems: {s['problems']}")
     if s.get("stopped_early"):
