@@ -245,3 +245,21 @@ def test_frame_spacing_beyond_the_settings_is_reported():
 def test_radius68_is_the_68_percent_circle():
     # chi-square(2) quantile: P(r < k sigma) = 1 - exp(-k^2/2) = 0.6827
     assert math.isclose(1 - math.exp(-RADIUS68_PER_SIGMA ** 2 / 2), 0.6827, rel_tol=1e-9)
+
+
+def test_the_gate_can_be_asked_without_changing_the_track():
+    """mahalanobis2 is the gate's distance of a measurement (k innovation sigmas -> k^2, from
+    the mode prediction computed here), and asking it leaves the filter as it was."""
+    f = PositionFilter(attitude_prior_deg=0.3)
+    feed_track(f, np.random.default_rng(5), n=40, v=(0.0, 0.0), start=(0.0, 0.0), meas_sigma=1.0)
+    t, R = 20.0, np.eye(2)
+    before = f.predict(19.9)
+    mean, cov = max((_nadir_prediction(f, t, mode) for mode in (0, 1)), key=lambda mc: mc[1][0, 0])
+    for k_sigma in (1.0, 3.0, 5.0):
+        d2 = f.mahalanobis2(t, mean + [k_sigma * math.sqrt((cov + R)[0, 0]), 0.0], R, H)
+        assert math.isclose(d2, k_sigma ** 2, rel_tol=0.05), (k_sigma, d2)
+    after = f.predict(19.9)
+    assert (after.x, after.y, after.sigma_h_m) == (before.x, before.y, before.sigma_h_m)
+    assert f.t == 19.9
+    assert f.mahalanobis2(10.0, mean, R, H) == math.inf          # before the track's time
+    assert PositionFilter().mahalanobis2(0.0, [0.0, 0.0], R, H) == math.inf   # no track

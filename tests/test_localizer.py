@@ -213,3 +213,40 @@ def test_network_runs_when_lost_but_not_while_the_prediction_verifies(cache, fli
     # every frame embeds; frames that verify nothing may add a heading search (turned views)
     lost = sum(e.fix != FixQuality.FIX for e in estimates)
     assert len(frames) <= CountingEmbedder.calls - start <= len(frames) + 7 * lost
+
+
+def test_the_view_is_cut_to_the_footprint_around_the_nadir():
+    from mean_nav.nav.localizer import centre_crop, footprint_view
+
+    view = np.arange(12 * 12 * 3, dtype=np.uint8).reshape(12, 12, 3)
+    valid = np.zeros((12, 12), bool)
+    valid[4:9, 3:7] = True          # the camera saw rows 4..8, cols 3..6 (centre at 5.5)
+    # farthest seen pixel from the centre: col 3 (2.5 px) and row 8 (2.5 px): 6 px hold them
+    image, seen = footprint_view(view, valid, min_px=4)
+    assert seen.shape == (6, 6) and image.shape == (6, 6, 3)
+    assert seen.sum() == valid.sum()                       # nothing the camera saw is cut off
+    assert np.array_equal(image, view[3:9, 3:9])
+    # never below the tile; a view the camera fills stays whole; parity stays the view's
+    assert footprint_view(view, valid, min_px=8)[1].shape == (8, 8)
+    assert footprint_view(view, np.ones((12, 12), bool), min_px=4)[1].shape == (12, 12)
+    odd = np.zeros((12, 12), bool)
+    odd[5, 5] = odd[8, 5] = True    # row 8: 2.5 px from the centre -> 6 px
+    assert footprint_view(view, odd, min_px=2)[1].shape == (6, 6)
+    assert footprint_view(view, np.zeros((12, 12), bool), min_px=4)[1].shape == (4, 4)
+    assert np.array_equal(centre_crop(view, 4), view[4:8, 4:8])
+
+
+def test_retrieval_embeds_the_tile_at_the_centre_of_a_wider_view(cache, flight):
+    frames = frames_of(flight, 3)
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+    assert loc.view_px == 2 * cache.tile_px
+    sizes = []
+    embed = loc.acquisition.embedder.embed
+    loc.acquisition.embedder.embed = lambda images: sizes.extend(i.shape for i in images) or embed(images)
+    verified = []
+    verify = loc.verifier.verify
+    loc.verifier.verify = lambda query, valid, *a, **k: verified.append(valid.shape) or verify(query, valid, *a, **k)
+    run(loc, frames)
+    assert sizes and all(s == (cache.tile_px, cache.tile_px, 3) for s in sizes)
+    # the camera (60 m up, 70 deg wide) sees about 84 m x 63 m: more than a 60 m tile
+    assert verified and all(cache.tile_px < v[0] <= 2 * cache.tile_px for v in verified)

@@ -183,3 +183,32 @@ def test_ground_scale_equalisation_uses_one_clahe_tile_per_clahe_tile_px():
     # 256 x 128 px in 64 px windows: a 4 x 2 grid, OpenCV's CLAHE at clip limit 2
     expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 2)).apply(grey)
     assert np.array_equal(got, expected)
+
+
+def test_a_turned_copy_that_outvotes_the_true_place_leaves_the_fit_at_the_known_heading():
+    """A view holding a 180 deg turned copy of the ground (a map corner's point-mirrored
+    surroundings): 40 matches fit the turn, 25 the known heading. RANSAC's best is the turn;
+    the matches it leaves out still hold the true fit, which wins."""
+    rng = np.random.default_rng(3)
+    query = rng.uniform(0, 240, (65, 2))
+    region = np.empty_like(query)
+    region[:40] = similarity(query[:40], angle_deg=180.0, shift=(360.0, 360.0))
+    region[40:] = similarity(query[40:], shift=(120.0, 100.0))
+    region += rng.normal(0, 0.2, region.shape)
+    res = FeatureMatcher().match(one_hot_features(query), one_hot_features(region), (119.5, 119.5), 0.0)
+    assert res.ok and not res.rotation_only, res.reason
+    assert res.inliers == 25 and res.matches == 65
+    assert res.rotation_deg == pytest.approx(0.0, abs=0.5)
+    assert res.nadir_px == (pytest.approx(239.5, abs=0.3), pytest.approx(219.5, abs=0.3))
+    # without the true matches the turn is all there is: a good fit, turned too far
+    turned = FeatureMatcher().match(one_hot_features(query[:40]), one_hot_features(region[:40]), (119.5, 119.5), 0.0)
+    assert turned.rotation_only and not turned.ok and turned.inliers == 40
+    assert abs(turned.rotation_deg) == pytest.approx(180.0, abs=0.5)
+
+
+def test_the_inlier_bar_can_be_lowered_per_call():
+    q, r = pair(12, 0, shift=(100.0, 100.0))
+    assert not FeatureMatcher().match(q, r, (119.5, 119.5)).ok                 # 12 < min_inliers 15
+    res = FeatureMatcher().match(q, r, (119.5, 119.5), min_inliers=10)
+    assert res.ok and res.inliers == 12
+    assert not FeatureMatcher().match(q, r, (119.5, 119.5), min_inliers=13).ok

@@ -1,4 +1,5 @@
-"""Verification alone: partial overlap with the map, and heading errors up to 180 deg."""
+"""Verification alone: partial overlap with the map, views wider than a tile, weak fits the
+track vouches for, and heading errors up to 180 deg."""
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from mean_nav.nav.acquisition import Candidate
 from mean_nav.nav.estimate import FixQuality
 from mean_nav.nav.localizer import Localizer, LocalizerConfig
+from mean_nav.nav.refine import MatchResult
 from mean_nav.nav.verify import Verifier
 from nav_testing import ThumbnailEmbedder, build_test_cache, require_shared_data, simulate
 
@@ -19,15 +21,24 @@ def cache(tmp_path_factory):
     return TileCache.load(build_test_cache(tmp_path_factory.mktemp("cache") / "gorinchem"))
 
 
-def west_edge_view(cache, outside_m):
-    """A north-up view centred `outside_m` west of the map's west edge (its left part is no map)."""
+@pytest.fixture(scope="module")
+def nav_cache(tmp_path_factory, nav_map):
+    """The tile cache over the navigation map (the orthophoto, or a generated world)."""
+    from mean_nav.geo.cache import TileCache
+
+    return TileCache.load(build_test_cache(tmp_path_factory.mktemp("nav_cache") / "nav_map", map_path=nav_map))
+
+
+def west_edge_view(cache, outside_m, size_m=None):
+    """A north-up view `size_m` wide (default a tile) centred `outside_m` west of the map's
+    west edge (its left part is no map)."""
     cx, cy = float(np.mean(cache.x)), float(np.mean(cache.y))
     wide = cache.region(cx, cy, 400.0)
     row = wide.valid[wide.valid.shape[0] // 2]
     edge_col = int(np.argmax(row))                      # first map pixel from the west
     edge_x, _ = wide.transform @ (edge_col, 0)
     qx = edge_x - outside_m
-    view = cache.region(qx, cy, cache.tile_size_m)
+    view = cache.region(qx, cy, size_m or cache.tile_size_m)
     return view.image, view.valid, qx, cy
 
 
@@ -85,3 +96,90 @@ def test_a_heading_error_is_recovered_reported_and_confirmed_before_fixes(cache,
         assert errors[i] < 3 * e.sigma_h_m and errors[i] < 3.0, (i, errors[i], e.sigma_h_m)
         # reported as the telemetry's yaw error (telemetry minus truth), within a few degrees
         assert abs((e.heading_error_deg - heading_error_deg + 180) % 360 - 180) < 5.0, e.heading_error_deg
+
+
+def test_a_view_wider_than_a_tile_is_matched_against_a_region_that_holds_it(nav_cache):
+    """Nadir 30 m west of the map: a tile-wide (60 m) view sees next to no map, a 120 m view
+    sees 30 m of it, and the region it is matched against grows with it."""
+    tile_img, tile_valid, qx, qy = west_edge_view(nav_cache, 30.0)
+    assert tile_valid.mean() < 0.02
+    image, valid, _, _ = west_edge_view(nav_cache, 30.0, 2 * nav_cache.tile_size_m)
+    assert image.shape[0] == 2 * nav_cache.tile_px and 0.2 < valid.mean() < 0.3
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    m, why = verifier.verify(tile_img, tile_valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is None
+    m, why = verifier.verify(image, valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is not None, why
+    assert math.hypot(m.x - qx, m.y - qy) < 0.5
+
+
+class CannedMatcher:
+    """The real extractor with fits the test makes up: what verification decides from a fit."""
+
+    def __init__(self, real, result: MatchResult):
+        self.real, self.result, self.asked = real, result, []
+
+    def features(self, *args):
+        return self.real.features(*args)
+
+    def match(self, query, region, centre, prior_deg=0.0, min_inliers=None):
+        self.asked.append(min_inliers)
+        if min_inliers is not None and self.result.inliers < min_inliers:
+            return MatchResult(False, f"too few inliers ({self.result.inliers} of {self.result.matches})",
+                               inliers=self.result.inliers, matches=self.result.matches)
+        return self.result
+
+
+def canned_fit(inliers, rotation_deg=0.0, region_px=480, view_px=240):
+    """A fit taking the view's centre to the region's centre, turned by rotation_deg."""
+    r = math.radians(rotation_deg)
+    a, b = math.cos(r), math.sin(r)
+    c_view, c_region = view_px / 2 - 0.5, region_px / 2 - 0.5
+    tx, ty = c_region - (a * c_view - b * c_view), c_region - (b * c_view + a * c_view)
+    ok = abs(rotation_deg) <= 12.0
+    return MatchResult(ok, "" if ok else f"implausible fit (scale 1.00, rotation {rotation_deg:.0f} deg)",
+                       inliers, 3 * inliers, (c_region, c_region), np.eye(2) * 0.25, rotation_deg, 1.0, 0.5,
+                       np.array([a, b, tx, ty]), rotation_only=not ok)
+
+
+def centre_view(cache):
+    cx, cy = float(np.median(cache.x)), float(np.median(cache.y))
+    view = cache.region(cx, cy, cache.tile_size_m)
+    return view.image, view.valid, nearest_tile(cache, cx, cy)
+
+
+def test_a_weak_fit_counts_only_where_the_track_predicts_it(nav_cache):
+    image, valid, cand = centre_view(nav_cache)
+    cfg = LocalizerConfig()
+    assert cfg.track_min_inliers < 12 < cfg.min_inliers
+    verifier = Verifier(cfg, nav_cache)
+    verifier.matcher = CannedMatcher(verifier.matcher, canned_fit(12))
+    m, why = verifier.verify(image, valid, [cand], height_m=60.0, t=0.0)
+    assert m is None and "too few inliers (12" in why                      # no track: 15 needed
+    m, why = verifier.verify(image, valid, [cand], 60.0, 1.0, agrees=lambda m: False)
+    assert m is None and "the track does not predict" in why
+    m, why = verifier.verify(image, valid, [cand], 60.0, 2.0, agrees=lambda m: True)
+    assert m is not None and m.inliers == 12, why
+    assert math.hypot(m.x - cand.x, m.y - cand.y) < nav_cache.gsd_m
+    assert verifier.matcher.asked == [cfg.min_inliers, cfg.track_min_inliers, cfg.track_min_inliers]
+
+
+def test_a_confident_track_holds_the_heading_against_a_turned_copy(nav_cache):
+    """Two frames of a strong fit turned 180 deg: without a track the second confirms the new
+    heading error; a confident track keeps its own and proposes nothing."""
+    image, valid, cand = centre_view(nav_cache)
+    for track in (False, True):
+        verifier = Verifier(LocalizerConfig(), nav_cache)
+        verifier.matcher = CannedMatcher(verifier.matcher, canned_fit(60, rotation_deg=180.0))
+        agrees = (lambda m: True) if track else None
+        first, why0 = verifier.verify(image, valid, [cand], 60.0, 0.0, agrees=agrees)
+        second, why1 = verifier.verify(image, valid, [cand], 60.0, 1.0, agrees=agrees)
+        assert first is None
+        if track:
+            assert second is None and "the track holds the heading error of 0 deg" in why1
+            assert verifier.heading.offset_deg == 0.0
+        else:
+            assert "not yet confirmed" in why0
+            assert second is not None, why1
+            assert abs(abs(second.heading_error_deg) - 180.0) < 1.0
+            assert math.hypot(second.x - cand.x, second.y - cand.y) < nav_cache.gsd_m

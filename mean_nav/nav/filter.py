@@ -279,14 +279,7 @@ class PositionFilter:
         cfg = self.cfg
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
         X, P, c = self._predicted(fix.t)
-        # gate per motion mode (over all hypotheses): a turn after a long straight leg must
-        # pass under the manoeuvre mode even while the cruise mode is far more probable
-        d2 = math.inf
-        joint = self.weights[:, None] * c
-        for j in range(X.shape[1]):
-            x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
-            innovation = fix.z - H @ x_mode
-            d2 = min(d2, float(innovation @ np.linalg.solve(H @ P_mode @ H.T + R, innovation)))
+        d2 = self._gate_d2(fix, H, R, X, P, c)
         if d2 > cfg.gate_chi2:
             self._advance(fix.t)
             self._rejected = [r for r in self._rejected if fix.t - r.t <= cfg.lost_after_s][-MAX_CANDIDATES + 1:]
@@ -333,6 +326,27 @@ class PositionFilter:
         out = self._output(True)
         out.mahalanobis2 = d2
         return out
+
+    def mahalanobis2(self, t: float, z, R, height_m: float) -> float:
+        """The gate's Mahalanobis^2 of a measurement offered at time t (inf without a track or
+        for a time before it); changes nothing."""
+        if self._bank is None or t < self.t:
+            return math.inf
+        fix = _Fix(float(t), np.asarray(z, float).reshape(2), np.asarray(R, float).reshape(2, 2),
+                   max(float(height_m), 0.0))
+        H, R = self._measurement(fix, fix.t - self.last_accept_t)
+        return self._gate_d2(fix, H, R, *self._predicted(fix.t))
+
+    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> float:
+        # gate per motion mode (over all hypotheses): a turn after a long straight leg must
+        # pass under the manoeuvre mode even while the cruise mode is far more probable
+        d2 = math.inf
+        joint = self.weights[:, None] * c
+        for j in range(X.shape[1]):
+            x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
+            innovation = fix.z - H @ x_mode
+            d2 = min(d2, float(innovation @ np.linalg.solve(H @ P_mode @ H.T + R, innovation)))
+        return d2
 
     def _start(self, fix: _Fix) -> FilterOutput:
         """Confirm a track from the newest earlier fix that agrees with this one under the

@@ -5,7 +5,9 @@ frame), so both run exactly the same code. Steps:
 
   1. check the frame (corrupt, black) and the telemetry (missing, stale, implausible);
   2. rectify: undistort, warp to a nadir north-up view at the cache's ground resolution,
-     centred on the nadir point (camera_model.rectify_to_nadir);
+     centred on the nadir point (camera_model.rectify_to_nadir), as wide as the camera's
+     footprint up to `view_tiles` tile sides: verification matches all of it, retrieval
+     embeds its centre tile (what the network was trained on);
   3. acquire (acquisition.py): embed the view and search the tile cache near the filter's
      position when it tracks; without a track, around the prior (or the last track) with a
      radius that widens frame by frame up to the whole cache (while tracking, the map at the
@@ -59,6 +61,10 @@ class LocalizerConfig:
     # search radius around initial_lonlat before the first fix
     initial_radius_m: float = bounded(500.0, gt=0, le=1e6, unit="m")
     min_inliers: int = bounded(15, ge=3, le=100_000)  # feature inliers for a verified match
+    # while the filter tracks, a fit that passes its gate needs only this many: the track says
+    # where the place must be, and a wrong place seldom gives 5 consistent inliers; a weaker fit
+    # off the track is no place (it never starts or breaks a track)
+    track_min_inliers: int = bounded(10, ge=3, le=100_000)
     # a candidate this strong ends the verification early: while tracking, the prediction's
     # map verified this well skips the network (40: half the per-frame time of 80, same fixes)
     stop_at_inliers: int = bounded(40, ge=1, le=1_000_000)
@@ -91,6 +97,10 @@ class LocalizerConfig:
     # while lost, search over heading (the view turned in 45 deg steps) at most this often;
     # the interval doubles with each search that finds nothing
     heading_search_s: float = bounded(3.0, ge=0, le=3600, unit="s")
+    # side of the rectified view verification matches, at most, in tile sides: the whole camera
+    # footprint up to this (a 60 m tile crops 2/3 of what a camera 100 m up sees, and with it the
+    # texture a low-contrast or half-off-map frame needs); retrieval embeds the centre tile
+    view_tiles: float = bounded(2.0, ge=1, le=8)
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
@@ -106,6 +116,9 @@ class Localizer:
         self.embedder, self.cache, self.camera = embedder, cache, camera
         self.gsd_m = float(cache.gsd_m)
         self.tile_px = int(cache.tile_px)
+        # the widest view: view_tiles tile sides, with the tile's parity so the tile is its exact centre
+        self.view_px = max(self.tile_px, int(round(cfg.view_tiles * self.tile_px)))
+        self.view_px += (self.view_px - self.tile_px) % 2
         self.stages = StageTimes()
         self.acquisition = Acquisition(cfg, TimedEmbedder(embedder, self.stages), cache, initial_lonlat)
         self.verifier = Verifier(cfg, cache, self.stages)
@@ -165,16 +178,25 @@ class Localizer:
         h = telemetry.height_above_ground_m
         with self.stages("rectify"):
             query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, telemetry.yaw,
-                                            h, self.gsd_m, self.tile_px, gimbal=gimbal_attitude(telemetry))
-        if valid.mean() < self.cfg.min_valid_fraction:
-            return self._no_fix(t, telemetry, f"camera sees only {valid.mean():.0%} of the tile area "
+                                            h, self.gsd_m, self.view_px, gimbal=gimbal_attitude(telemetry))
+            query, valid = footprint_view(query, valid, self.tile_px)
+        tile_valid = centre_crop(valid, self.tile_px)
+        if tile_valid.mean() < self.cfg.min_valid_fraction:
+            return self._no_fix(t, telemetry, f"camera sees only {tile_valid.mean():.0%} of the tile area "
                                 "(tilt or low altitude)")
-        candidates = self.acquisition.candidates(self.verifier.north_up(query), t, self.filter)
+
+        def retrieve(view):
+            return self.acquisition.candidates(centre_crop(view, self.tile_px), t, self.filter)
+
+        candidates = retrieve(self.verifier.north_up(query))
         if self.cfg.always_retrieve:
             candidates = list(candidates)
         tracking = self.filter.tracking
-        measurement, why = self.verifier.verify(query, valid, candidates, h, t,
-                                                lambda view: self.acquisition.candidates(view, t, self.filter))
+        agrees = None
+        if tracking and self.filter.sigma_h_at(t) <= self.cfg.confident_sigma_m:
+            def agrees(m: Measurement) -> bool:
+                return self.filter.mahalanobis2(t, (m.x, m.y), m.cov, h) <= self.cfg.filter.gate_chi2
+        measurement, why = self.verifier.verify(query, valid, candidates, h, t, retrieve, agrees)
         if measurement is None:
             if not tracking and self.acquisition.search:
                 why = f"{why}; {self.acquisition.search}"
@@ -257,6 +279,27 @@ class Localizer:
             est.tile_id, est.score, est.inliers = measurement.tile_id, measurement.score, measurement.inliers
             est.heading_error_deg = measurement.heading_error_deg
         return est
+
+
+def centre_crop(image: np.ndarray, size_px: int) -> np.ndarray:
+    """The centred size_px square of a square view (same parity: the centres coincide)."""
+    off = (image.shape[0] - size_px) // 2
+    return image[off:off + size_px, off:off + size_px]
+
+
+def footprint_view(view: np.ndarray, valid: np.ndarray, min_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest centred square of a rectified view that holds every pixel the camera saw,
+    at least min_px (same parity as the view, so the nadir stays its centre): a view wider
+    than the footprint only adds map features the query cannot match."""
+    n = valid.shape[0]
+    rows, cols = np.nonzero(valid.any(axis=1))[0], np.nonzero(valid.any(axis=0))[0]
+    if len(rows) == 0:
+        return centre_crop(view, min_px), centre_crop(valid, min_px)
+    c = (n - 1) / 2.0
+    half = max(c - rows[0], rows[-1] - c, c - cols[0], cols[-1] - c)
+    side = min(n, max(min_px, int(math.ceil(2 * half + 1))))
+    side += (n - side) % 2
+    return centre_crop(view, side), centre_crop(valid, side)
 
 
 def check_model_matches_cache(embedder: Embedder, cache) -> None:

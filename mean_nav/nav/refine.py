@@ -79,45 +79,61 @@ class FeatureMatcher:
         return self.extractor.extract(image_rgb, valid)
 
     def match(self, query: Features, region: Features, query_centre_px: tuple[float, float],
-              rotation_prior_deg: float = 0.0) -> MatchResult:
+              rotation_prior_deg: float = 0.0, min_inliers: int | None = None) -> MatchResult:
         """Verify `region` against `query`; locate the query centre in region pixels.
 
         The fit may turn at most max_rotation_deg from `rotation_prior_deg` (the heading error
-        known so far); a good fit turned further comes back with ok False and rotation_only.
+        known so far); a good fit turned further comes back with ok False and rotation_only,
+        unless the matches it leaves out hold a fit at the known heading (which then wins: a
+        turned copy of the ground, such as a map corner's point-mirrored surroundings or a
+        repeated block, can outvote the true place within one view). `min_inliers` overrides
+        the configured bar (the verifier lowers it for fits it checks against the track).
         """
         cfg = self.cfg
-        if len(query) < cfg.min_inliers or len(region) < cfg.min_inliers:
+        need = cfg.min_inliers if min_inliers is None else int(min_inliers)
+        if len(query) < need or len(region) < need:
             return MatchResult(False, f"too few features (query {len(query)}, map {len(region)})")
         good = self.matcher.match(query, region)
-        if len(good) < cfg.min_inliers:
+        if len(good) < need:
             return MatchResult(False, f"too few feature matches ({len(good)})", matches=len(good))
         src = query.points[good.query_idx]
         dst = region.points[good.ref_idx]
+        result, inl = self._fit(src, dst, len(good), need, query_centre_px, rotation_prior_deg)
+        if result.rotation_only and inl is not None and (~inl).sum() >= need:
+            rest, rest_inl = self._fit(src[~inl], dst[~inl], len(good), need, query_centre_px, rotation_prior_deg)
+            if rest.ok:
+                return rest
+        return result
+
+    def _fit(self, src: np.ndarray, dst: np.ndarray, n_matches: int, need: int,
+             query_centre_px: tuple[float, float], rotation_prior_deg: float):
+        """RANSAC similarity over matched points -> (MatchResult, inlier mask or None)."""
+        cfg = self.cfg
         model, inlier_mask = cv2.estimateAffinePartial2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_threshold_px,
             maxIters=2000, confidence=0.999, refineIters=0)
         if model is None:
-            return MatchResult(False, "no geometric model", matches=len(good))
+            return MatchResult(False, "no geometric model", matches=n_matches), None
         inl = inlier_mask.ravel().astype(bool)
         n = int(inl.sum())
-        if n < cfg.min_inliers or n < cfg.min_inlier_ratio * len(good):
-            return MatchResult(False, f"too few inliers ({n} of {len(good)})", inliers=n, matches=len(good))
+        if n < need or n < cfg.min_inlier_ratio * n_matches:
+            return MatchResult(False, f"too few inliers ({n} of {n_matches})", inliers=n, matches=n_matches), inl
         params, cov_params, residual = _fit_similarity(src[inl], dst[inl])
         a, b, tx, ty = params
         scale = math.hypot(a, b)
         rotation = math.degrees(math.atan2(b, a))
         if abs(scale - 1.0) > cfg.max_scale_error:
             return MatchResult(False, f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)",
-                               inliers=n, matches=len(good), scale=scale, rotation_deg=rotation)
+                               inliers=n, matches=n_matches, scale=scale, rotation_deg=rotation), inl
         cx, cy = query_centre_px
         G = np.array([[cx, -cy, 1.0, 0.0], [cy, cx, 0.0, 1.0]])
         nadir = G @ params
-        result = MatchResult(True, "", n, len(good), (float(nadir[0]), float(nadir[1])),
+        result = MatchResult(True, "", n, n_matches, (float(nadir[0]), float(nadir[1])),
                              G @ cov_params @ G.T, rotation, scale, residual, params)
         if abs(angle_difference_deg(rotation, rotation_prior_deg)) > cfg.max_rotation_deg:
             result.ok, result.rotation_only = False, True
             result.reason = f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)"
-        return result
+        return result, inl
 
 
 def angle_difference_deg(a: float, b: float) -> float:

@@ -140,16 +140,24 @@ class Verifier:
                               flags=cv2.INTER_LINEAR)
 
     def verify(self, query, valid, candidates: Iterable[Candidate], height_m: float, t: float = math.nan,
-               retrieve: Callable[[np.ndarray], Iterable[Candidate]] | None = None):
+               retrieve: Callable[[np.ndarray], Iterable[Candidate]] | None = None,
+               agrees: Callable[[Measurement], bool] | None = None):
         """(best Measurement or None, reason when None) for one rectified query.
 
         `retrieve(view)` gives candidates for another view of the query (the localizer's
         acquisition); when nothing verifies, it drives the search over heading: the query
         turned in HEADING_STEP_DEG steps, at most every `heading_search_s` while lost.
+        `agrees(measurement)` (the gate of a confident track, while there is one) lets a fit
+        with `track_min_inliers` to `min_inliers` inliers count when the track agrees with it;
+        such a track also holds the heading error: a turned fit then proposes nothing (a turned
+        copy of the ground, e.g. the point-mirrored surroundings of a map corner, looks like a
+        heading change for several frames; a real one shows once the track grows vague).
         """
-        centre = self.tile_px / 2.0 - 0.5
+        centre = valid.shape[1] / 2.0 - 0.5
         footprint = _footprint_samples(valid)
-        size_m = self.tile_size_m + 2.0 * self.margin_m
+        # the map around a candidate: the view (any size: the localizer passes the camera's
+        # footprint) plus margin_m on each side for the candidate's own error
+        size_m = valid.shape[1] * self.cache.gsd_m + 2.0 * self.margin_m
         reasons: list[str] = []
         strong_turns: list[tuple[MatchResult, Measurement]] = []
         tried: list[tuple[float, float]] = []
@@ -164,7 +172,7 @@ class Verifier:
                     extracted[key] = self.query_features(query, valid, turn)
             query_features = extracted[key]
             return self._best(query_features, footprint, cands, centre, size_m, height_m, reasons, strong_turns,
-                              tried if self.rotation_invariant else [])
+                              tried if self.rotation_invariant else [], agrees)
 
         best = attempt(self.heading.offset_deg, _remember(candidates, seen))
         if best is None and retrieve is not None and self._heading_search_due(t):
@@ -177,7 +185,11 @@ class Verifier:
         if best is not None:
             self._heading_searches_since_fit = 0
             return best, ""
-        if strong_turns:
+        if strong_turns and agrees is not None:
+            result, _ = max(strong_turns, key=lambda rm: rm[0].inliers)
+            reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with {result.inliers} "
+                              f"inliers: the track holds the heading error of {int(round(-self.heading.offset_deg))} deg")
+        elif strong_turns:
             result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
             if self.heading.propose(result.rotation_deg, t, m.x, m.y):
                 self._heading_searches_since_fit = 0
@@ -218,9 +230,11 @@ class Verifier:
         return list(groups.items())
 
     def _best(self, query_features, footprint, candidates, centre, size_m, height_m, reasons,
-              strong_turns, tried: list[tuple[float, float]]) -> Measurement | None:
+              strong_turns, tried: list[tuple[float, float]], agrees=None) -> Measurement | None:
         cfg = self.cfg
         best: Measurement | None = None
+        # with a track to check them against, weaker fits are worth fitting
+        need = min(cfg.min_inliers, cfg.track_min_inliers) if agrees is not None else cfg.min_inliers
         for cand in candidates:
             # a region reaches margin_m beyond a tile on each side, so it already holds the view
             # of any candidate within margin_m of its centre: verifying that one again adds nothing
@@ -229,7 +243,7 @@ class Verifier:
             tried.append((cand.x, cand.y))
             features, on_map, transform = self.region(cand, size_m)
             with self.stages("match"):
-                result = self.matcher.match(query_features, features, (centre, centre), self.heading.offset_deg)
+                result = self.matcher.match(query_features, features, (centre, centre), self.heading.offset_deg, need)
                 overlap = on_map.fraction_on_map(result.to_region(footprint)) if result.params is not None else 0.0
             if not (result.ok or result.rotation_only):
                 reasons.append(f"tile {cand.tile_id}: {result.reason}")
@@ -242,6 +256,10 @@ class Verifier:
                 if result.inliers >= cfg.heading_min_inliers:
                     strong_turns.append((result, m))
                 reasons.append(f"tile {cand.tile_id}: {result.reason}")
+                continue
+            if result.inliers < cfg.min_inliers and not agrees(m):
+                reasons.append(f"tile {cand.tile_id}: {result.inliers} inliers, too few for a place "
+                               f"the track does not predict")
                 continue
             if best is None or m.inliers > best.inliers:
                 best = m
