@@ -6,6 +6,7 @@ import calendar
 import datetime as dt
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 
@@ -49,9 +50,13 @@ def test_rounding_up_to_the_end_of_a_week_carries_into_the_next_week():
         assert 0 <= gps_week_and_ms(rollover + offset)[1] < WEEK_MS
 
 
-# IERS Bulletin C: GPS - UTC steps since 1999 (the seconds inserted at the end of the day before)
-PUBLISHED_STEPS = [((2006, 1, 1), 14), ((2009, 1, 1), 15), ((2012, 7, 1), 16), ((2015, 7, 1), 17),
-                   ((2017, 1, 1), 18)]
+# IERS Bulletin C: GPS - UTC steps since the GPS epoch (the seconds inserted at the end of the
+# day before), typed from the bulletin's TAI - UTC history less 19
+PUBLISHED_STEPS = [((1981, 7, 1), 1), ((1982, 7, 1), 2), ((1983, 7, 1), 3), ((1985, 7, 1), 4),
+                   ((1988, 1, 1), 5), ((1990, 1, 1), 6), ((1991, 1, 1), 7), ((1992, 7, 1), 8),
+                   ((1993, 7, 1), 9), ((1994, 7, 1), 10), ((1996, 1, 1), 11), ((1997, 7, 1), 12),
+                   ((1999, 1, 1), 13), ((2006, 1, 1), 14), ((2009, 1, 1), 15), ((2012, 7, 1), 16),
+                   ((2015, 7, 1), 17), ((2017, 1, 1), 18)]
 
 
 @pytest.mark.parametrize("day, after", PUBLISHED_STEPS)
@@ -63,16 +68,40 @@ def test_leap_seconds_step_at_the_published_instants(day, after):
 
 
 def test_leap_seconds_before_2006_and_today():
+    assert gps_minus_utc_s(unix(1980, 1, 6)) == 0             # the GPS epoch: GPS = UTC
+    assert gps_minus_utc_s(unix(1981, 6, 30, 23, 59, 59)) == 0
+    assert gps_minus_utc_s(unix(1998, 12, 31, 23, 59, 59)) == 12
     assert gps_minus_utc_s(unix(1999, 6, 1)) == 13
     assert gps_minus_utc_s(unix(2005, 12, 31, 23, 59, 59)) == 13
     assert gps_minus_utc_s(unix(2026, 3, 1)) == 18
 
 
+def test_leap_seconds_agree_with_the_systems_iers_list():
+    """tzdata ships IERS's leap-seconds.list (NTP seconds since 1900, TAI - UTC): a third source."""
+    path = Path("/usr/share/zoneinfo/leap-seconds.list")
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except OSError:
+        pytest.skip(f"{path} absent (no tzdata); the typed Bulletin C steps above still pin the table")
+    ntp_to_unix = 2208988800
+    steps = [(int(a) - ntp_to_unix, int(b) - 19) for a, b, *_ in (ln.split() for ln in lines if ln and ln[0] != "#")]
+    for start, gps_minus_utc in steps:
+        if start > unix(1980, 1, 6):
+            assert gps_minus_utc_s(start) == gps_minus_utc, start
+            assert gps_minus_utc_s(start - 1.0) == gps_minus_utc - 1, start
+
+
+def test_the_gps_epoch_is_week_0_at_0_ms():
+    assert gps_week_and_ms(unix(1980, 1, 6)) == (0, 0)
+    assert gps_week_and_ms(unix(1980, 1, 13, 0, 0, 1)) == (1, 1000)
+
+
 @pytest.mark.parametrize("utc", [dt.datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=dt.timezone.utc),
                                  dt.datetime(2021, 8, 14, 3, 7, 11, 250000, tzinfo=dt.timezone.utc),
-                                 dt.datetime(2000, 2, 29, 23, 59, 59, tzinfo=dt.timezone.utc)])
+                                 dt.datetime(2000, 2, 29, 23, 59, 59, tzinfo=dt.timezone.utc),
+                                 dt.datetime(1996, 6, 30, 12, 0, 0, tzinfo=dt.timezone.utc)])
 def test_week_and_ms_agree_with_a_datetime_derivation(utc):
-    leap = 18 if utc.year >= 2017 else 13
+    leap = 18 if utc.year >= 2017 else (13 if utc.year >= 1999 else 11)
     assert gps_week_and_ms(utc.timestamp()) == gps_by_datetime(utc, leap)
 
 

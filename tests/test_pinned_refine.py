@@ -212,3 +212,52 @@ def test_the_inlier_bar_can_be_lowered_per_call():
     res = FeatureMatcher().match(q, r, (119.5, 119.5), min_inliers=10)
     assert res.ok and res.inliers == 12
     assert not FeatureMatcher().match(q, r, (119.5, 119.5), min_inliers=13).ok
+
+
+def test_one_query_against_two_map_descriptors_is_matched_when_distinctive():
+    # nearest 1.0, second 5.0: ratio 0.2 — the smallest case the ratio test can decide
+    query = Features(np.zeros((1, 2), np.float32), np.array([[0.0, 0.0, 0.0]], np.float32))
+    ref = Features(np.zeros((2, 2), np.float32), np.array([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0]], np.float32))
+    m = RatioTestMatcher("l2", ratio=0.8).match(query, ref)
+    assert list(zip(m.query_idx.tolist(), m.ref_idx.tolist())) == [(0, 1)]
+    assert m.confidence.tolist() == pytest.approx([1.0 - 0.2])  # 1 - ratio: higher is more distinctive
+
+
+def test_a_query_equal_to_two_identical_map_descriptors_is_not_distinctive():
+    # both neighbours at distance 0: 0 < 0.8 * 0 is false, a repeated texture is no match
+    query = Features(np.zeros((1, 2), np.float32), np.array([[1.0, 2.0, 3.0]], np.float32))
+    twins = Features(np.zeros((2, 2), np.float32), np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], np.float32))
+    assert len(RatioTestMatcher("l2", ratio=0.8).match(query, twins)) == 0
+
+
+def test_the_ratio_test_defaults_to_lowes_0_8():
+    # second neighbour at 1.0 / 0.75 and at 1.0 / 0.85 of the nearest: Lowe keeps the first only
+    query = Features(np.zeros((2, 2), np.float32), np.array([[0.0, 0.0], [100.0, 0.0]], np.float32))
+    ref = Features(np.zeros((4, 2), np.float32), np.array([[1.0, 0.0], [0.0, -1 / 0.75],
+                                                          [101.0, 0.0], [100.0, -1 / 0.85]], np.float32))
+    m = RatioTestMatcher().match(query, ref)
+    assert list(zip(m.query_idx.tolist(), m.ref_idx.tolist())) == [(0, 0)]
+
+
+def test_the_no_data_border_is_eroded_on_either_side():
+    # the valid area on the right this time: a 7 px square erosion masks columns 24..26
+    valid = np.zeros((64, 64), bool)
+    valid[:, 24:] = True
+    _, mask = GreyPreparer(equalize=False)(np.full((64, 64), 180, np.uint8), valid)
+    assert mask[:, :27].max() == 0 and mask[:, 27:].min() == 255
+
+
+def test_a_frame_is_equalised_by_default_on_a_4_by_4_clahe_grid():
+    rng = np.random.default_rng(7)
+    grey = cv2.GaussianBlur(rng.integers(0, 255, (96, 160), dtype=np.uint8), (0, 0), 3.0)
+    got, mask = GreyPreparer()(grey, None)
+    assert mask is None
+    # sift.py: "None: a 4 x 4 grid over the image"; clip limit 2 as the ground-scale grid
+    assert np.array_equal(got, cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(grey))
+
+
+def test_an_image_smaller_than_half_a_clahe_tile_is_one_tile():
+    rng = np.random.default_rng(8)
+    grey = cv2.GaussianBlur(rng.integers(0, 255, (40, 40), dtype=np.uint8), (0, 0), 2.0)
+    got, _ = GreyPreparer(equalize=True, clahe_tile_px=128)(grey, None)
+    assert np.array_equal(got, cv2.createCLAHE(clipLimit=2.0, tileGridSize=(1, 1)).apply(grey))
