@@ -51,6 +51,37 @@ def test_fixes_that_share_their_error_teach_the_filter_no_more_at_30_hz(seed):
     assert fast.sigma_h_m > 0.9 * slow.sigma_h_m, (fast.sigma_h_m, slow.sigma_h_m)
 
 
+def test_a_wrong_match_repeated_by_the_next_video_frames_never_becomes_the_track():
+    """Six frames (0.2 s at 30 Hz) match the same wrong place 500 m away, then the right place
+    is seen: consecutive frames share their error, so the wrong pair confirms nothing and the
+    track starts at the right place, from two fixes at least measurement_correlation_s apart."""
+    f, R, dt = PositionFilter(), np.eye(2), 1.0 / 30
+    outs = [f.update(k * dt, [500.0 + 0.2 * k, 0.0], R, 60.0) for k in range(6)]
+    assert not any(o.tracking for o in outs)
+    assert "shares its error" in outs[1].reason
+    outs = [f.update(k * dt, [0.25 * (k - 6), 0.0], R, 60.0) for k in range(6, 20)]
+    first = next(k for k, o in enumerate(outs) if o.tracking)
+    assert first * dt >= CORRELATION_S - 1e-9                # (frame 6 is the first right one)
+    assert all(o.accepted and abs(o.x - 0.25 * k) < 5.0 for k, o in enumerate(outs) if o.tracking)
+    # told the fixes are independent, the second frame confirms at once (as at photo rates)
+    g = PositionFilter(FilterConfig(measurement_correlation_s=0.0))
+    assert not g.update(0.0, [0.0, 0.0], R, 60.0).tracking and g.update(dt, [0.25, 0.0], R, 60.0).tracking
+
+
+def test_a_turned_fit_repeated_by_the_next_video_frames_does_not_confirm_a_heading_error():
+    """A strong fit turned 180 deg is believed once a second frame agrees; at 30 Hz the frames
+    inside measurement_correlation_s repeat the first one's error and do not count."""
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.verify import HeadingTracker
+
+    heading, dt = HeadingTracker(LocalizerConfig()), 1.0 / 30
+    assert not heading.propose(180.0, 0.0, 0.0, 0.0)
+    assert not any(heading.propose(179.0, k * dt, 0.25 * k, 0.0) for k in range(1, 9))
+    assert heading.offset_deg == 0.0
+    assert heading.propose(179.0, 10 * dt, 2.5, 0.0)                   # 0.33 s after the first
+    assert abs(heading.offset_deg - 179.0) < 1e-9
+
+
 # --- the whole localizer on one simulated video, at 30 Hz and at every 30th frame -----------
 
 @pytest.fixture(scope="module")

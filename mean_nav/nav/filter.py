@@ -12,7 +12,8 @@ surveys and 30 Hz video:
   - motion: continuous white acceleration (the position covariance after dt does not depend
     on how many frames fell inside dt);
   - a lost filter is (re)started when two fixes agree under that motion model, whatever
-    their spacing; a single wrong match never becomes the track;
+    their spacing (at least `measurement_correlation_s`: the next video frame repeats a wrong
+    match); a single wrong match never becomes the track;
   - a measurement update never drops the track: a prediction that grew vague over a long
     frame spacing is honest, and a fix that agrees with it confirms it like a second
     start-up fix would. Only coasting (no fix) for `lost_after_s` drops it;
@@ -353,16 +354,28 @@ class PositionFilter:
         motion model; otherwise remember this fix as a candidate."""
         cfg = self.cfg
         candidates = [c for c in self._candidates if 0.0 <= fix.t - c.t <= cfg.lost_after_s]
+        repeat = None
         for cand in reversed(candidates):
             dt = fix.t - cand.t
             allowed = cfg.max_speed_ms * dt + 3.0 * math.sqrt(np.trace(cand.R) + np.trace(fix.R))
             if dt <= 0.0 or float(np.linalg.norm(fix.z - cand.z)) > allowed:
+                continue
+            if dt < cfg.measurement_correlation_s:
+                # the next video frame repeats a wrong match as readily as a right one: it
+                # shares the candidate's error and confirms nothing
+                repeat = repeat or cand
                 continue
             self._init_track(cand)
             out = self._update(fix)
             if out.accepted:
                 return out
             self.reset()   # the pair disagrees under the motion model
+        if repeat is not None:
+            self._candidates = candidates   # the same evidence again: keep waiting on the earlier fix
+            return FilterOutput(False, False, attitude_sigma_deg=self.attitude_sigma_deg,
+                                reason=f"fix agrees with one {fix.t - repeat.t:.2f} s earlier but shares its error "
+                                       f"(filter.measurement_correlation_s {cfg.measurement_correlation_s:g} s); "
+                                       "waiting for a later one to confirm")
         self._candidates = (candidates + [fix])[-MAX_CANDIDATES:]
         if candidates:
             reason = "start-up fixes disagree; waiting for two that agree to confirm a track"
