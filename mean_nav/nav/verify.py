@@ -77,10 +77,13 @@ class HeadingTracker:
     def propose(self, rotation_deg: float, t: float, x: float, y: float) -> bool:
         """A strong fit turned far from the known heading error; True once a second frame confirms it."""
         cfg, prev = self.cfg, self._proposal
+        agrees = prev is not None and \
+            abs(angle_difference_deg(rotation_deg, prev.rotation_deg)) <= cfg.refine.max_rotation_deg
+        if agrees and 0.0 <= t - prev.time_s < cfg.filter.measurement_correlation_s:
+            return False   # the next video frame shares the fit's error: wait on the earlier one
         self._proposal = _Proposal(rotation_deg, t, x, y)
         if prev is None or not 0.0 < t - prev.time_s <= cfg.heading_confirm_s:
             return False
-        agrees = abs(angle_difference_deg(rotation_deg, prev.rotation_deg)) <= cfg.refine.max_rotation_deg
         reachable = math.hypot(x - prev.x, y - prev.y) <= cfg.filter.max_speed_ms * (t - prev.time_s) + cfg.search_radius_m
         if agrees and reachable:
             self.offset_deg = _wrap(rotation_deg)
