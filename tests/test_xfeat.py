@@ -402,6 +402,8 @@ def test_feature_backends_choose_onnxruntime_here_and_refuse_what_they_cannot_ru
     print(f"TensorRT feature backend: {reason}")
     with pytest.raises(MeanNavError, match="tensorrt: no usable engine"):
         XFeatExtractor(out / "xfeat.onnx", max_features=256, backend="tensorrt")
+    # map windows (every keypoint) cannot use a fixed-K engine anyway: onnxruntime, no error
+    assert XFeatExtractor(out / "xfeat.onnx", max_features=0, backend="tensorrt").graph.backend == "onnxruntime"
     cfg = RefineConfig(detector="xfeat", xfeat_models=str(out), feature_backend="tensorrt")
     with pytest.raises(MeanNavError, match="tensorrt"):
         make_matcher(cfg, make_extractor(RefineConfig(detector="xfeat", xfeat_models=str(out))))

@@ -198,7 +198,10 @@ class FeatureGraph:
         else:
             self.metadata = onnx_feature_metadata(self.path)
             self._check_kind(self.metadata)
-            self.engine = self._open_engine(required=backend == "tensorrt")
+            # "tensorrt" requires the engine wherever one can serve: not for an XFeat without a
+            # keypoint budget (map windows computed in flight), which onnxruntime runs
+            servable = not (kind == "xfeat" and self.keypoints is None)
+            self.engine = self._open_engine(required=backend == "tensorrt" and servable)
             if self.engine is None:
                 self._open_session()
         self.backend = "tensorrt" if self.engine is not None else "onnxruntime"
