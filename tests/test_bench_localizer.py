@@ -17,8 +17,10 @@ def test_bench_localizer_prints_every_stage_and_both_sources_decide_alike(tmp_pa
     simulate_flight([world], tmp_path / "flight", SimulationConfig(width=320, height=240, fps=1.0, duration_s=6,
                                                                    seed=3, map_gsd_m=0.25), progress=False)
     out = tmp_path / "bench.json"
+    every = tmp_path / "every_candidate.yaml"    # a second configuration side by side, same cache
+    every.write_text("stop_at_inliers: 1000000\nverify_prediction: false\n")
     code = main(["bench", "localizer", str(tmp_path / "flight"), "--model", str(ASSET), "--cache",
-                 str(tmp_path / "cache"), "--json", str(out)])
+                 str(tmp_path / "cache"), "--json", str(out), "--compare", f"{every}@{tmp_path / 'cache'}"])
     printed = capsys.readouterr().out
     assert code == 0
     for row in ("rectify", "embed", "query features", "map features", "match", "filter",
@@ -33,3 +35,7 @@ def test_bench_localizer_prints_every_stage_and_both_sources_decide_alike(tmp_pa
         assert stored["stages_ms"][stage]["frames"] == in_flight["stages_ms"][stage]["frames"] > 0
     assert stored["capture_to_send_ms"]["p50"] <= stored["capture_to_send_ms"]["p95"] <= \
         stored["capture_to_send_ms"]["max"]
+    compared = results["every_candidate (stored)"]
+    assert compared["frames"] == 6 and "every_candidate (stored): sift+ratio (opencv, 1500 kp)" in printed
+    # without the prediction's early exit every frame runs the network
+    assert compared["stages_ms"]["embed"]["frames"] == 6 >= stored["stages_ms"]["embed"]["frames"]

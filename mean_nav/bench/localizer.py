@@ -8,6 +8,10 @@ filter; p50 / p95 over the frames that ran the stage) and capture-to-send (frame
 Estimate out: what the autopilot waits for) p50 / p95 / max, and the ratio between them.
 Beside wall time it gives the CPU time this process spent per frame: on a machine other
 jobs load, that is the closer estimate of the time an idle flight computer would take.
+
+`--compare YAML[@CACHE]` (repeatable) adds a localizer per configuration (stored map features,
+of CACHE or --cache), run in the same interleaving: methods side by side in one run, e.g.
+SIFT against XFeat + LighterGlue, each with its own cache's features.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="inference threads")
     parser.add_argument("--frames", type=str, default=None, metavar="START:STOP", help="only these frame rows")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON here")
+    parser.add_argument("--compare", action="append", default=[], metavar="YAML[@CACHE]",
+                        help="another localizer config (and its cache, default --cache) run side by side with "
+                             "stored map features; repeatable")
 
 
 def run(args) -> int:
@@ -60,6 +67,15 @@ def run(args) -> int:
     in_flight.verifier.map_features = InFlightMapFeatures(cache.mosaic, cfg.refine, store_settings(cfg.refine, cache.grid),
                                                           cfg.feature_cache_tiles)
     runs = {"stored map features": stored, "map features in flight": in_flight}
+    for spec in args.compare:
+        path, _, other = spec.partition("@")
+        other_cfg = load_config(Path(path), LocalizerConfig)
+        loc = Localizer(embedder, TileCache.load(Path(other) if other else args.cache), flight.camera, other_cfg,
+                        initial_lonlat=prior)
+        if not isinstance(loc.verifier.map_features, StoredMapFeatures):
+            raise MeanNavError(f"--compare {spec}: the cache stores no {other_cfg.refine.detector} map features; "
+                               f"rebuild it with `mean-nav cache build --features {other_cfg.refine.detector}`")
+        runs[f"{Path(path).stem} (stored)"] = loc
     records = {name: [] for name in runs}
     start, stop = parse_frames(args.frames, len(flight))
     n = (stop if stop is not None else len(flight)) - start
@@ -72,7 +88,7 @@ def run(args) -> int:
                                   "fix": bool(est.has_fix), **loc.stages.seconds})
     embedder.close()
     results = {name: summarise(rows) for name, rows in records.items()}
-    print_table(results, args.flight, cfg.refine.detector)
+    print_table(results, args.flight, cfg.refine.detector, describe(runs))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -95,11 +111,24 @@ def _q(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
-def print_table(results: dict, flight: Path, detector: str) -> None:
+def describe(runs: dict) -> dict[str, str]:
+    """Column -> the refinement it runs, with the feature graphs' backend (onnxruntime / tensorrt)."""
+    out = {}
+    for name, loc in runs.items():
+        fm = loc.verifier.matcher
+        graphs = [getattr(part, "graph", None) for part in (fm.extractor, fm.matcher)]
+        backend = next((g.backend for g in graphs if g is not None), "opencv")
+        out[name] = f"{fm.extractor.name}+{fm.matcher.name} ({backend}, {fm.cfg.max_features} kp)"
+    return out
+
+
+def print_table(results: dict, flight: Path, detector: str, methods: dict[str, str] | None = None) -> None:
     names = list(results)
     print(f"\nlocalizer on {flight} ({detector}); ms, p50 / p95 over the frames that ran the stage "
           "(machine shared: compare the columns, not absolute times)")
     width = 28
+    for name, method in (methods or {}).items():
+        print(f"  {name}: {method}")
     print(f"{'stage':<22}" + "".join(f"{n:>{width}}" for n in names))
     for stage in STAGES:
         cells = []
@@ -110,6 +139,6 @@ def print_table(results: dict, flight: Path, detector: str) -> None:
     for label, metric in (("capture-to-send", "capture_to_send_ms"), ("cpu per frame", "cpu_per_frame_ms")):
         for key in ("p50", "p95", "max"):
             vals = [results[n][metric][key] for n in names]
-            ratio = vals[1] / vals[0] if vals[0] > 0 else math.nan
-            print(f"{label + ' ' + key:<22}" + "".join(f"{v:>{width}.1f}" for v in vals) + f"   x{ratio:.2f}")
+            ratios = " ".join(f"x{v / vals[0]:.2f}" if vals[0] > 0 else "x-" for v in vals[1:])
+            print(f"{label + ' ' + key:<22}" + "".join(f"{v:>{width}.1f}" for v in vals) + f"   {ratios}")
     print(f"{'fixes':<22}" + "".join(f"{results[n]['fixes']:>{width - 4}d}/{results[n]['frames']:<3d}" for n in names))
