@@ -82,6 +82,29 @@ def test_a_turned_fit_repeated_by_the_next_video_frames_does_not_confirm_a_headi
     assert abs(heading.offset_deg - 179.0) < 1e-9
 
 
+def test_the_search_widens_with_time_not_with_the_frame_rate():
+    """Without a track, every frame that verifies nothing doubles the search radius; video
+    frames closer than measurement_correlation_s see the same ground and fail together, so one
+    second of 30 Hz failures widens it 4 times (at 0, 0.3, 0.6, 0.9 s), not 30."""
+    from types import SimpleNamespace
+
+    from mean_nav.nav.acquisition import Acquisition
+    from mean_nav.nav.localizer import LocalizerConfig
+
+    cache = SimpleNamespace(x=[0.0, 1000.0], y=[0.0, 1000.0], tile_size_m=60.0, lonlat_to_xy=lambda lon, lat: (0, 0))
+    cfg, f = LocalizerConfig(), PositionFilter()
+    searches = {}
+    for fps, seconds in ((30.0, 1.0), (1.0, 4.0)):          # at photo rates every frame counts
+        acquisition = Acquisition(cfg, None, cache, initial_lonlat=(0.0, 0.0))
+        acquisition.anchor_t = 0.0
+        for k in range(int(fps * seconds)):
+            acquisition.record(k / fps, None, f)
+        searches[fps] = acquisition
+    assert searches[30.0].widenings == 4 and searches[1.0].widenings == 4
+    flown = f.cfg.max_speed_ms * 1.0
+    assert searches[30.0].search_radius_m(1.0, f) == pytest.approx((cfg.initial_radius_m + flown) * 2.0 ** 4)
+
+
 # --- the whole localizer on one simulated video, at 30 Hz and at every 30th frame -----------
 
 @pytest.fixture(scope="module")

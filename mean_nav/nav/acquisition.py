@@ -5,7 +5,8 @@ tiles near it. While it tracks but is vague (a long frame spacing, coasting): th
 best tiles within its 3-sigma area. Without a track: first near the newest unconfirmed fix
 (where a confirming second fix should be), then a search around an anchor (the configured
 prior, or where the last track was) whose radius grows with the time the vehicle may have
-flown since and doubles with every frame that verified nothing, until it covers the whole
+flown since and doubles with every frame that verified nothing (at most once per
+`filter.measurement_correlation_s`: video frames fail together), until it covers the whole
 cache (the cache's approximate index when it has one). A prior wrong by any distance, or
 none, therefore still reaches a first fix, and a first fix far from the prior is reported
 (`Acquisition.record` returns the notice).
@@ -55,6 +56,7 @@ class Acquisition:
         self.anchor_t: float | None = None        # when the vehicle was at the anchor (None: first frame)
         self.anchor_is_prior = self.prior_xy is not None
         self.widenings = 0                        # frames since the anchor that verified nothing
+        self._widened_t: float | None = None      # when the search last widened
         self.had_track = False
         self.search = ""                          # what the last frame searched, for the frame reason
 
@@ -100,7 +102,7 @@ class Acquisition:
 
     def search_radius_m(self, t: float, filter: PositionFilter) -> float:
         """Radius of the anchor search at time t: initial radius + how far the vehicle may
-        have flown since, doubled per frame that verified nothing."""
+        have flown since, doubled per frame that verified nothing (once per correlation time)."""
         flown = filter.cfg.max_speed_ms * max(0.0, t - (self.anchor_t if self.anchor_t is not None else t))
         return (self.cfg.initial_radius_m + flown) * 2.0 ** self.widenings
 
@@ -118,9 +120,13 @@ class Acquisition:
                               f"(the vehicle could be at most {expected:.0f} m from it)")
             self.had_track = True
             self.anchor, self.anchor_t, self.anchor_is_prior = (float(pred[0][0]), float(pred[0][1])), t, False
-            self.widenings = 0
+            self.widenings, self._widened_t = 0, None
         elif verified_xy is None and self.anchor is not None:
-            self.widenings += 1
+            # frames closer than the filter's measurement_correlation_s see the same ground and
+            # fail together: one widening for them (30 Hz video went global within 0.1 s)
+            if self._widened_t is None or t - self._widened_t >= filter.cfg.measurement_correlation_s:
+                self.widenings += 1
+                self._widened_t = t
         return notice
 
     # --- searches -----------------------------------------------------------------------
