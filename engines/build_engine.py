@@ -24,7 +24,8 @@ build the same way, FP16 (converted here; `build_feature_engine`):
 
 named `<kind>-<weights sha256[:12]>[-k<K>].<onnx_sha256[:12]>.trt<ver>.<gpu>.fp16.engine`
 with a JSON sidecar, and kept only when keypoints, descriptors and matches agree with
-onnxruntime FP32 on image pairs (mean_nav/deploy/feature_engines.py).
+onnxruntime FP32 on image pairs (mean_nav/deploy/feature_engines.py). The localizer runs on
+them through `refine.feature_backend` (mean_nav/deploy/feature_backends.py).
 """
 from __future__ import annotations
 
