@@ -462,3 +462,23 @@ def test_bench_features_times_several_exports_side_by_side(models, images, tmp_p
     assert {r["method"]: r["backend"] for r in rows}["sift/300"] == "opencv"
     assert all(r["backend"] == "onnxruntime" for r in rows if r["method"].startswith("xfeat"))
     assert all(0 < r["query_kp"] <= 128 and r["map_kp"] > 0 for r in rows if r["method"].startswith("xfeat"))
+
+
+def test_relative_xfeat_models_are_taken_relative_to_the_yaml(models, tmp_path, monkeypatch):
+    from mean_nav.config import load_config
+    from mean_nav.nav.features.xfeat import models_relative_to
+    from mean_nav.nav.localizer import LocalizerConfig
+
+    out, _ = models
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "models").symlink_to(out, target_is_directory=True)
+    yaml = conf / "localizer.yaml"
+    yaml.write_text("refine:\n  detector: xfeat\n  xfeat_models: models\n  max_features: 256\n")
+    monkeypatch.chdir(tmp_path)                  # "models" is not here: only beside the YAML
+    cfg = models_relative_to(load_config(yaml, LocalizerConfig), yaml.parent)
+    assert Path(cfg.refine.xfeat_models) == conf / "models"
+    assert FeatureMatcher(cfg.refine).extractor.weights_sha256 == ef.KNOWN_WEIGHTS_SHA256["xfeat.pt"]
+    absolute = LocalizerConfig(refine=RefineConfig(detector="xfeat", xfeat_models=str(out)))
+    assert models_relative_to(absolute, conf) is absolute
+    assert models_relative_to(LocalizerConfig(), conf).refine.xfeat_models is None

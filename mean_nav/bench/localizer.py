@@ -53,7 +53,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     flight = Flight(args.flight)
-    cfg = load_config(args.config, LocalizerConfig) if args.config else LocalizerConfig()
+    from ..nav.features.xfeat import models_relative_to
+
+    cfg = models_relative_to(load_config(args.config, LocalizerConfig), args.config.parent) if args.config \
+        else LocalizerConfig()
     embedder = load_embedder(args.model, backend=args.backend, threads=args.threads, spin=False)
     prior = initial_prior(flight)
     stored = Localizer(embedder, TileCache.load(args.cache), flight.camera, cfg, initial_lonlat=prior)
@@ -69,7 +72,7 @@ def run(args) -> int:
     runs = {"stored map features": stored, "map features in flight": in_flight}
     for spec in args.compare:
         path, _, other = spec.partition("@")
-        other_cfg = load_config(Path(path), LocalizerConfig)
+        other_cfg = models_relative_to(load_config(Path(path), LocalizerConfig), Path(path).parent)
         loc = Localizer(embedder, TileCache.load(Path(other) if other else args.cache), flight.camera, other_cfg,
                         initial_lonlat=prior)
         if not isinstance(loc.verifier.map_features, StoredMapFeatures):

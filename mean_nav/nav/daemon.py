@@ -132,7 +132,9 @@ class NavDaemon:
             cache = TileCache.load(resolve(config_dir, cfg.cache.path), expect_model_hash=embedder.model_hash,
                                    verify=cfg.cache.verify_checksums)
         initial = None if cfg.initial_lat is None else (cfg.initial_lon, cfg.initial_lat)
-        self.localizer = Localizer(embedder, cache, self.camera, cfg.localizer, initial_lonlat=initial)
+        from .features.xfeat import models_relative_to
+        self.localizer = Localizer(embedder, cache, self.camera, models_relative_to(cfg.localizer, config_dir),
+                                   initial_lonlat=initial)
         # operator notices (a prior that disagrees with the map, ...) go to the ground station
         self.localizer.on_notice = lambda text: self.link.send_statustext(MAV.MAV_SEVERITY_WARNING, f"MNAV: {text}")
         if source is None:
@@ -349,6 +351,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load config, camera, model and cache, then exit (pre-flight check)")
 
 
+def _features(loc) -> str:
+    """`sift+ratio`, or `xfeat+lighterglue on tensorrt`: what refinement runs, and where."""
+    fm = loc.verifier.matcher
+    graphs = [g for g in (getattr(fm.extractor, "graph", None), getattr(fm.matcher, "graph", None)) if g is not None]
+    where = ", ".join(dict.fromkeys(g.backend for g in graphs))
+    return f"{fm.extractor.name}+{fm.matcher.name}" + (f" on {where}" if where else "")
+
+
 def run(args: argparse.Namespace) -> int:
     config_path = Path(args.config)
     cfg = load_nav_config(config_path)
@@ -359,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ok: camera {daemon.camera.width}x{daemon.camera.height}, model {loc.embedder.model_hash} "
               f"({loc.embedder.name}, {loc.embedder.precision}), cache {len(loc.cache)} tiles at "
               f"{loc.gsd_m:g} m/px, MAVLink {cfg.mavlink.connection} -> {cfg.mavlink.output} at "
-              f"{cfg.output.rate_hz:g} Hz, altitude {cfg.output.altitude}{port}")
+              f"{cfg.output.rate_hz:g} Hz, altitude {cfg.output.altitude}{port}, features "
+              f"{_features(loc)}")
         daemon.link.close()
         return 0
     return daemon.run(args.duration)

@@ -285,7 +285,9 @@ def build_localizer(model: Path, cache: Path, camera, config: Path | None, initi
 
     embedder = load_embedder(model, backend=backend, threads=threads, spin=False)
     tile_cache = TileCache.load(cache)
-    cfg = load_config(config, LocalizerConfig) if config else LocalizerConfig()
+    from ..nav.features.xfeat import models_relative_to
+
+    cfg = models_relative_to(load_config(config, LocalizerConfig), Path(config).parent) if config else LocalizerConfig()
     return Localizer(embedder, tile_cache, camera, cfg, initial_lonlat=initial_lonlat)
 
 

@@ -41,6 +41,18 @@ def model_path(refine, name: str) -> Path:
     return path
 
 
+def models_relative_to(localizer_cfg, base_dir: str | Path):
+    """The LocalizerConfig with a relative `refine.xfeat_models` taken relative to `base_dir`
+    (the YAML it came from), as every other path in the config is."""
+    import dataclasses
+
+    refine = localizer_cfg.refine
+    if not refine.xfeat_models or Path(refine.xfeat_models).expanduser().is_absolute():
+        return localizer_cfg
+    folder = str(Path(base_dir) / Path(refine.xfeat_models).expanduser())
+    return dataclasses.replace(localizer_cfg, refine=dataclasses.replace(refine, xfeat_models=folder))
+
+
 class XFeatExtractor:
     """Image -> Features (64-d float descriptors), on onnxruntime (CPU, or CUDA/TensorRT providers
     where installed) or a TensorRT engine (`backend`). No CLAHE: XFeat instance-normalises its
