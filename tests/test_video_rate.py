@@ -68,6 +68,23 @@ def test_a_wrong_match_repeated_by_the_next_video_frames_never_becomes_the_track
     assert not g.update(0.0, [0.0, 0.0], R, 60.0).tracking and g.update(dt, [0.25, 0.0], R, 60.0).tracking
 
 
+def test_a_right_match_every_other_frame_confirms_among_scattered_wrong_ones():
+    """30 Hz, the right place on even frames and a different wrong place on every odd one:
+    more wrong fixes arrive within the correlation time than start-up candidates are kept,
+    yet the right one confirms once a right fix comes 0.3 s after it, and nothing wrong does."""
+    f, R, dt = PositionFilter(), np.eye(2), 1.0 / 30
+    rng = np.random.default_rng(3)
+    tracked = []
+    for k in range(30):
+        right = np.array([0.25 * k, 0.0])
+        z = right if k % 2 == 0 else right + rng.uniform(300.0, 900.0) * np.array([1.0, 0.0]) * (-1) ** (k // 2)
+        out = f.update(k * dt, z, R, 60.0)
+        if out.tracking:
+            tracked.append((k, out))
+    assert tracked and tracked[0][0] * dt < CORRELATION_S + 3 * dt
+    assert all(abs(o.x - 0.25 * k) < 5.0 for k, o in tracked)
+
+
 def test_a_turned_fit_repeated_by_the_next_video_frames_does_not_confirm_a_heading_error():
     """A strong fit turned 180 deg is believed once a second frame agrees; at 30 Hz the frames
     inside measurement_correlation_s repeat the first one's error and do not count."""

@@ -371,7 +371,9 @@ class PositionFilter:
                 return out
             self.reset()   # the pair disagrees under the motion model
         if repeat is not None:
-            self._candidates = candidates   # the same evidence again: keep waiting on the earlier fix
+            # the same evidence again: keep waiting on the earlier fix, newest in the list so that
+            # wrong matches in the frames between do not push it out
+            self._candidates = [c for c in candidates if c is not repeat] + [repeat]
             return FilterOutput(False, False, attitude_sigma_deg=self.attitude_sigma_deg,
                                 reason=f"fix agrees with one {fix.t - repeat.t:.2f} s earlier but shares its error "
                                        f"(filter.measurement_correlation_s {cfg.measurement_correlation_s:g} s); "
