@@ -482,3 +482,57 @@ def test_relative_xfeat_models_are_taken_relative_to_the_yaml(models, tmp_path, 
     absolute = LocalizerConfig(refine=RefineConfig(detector="xfeat", xfeat_models=str(out)))
     assert models_relative_to(absolute, conf) is absolute
     assert models_relative_to(LocalizerConfig(), conf).refine.xfeat_models is None
+
+
+def test_feature_graph_sends_what_an_engine_serves_to_it_and_the_rest_to_onnxruntime(models, images, monkeypatch,
+                                                                                     tmp_path, caplog):
+    """The backend choice without a GPU: a stand-in engine (the ONNX on onnxruntime, outputs in
+    another order, a 64..128 px profile) gets the calls it can serve, in the ONNX's output order;
+    a larger image goes to onnxruntime; an engine that fails to load is a warning under auto and
+    an error under tensorrt."""
+    from mean_nav.deploy import feature_backends as fb
+
+    out, _ = models
+    reference = fb.FeatureGraph(out / "xfeat.onnx", "xfeat", "onnxruntime")
+    calls = []
+
+    class StandIn:
+        fail = False
+
+        def __init__(self, path, source_onnx_sha256=None):
+            if StandIn.fail:
+                raise MeanNavError(f"{path}: engine tensorrt_version is '10.3', here '10.13'")
+            self.path, self.sidecar = Path(path), {"kind": "xfeat"}
+            self.outputs = ["descriptors", "scores", "keypoints"]
+
+        def profile(self):
+            return {"image": ((1, 1, 64, 64), (1, 1, 128, 128))}
+
+        def __call__(self, feeds):
+            calls.append(feeds["image"].shape)
+            k, s, d = reference.run({"image": feeds["image"], "max_keypoints": np.array([64], np.int64)})
+            return [d, s, k]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fb, "FeatureEngine", StandIn)
+    monkeypatch.setattr(fb, "find_feature_engine", lambda path, meta, keypoints=None:
+                        (tmp_path / "x.engine", "", "0" * 64) if keypoints == 64 else (None, "no engine of this K", ""))
+    extractor = XFeatExtractor(out / "xfeat.onnx", max_features=64, backend="tensorrt")
+    assert extractor.graph.backend == "tensorrt"
+    plain = XFeatExtractor(out / "xfeat.onnx", max_features=64)
+    img = images[0][:96, :96]
+    got = extractor.extract(img)
+    assert calls == [(1, 1, 96, 96)]
+    np.testing.assert_array_equal(got.points, plain.extract(img).points)
+    np.testing.assert_array_equal(got.descriptors, plain.extract(img).descriptors)
+    big = images[0][:160, :160]                 # beyond the profile: onnxruntime
+    np.testing.assert_array_equal(extractor.extract(big).points, plain.extract(big).points)
+    assert len(calls) == 1
+    StandIn.fail = True
+    with caplog.at_level("WARNING"):
+        assert XFeatExtractor(out / "xfeat.onnx", max_features=64, backend="auto").graph.backend == "onnxruntime"
+    assert "running xfeat.onnx on onnxruntime instead" in caplog.text
+    with pytest.raises(MeanNavError, match="tensorrt_version"):
+        XFeatExtractor(out / "xfeat.onnx", max_features=64, backend="tensorrt")

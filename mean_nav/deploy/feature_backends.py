@@ -119,16 +119,20 @@ class FeatureEngine:
                 raise MeanNavError(f"{self.path}: engine {field} is {self.sidecar.get(field)!r}, here {value!r}; "
                                    "rebuild it on this device with engines/build_engine.py")
         self.trt = trt
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        # the engine, its context and the stream belong to the CUDA context: made while it is current
+        # (pycuda's is current only inside activate())
+        with self.cuda.activate():
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is not None:
+                self.context = self.engine.create_execution_context()
+                self.stream = self.cuda.new_stream()
         if self.engine is None:
             self.cuda.close()
             raise MeanNavError(f"{self.path}: TensorRT could not deserialize the engine; rebuild it on this device")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.stream = self.cuda.new_stream()
 
     def profile(self) -> dict[str, tuple[tuple, tuple]]:
         """Per input, the (min, max) shape the engine was built for."""
@@ -173,7 +177,7 @@ class FeatureEngine:
             return
         with self.cuda.activate():
             self.cuda.release_stream(self.stream)
-        self.context = self.engine = None
+            self.stream = self.context = self.engine = None
         self.cuda.close()
         self.cuda = None
 
