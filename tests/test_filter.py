@@ -3,6 +3,7 @@ loss only on prediction, and the online attitude-error estimate. Pure numpy."""
 import math
 
 import numpy as np
+import pytest
 
 from mean_nav.nav.filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
 
@@ -108,10 +109,34 @@ def test_disagreement_for_reject_after_s_drops_the_track_and_restarts_at_the_new
     results = [f.update(10.0 + 0.5 * k, [300.0, 300.0], np.eye(2), H) for k in range(1, 7)]
     # rejections at 10.5, 11.0, 11.5: the track survives until they span 1.5 s (at 12.0)
     assert [r.tracking for r in results[:3]] == [True, True, True]
-    assert not results[3].tracking and "dropped" in results[3].reason
-    # the rejected fixes agree with each other: the next one confirms the new track at once
-    assert results[4].accepted
+    assert not any(r.accepted for r in results[:3])
+    # the rejected fixes agree with each other: the one that drops the track starts the new one
+    assert results[3].accepted and "dropped" in results[3].reason and "restarted" in results[3].reason
+    assert math.hypot(results[3].x - 300.0, results[3].y - 300.0) < 3.0
+    assert all(r.accepted for r in results[4:])
     assert math.hypot(results[-1].x - 300.0, results[-1].y - 300.0) < 2.0
+
+
+def test_fixes_that_drop_a_track_but_disagree_among_themselves_start_nothing():
+    rng = np.random.default_rng(2)
+    f = PositionFilter(FilterConfig(reject_after_s=1.5))
+    feed_track(f, rng, n=20, v=(0.0, 0.0), start=(0.0, 0.0), meas_sigma=1.0)
+    # each 0.5 s apart and 1000 m from the last: faster than max_speed_ms, and far from the track
+    results = [f.update(10.0 + 0.5 * k, [1000.0 * k, 500.0], np.eye(2), H) for k in range(1, 5)]
+    assert not results[3].tracking and not results[3].accepted and "dropped" in results[3].reason
+
+
+def test_a_fix_confirmed_on_its_own_starts_a_track_at_once():
+    f = PositionFilter()
+    R = np.eye(2) * 0.25
+    out = f.update(0.0, [100.0, 200.0], R, H, confirmed=True)
+    assert out.accepted and out.tracking and out.reason == ""
+    assert (out.x, out.y) == (pytest.approx(100.0), pytest.approx(200.0))
+    # its radius is the fix's own noise plus the attitude error's share at height H
+    assert out.sigma_h_m > RADIUS68_PER_SIGMA * 0.5
+    assert f.update(1.0, [105.0, 200.0], R, H).accepted          # 5 m/s: the track goes on
+    plain = PositionFilter().update(0.0, [100.0, 200.0], R, H)
+    assert not plain.accepted and "waiting" in plain.reason
 
 
 def test_two_rejections_far_apart_drop_the_track_at_low_frame_rates():
@@ -122,7 +147,8 @@ def test_two_rejections_far_apart_drop_the_track_at_low_frame_rates():
     assert f.tracking
     assert f.update(80.0, [5000.0, 0.0], R, H).tracking          # one disagreeing photo: kept
     dropped = f.update(100.0, [5000.0, 0.0], R, H)
-    assert not dropped.tracking and "dropped" in dropped.reason
+    # the two photos that dropped it agree with each other: they are the new track
+    assert dropped.accepted and "dropped" in dropped.reason and abs(dropped.x - 5000.0) < 2.0
 
 
 def test_track_is_lost_only_when_coasting_too_long():

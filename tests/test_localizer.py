@@ -108,7 +108,7 @@ def test_attitude_interpolation_error_widens_the_measurement_by_height_times_its
         loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
         update = loc.filter.update
         seen = []
-        loc.filter.update = lambda t, z, R, h, update=update, seen=seen: seen.append((R, h)) or update(t, z, R, h)
+        loc.filter.update = lambda t, z, R, h, update=update, seen=seen, **kw: seen.append((R, h)) or update(t, z, R, h, **kw)
         for f in frames:
             loc.process(f.image, replace(f.telemetry, attitude_interp_sigma_rad=sigma), f.time_s)
         assert seen, "no frame reached the filter"
@@ -250,3 +250,14 @@ def test_retrieval_embeds_the_tile_at_the_centre_of_a_wider_view(cache, flight):
     assert sizes and all(s == (cache.tile_px, cache.tile_px, 3) for s in sizes)
     # the camera (60 m up, 70 deg wide) sees about 84 m x 63 m: more than a 60 m tile
     assert verified and all(cache.tile_px < v[0] <= 2 * cache.tile_px for v in verified)
+
+
+def test_a_frame_confirmed_by_its_two_halves_is_a_fix_at_once(cache, flight):
+    frames = frames_of(flight, 4)
+    firsts = {}
+    for halves_agree in (False, True):
+        loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+        loc.verifier._halves_agree = lambda *args, agree=halves_agree: agree
+        firsts[halves_agree] = next(e for e in run(loc, frames) if e.inliers > 0)
+    assert firsts[False].fix == FixQuality.NONE and "confirm" in firsts[False].reason
+    assert firsts[True].fix == FixQuality.FIX and firsts[True].sigma_h_m < 10.0

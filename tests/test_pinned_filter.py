@@ -166,7 +166,8 @@ def test_an_accepted_fix_resets_the_disagreement():
         assert out.tracking, f"track dropped at t={t} although no disagreement lasted 2 s"
         assert out.accepted is (z is good)
     out = f.update(24.5, outlier, np.eye(2) * 0.01, NO_TILT)   # 22.5 .. 24.5: 2 s of disagreement
-    assert not out.tracking and not out.accepted
-    # the fixes that broke the track are the candidates: the next one agreeing restarts there
+    # the fixes that broke the track agree with each other: the one that drops it restarts there
+    assert out.tracking and out.accepted and "dropped" in out.reason
+    assert out.x == pytest.approx(500.0, abs=0.5)
     again = f.update(25.0, outlier, np.eye(2) * 0.01, NO_TILT)
     assert again.tracking and again.accepted and again.x == pytest.approx(500.0, abs=0.5)

@@ -90,6 +90,9 @@ def test_a_heading_error_is_recovered_reported_and_confirmed_before_fixes(cache,
     # one frame is no evidence for a large turn: a fix comes only after a second frame confirmed it
     waiting = [i for i, e in enumerate(estimates) if "heading error not yet confirmed" in e.reason]
     assert waiting and waiting[0] < fixes[0]
+    # the frame that confirms the heading error is a fix: the two turned frames are the two
+    # agreeing start-up fixes of the track
+    assert fixes[0] == waiting[-1] + 1
     assert len(fixes) >= 0.9 * (len(estimates) - fixes[0])     # then the track holds
     for i in fixes:
         e = estimates[i]
@@ -172,7 +175,7 @@ def test_a_confident_track_holds_the_heading_against_a_turned_copy(nav_cache):
         verifier = Verifier(LocalizerConfig(), nav_cache)
         verifier.matcher = CannedMatcher(verifier.matcher, canned_fit(60, rotation_deg=180.0))
         agrees = (lambda m: True) if track else None
-        first, why0 = verifier.verify(image, valid, [cand], 60.0, 0.0, agrees=agrees)
+        first, why0 = verifier.verify(image, valid, [cand], 55.0, 0.0, agrees=agrees)
         second, why1 = verifier.verify(image, valid, [cand], 60.0, 1.0, agrees=agrees)
         assert first is None
         if track:
@@ -183,3 +186,48 @@ def test_a_confident_track_holds_the_heading_against_a_turned_copy(nav_cache):
             assert second is not None, why1
             assert abs(abs(second.heading_error_deg) - 180.0) < 1.0
             assert math.hypot(second.x - cand.x, second.y - cand.y) < nav_cache.gsd_m
+            # it carries the first frame's fit: the pair can start a track
+            t0, h0, m0 = second.earlier
+            assert (t0, h0) == (0.0, 55.0) and m0.inliers == 60
+
+
+def test_a_first_fix_whose_two_halves_verify_apart_at_the_same_place_stands_alone(nav_cache):
+    """An exact map view: its two halves verify on their own and agree. With a confident track
+    nothing is checked (the track needs no confirmation)."""
+    image, valid, cand = centre_view(nav_cache)
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    m, why = verifier.verify(image, valid, [cand], 60.0, 0.0)
+    assert m is not None and m.two_views, why
+    m, _ = verifier.verify(image, valid, [cand], 60.0, 1.0, agrees=lambda m: True)
+    assert m is not None and not m.two_views
+    m, _ = Verifier(LocalizerConfig(confirm_in_one_frame=False), nav_cache).verify(image, valid, [cand], 60.0, 0.0)
+    assert m is not None and not m.two_views
+
+
+class SequenceMatcher(CannedMatcher):
+    """Gives its fits in order: the whole view's, then each half's."""
+
+    def __init__(self, real, results):
+        super().__init__(real, results[0])
+        self.results = list(results)
+
+    def match(self, query, region, centre, prior_deg=0.0, min_inliers=None):
+        self.asked.append(len(query))
+        return self.results.pop(0)
+
+
+@pytest.mark.parametrize("shift_px, second_ok, two_views", [(1.0, True, True), (12.0, True, False),
+                                                             (0.0, False, False)])
+def test_two_halves_confirm_only_when_both_verify_and_agree(nav_cache, shift_px, second_ok, two_views):
+    image, valid, cand = centre_view(nav_cache)
+    whole, half = canned_fit(80), canned_fit(40)
+    other = canned_fit(40)
+    other.nadir_px = (half.nadir_px[0] + shift_px, half.nadir_px[1])
+    other.ok = second_ok
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    verifier.matcher = SequenceMatcher(verifier.matcher, [whole, half, other])
+    m, why = verifier.verify(image, valid, [cand], 60.0, 0.0)
+    assert m is not None, why
+    assert m.two_views is two_views
+    n_whole, n_a, n_b = verifier.matcher.asked
+    assert n_a + n_b == n_whole and abs(n_a - n_b) <= 1       # split at the median

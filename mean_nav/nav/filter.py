@@ -13,12 +13,15 @@ surveys and 30 Hz video:
     on how many frames fell inside dt);
   - a lost filter is (re)started when two fixes agree under that motion model, whatever
     their spacing (at least `measurement_correlation_s`: the next video frame repeats a wrong
-    match); a single wrong match never becomes the track;
+    match); a single wrong match never becomes the track. A fix that brings its own
+    independent confirmation (`update(confirmed=True)`: the frame's two halves verified apart
+    at the same place) starts a track alone;
   - a measurement update never drops the track: a prediction that grew vague over a long
     frame spacing is honest, and a fix that agrees with it confirms it like a second
     start-up fix would. Only coasting (no fix) for `lost_after_s` drops it;
   - persistent disagreement (gated-out fixes for `reject_after_s`, at least two) means the
-    track is what is wrong: it is dropped and the rejected fixes become start-up candidates;
+    track is what is wrong: it is dropped and the rejected fixes become start-up candidates
+    (two of them that agree restart the track in that same update);
   - fixes closer in time than `measurement_correlation_s` share their matching error (the
     same features seen again), so the filter takes at most one independent fix per that time:
     in the position update (R inflated by correlation / spacing) and in the attitude-error
@@ -255,14 +258,16 @@ class PositionFilter:
         self._bank = self._predicted(t)
         self.t = t
 
-    def update(self, t: float, z, R, height_m: float) -> FilterOutput:
+    def update(self, t: float, z, R, height_m: float, confirmed: bool = False) -> FilterOutput:
         """Offer a measured nadir position z=[e, n] with white-noise covariance R at time t,
-        seen from height_m above ground (the tilt error moves it by height x angle)."""
+        seen from height_m above ground (the tilt error moves it by height x angle).
+        `confirmed`: the fix carries its own independent confirmation (two sub-views of the
+        frame verified apart at the same place), so without a track it starts one alone."""
         z = np.asarray(z, float).reshape(2)
         R = np.asarray(R, float).reshape(2, 2)
         fix = _Fix(float(t), z, R, max(float(height_m), 0.0))
         if self._bank is None:
-            return self._start(fix)
+            return self._start(fix, confirmed)
         if t < self.t:
             out = self._output(False)
             out.reason = "fix older than the track (out-of-order frame): not used"
@@ -291,10 +296,17 @@ class PositionFilter:
                 rejected = self._rejected
                 n, span = len(rejected), fix.t - first.t
                 self.reset()
-                self._candidates = rejected
+                # the fixes that outvoted the track may agree among themselves: then they are
+                # the new track at once, as two start-up fixes would be
+                self._candidates = rejected[:-1]
+                restarted = self._start(fix)
+                why = (f"track dropped: {n} fixes over {span:.1f} s disagreed with it "
+                       f"(filter.reject_after_s {cfg.reject_after_s:g} s)")
+                if restarted.accepted:
+                    restarted.reason = f"{why}; restarted from those that agree with each other"
+                    return restarted
                 return FilterOutput(False, False, mahalanobis2=d2, attitude_sigma_deg=self.attitude_sigma_deg,
-                                    reason=f"track dropped: {n} fixes over {span:.1f} s disagreed with it "
-                                           f"(filter.reject_after_s {cfg.reject_after_s:g} s)")
+                                    reason=why)
             out = self._output(False)
             out.mahalanobis2 = d2
             out.reason = f"fix gated out (Mahalanobis^2 {d2:.1f} > {cfg.gate_chi2:g})"
@@ -349,10 +361,14 @@ class PositionFilter:
             d2 = min(d2, float(innovation @ np.linalg.solve(H @ P_mode @ H.T + R, innovation)))
         return d2
 
-    def _start(self, fix: _Fix) -> FilterOutput:
+    def _start(self, fix: _Fix, confirmed: bool = False) -> FilterOutput:
         """Confirm a track from the newest earlier fix that agrees with this one under the
-        motion model; otherwise remember this fix as a candidate."""
+        motion model (or from this fix alone when it is `confirmed`); otherwise remember this
+        fix as a candidate."""
         cfg = self.cfg
+        if confirmed:
+            self._init_track(fix)
+            return self._output(True)
         candidates = [c for c in self._candidates if 0.0 <= fix.t - c.t <= cfg.lost_after_s]
         repeat = None
         for cand in reversed(candidates):

@@ -97,6 +97,9 @@ class LocalizerConfig:
     # while lost, search over heading (the view turned in 45 deg steps) at most this often;
     # the interval doubles with each search that finds nothing
     heading_search_s: float = bounded(3.0, ge=0, le=3600, unit="s")
+    # without a track, a fit whose two halves (split at the nadir) verify apart at the same place
+    # starts a track in this one frame: two independent sub-views, like two agreeing frames
+    confirm_in_one_frame: bool = True
     # side of the rectified view verification matches, at most, in tile sides: the whole camera
     # footprint up to this (a 60 m tile crops 2/3 of what a camera 100 m up sees, and with it the
     # texture a low-contrast or half-off-map frame needs); retrieval embeds the centre tile
@@ -211,11 +214,16 @@ class Localizer:
         # attitude error moves the measured nadir by height x angle and drifts slowly: the
         # filter carries it as a shared error (and estimates its size) instead of averaging it
         with self.stages("filter"):
-            out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h)
+            if measurement.earlier is not None and not self.filter.tracking:
+                # the first frame of a heading error this frame confirmed: a start-up fix
+                t0, h0, m0 = measurement.earlier
+                self.filter.update(t0, np.array([m0.x, m0.y]), m0.cov, h0)
+            out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h,
+                                     confirmed=measurement.two_views)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
         return self._estimate(t, telemetry, FixQuality.FIX, out.x, out.y, out.vx, out.vy, out.sigma_h_m,
-                              out.sigma_speed_ms, measurement, "")
+                              out.sigma_speed_ms, measurement, out.reason)
 
     def _check_frame(self, frame) -> str:
         if frame is None:

@@ -52,6 +52,12 @@ class Measurement:
     inliers: int
     heading_error_deg: float = math.nan   # telemetry yaw minus the yaw the map shows (the view's turn, negated)
     map_overlap: float = math.nan          # fraction of the rectified footprint on valid map
+    # the two halves of the view verified apart at this place: evidence as independent as a
+    # second frame's, so it may start a track alone (checked only without a confident track)
+    two_views: bool = False
+    # (time s, height m, fit) of an earlier frame this one confirms (a new heading error's first
+    # frame): the pair may start a track as two agreeing start-up fixes would
+    earlier: "tuple[float, float, Measurement] | None" = None
 
 
 @dataclass
@@ -60,6 +66,8 @@ class _Proposal:
     time_s: float
     x: float
     y: float
+    measurement: Measurement | None = None
+    height_m: float = math.nan
 
 
 class HeadingTracker:
@@ -74,22 +82,24 @@ class HeadingTracker:
         """A verified fit near the known heading error: track slow changes of it."""
         self.offset_deg = _wrap(self.offset_deg + 0.3 * angle_difference_deg(rotation_deg, self.offset_deg))
 
-    def propose(self, rotation_deg: float, t: float, x: float, y: float) -> bool:
-        """A strong fit turned far from the known heading error; True once a second frame confirms it."""
+    def propose(self, rotation_deg: float, t: float, x: float, y: float,
+                measurement: Measurement | None = None, height_m: float = math.nan) -> _Proposal | None:
+        """A strong fit turned far from the known heading error; once a second frame confirms
+        it, the first frame's proposal (else None)."""
         cfg, prev = self.cfg, self._proposal
         agrees = prev is not None and \
             abs(angle_difference_deg(rotation_deg, prev.rotation_deg)) <= cfg.refine.max_rotation_deg
         if agrees and 0.0 <= t - prev.time_s < cfg.filter.measurement_correlation_s:
-            return False   # the next video frame shares the fit's error: wait on the earlier one
-        self._proposal = _Proposal(rotation_deg, t, x, y)
+            return None   # the next video frame shares the fit's error: wait on the earlier one
+        self._proposal = _Proposal(rotation_deg, t, x, y, measurement, height_m)
         if prev is None or not 0.0 < t - prev.time_s <= cfg.heading_confirm_s:
-            return False
+            return None
         reachable = math.hypot(x - prev.x, y - prev.y) <= cfg.filter.max_speed_ms * (t - prev.time_s) + cfg.search_radius_m
         if agrees and reachable:
             self.offset_deg = _wrap(rotation_deg)
             self._proposal = None
-            return True
-        return False
+            return prev
+        return None
 
 
 def _wrap(deg: float) -> float:
@@ -168,25 +178,29 @@ class Verifier:
 
         extracted: dict[float, Features] = {}
 
-        def attempt(turn: float, cands: Iterable[Candidate]) -> Measurement | None:
+        def attempt(turn: float, cands: Iterable[Candidate]):
             key = 0.0 if self.rotation_invariant else turn     # invariant features: detect once
             if key not in extracted:
                 with self.stages("query features"):
                     extracted[key] = self.query_features(query, valid, turn)
             query_features = extracted[key]
-            return self._best(query_features, footprint, cands, centre, size_m, height_m, reasons, strong_turns,
-                              tried if self.rotation_invariant else [], agrees)
+            m, region = self._best(query_features, footprint, cands, centre, size_m, height_m, reasons, strong_turns,
+                                   tried if self.rotation_invariant else [], agrees)
+            return m, (query_features, region)
 
-        best = attempt(self.heading.offset_deg, _remember(candidates, seen))
+        best, fitted = attempt(self.heading.offset_deg, _remember(candidates, seen))
         if best is None and retrieve is not None and self._heading_search_due(t):
             self._last_heading_search_s = t
             self._heading_searches_since_fit += 1
             for turn, cands in self._turned_candidates(query, retrieve):
-                best = attempt(turn, cands)
+                best, fitted = attempt(turn, cands)
                 if best is not None:
                     break
         if best is not None:
             self._heading_searches_since_fit = 0
+            if agrees is None and self.cfg.confirm_in_one_frame:
+                with self.stages("match"):
+                    best.two_views = self._halves_agree(*fitted, centre)
             return best, ""
         if strong_turns and agrees is not None:
             result, _ = max(strong_turns, key=lambda rm: rm[0].inliers)
@@ -194,8 +208,11 @@ class Verifier:
                               f"inliers: the track holds the heading error of {int(round(-self.heading.offset_deg))} deg")
         elif strong_turns:
             result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
-            if self.heading.propose(result.rotation_deg, t, m.x, m.y):
+            first = self.heading.propose(result.rotation_deg, t, m.x, m.y, m, height_m)
+            if first is not None:
                 self._heading_searches_since_fit = 0
+                if first.measurement is not None:
+                    m.earlier = (first.time_s, first.height_m, first.measurement)
                 return m, ""
             reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with "
                               f"{result.inliers} inliers: heading error not yet confirmed by a second frame")
@@ -232,10 +249,36 @@ class Verifier:
             groups.setdefault(turn, []).append(cand)
         return list(groups.items())
 
+    def _halves_agree(self, query_features: Features, region: Features | None, centre: float) -> bool:
+        """Do the two halves of the view (its features split at their median across the longer
+        side of their spread) each verify on their own, at the known heading, and put the nadir
+        at the same place? Two sub-views that agree are independent evidence for the place, as a
+        second frame would be."""
+        pts = query_features.points
+        if region is None or len(pts) < 2 * self.cfg.min_inliers:
+            return False
+        axis = int(np.argmax(np.ptp(pts, axis=0)))
+        left = pts[:, axis] < np.median(pts[:, axis])
+        fits = []
+        for half in (left, ~left):
+            r = self.matcher.match(query_features.subset(half), region, (centre, centre), self.heading.offset_deg)
+            if not r.ok:
+                return False
+            fits.append(r)
+        a, b = fits
+        d = np.subtract(a.nadir_px, b.nadir_px)
+        # each half extrapolates to the nadir on its edge: its covariance says how well; the
+        # RANSAC threshold allows for what the fit's model leaves out (relief, lens, attitude)
+        tolerance = 3.0 * math.sqrt(float(np.trace(a.cov_px + b.cov_px))) + self.cfg.refine.ransac_threshold_px
+        return float(np.hypot(*d)) <= tolerance and \
+            abs(angle_difference_deg(a.rotation_deg, b.rotation_deg)) <= self.cfg.refine.max_rotation_deg
+
     def _best(self, query_features, footprint, candidates, centre, size_m, height_m, reasons,
-              strong_turns, tried: list[tuple[float, float]], agrees=None) -> Measurement | None:
+              strong_turns, tried: list[tuple[float, float]], agrees=None):
+        """The best verified candidate's Measurement and its region's map features (None, None)."""
         cfg = self.cfg
         best: Measurement | None = None
+        best_region = None
         # with a track to check them against, weaker fits are worth fitting
         need = min(cfg.min_inliers, cfg.track_min_inliers) if agrees is not None else cfg.min_inliers
         for cand in candidates:
@@ -265,12 +308,12 @@ class Verifier:
                                f"the track does not predict")
                 continue
             if best is None or m.inliers > best.inliers:
-                best = m
+                best, best_region = m, features
                 if best.inliers >= cfg.stop_at_inliers:
                     break
         if best is not None:
             self.heading.follow(-best.heading_error_deg)
-        return best
+        return best, best_region
 
     def _measurement(self, result: MatchResult, cand: Candidate, transform, height_m: float,
                      overlap: float) -> Measurement:
