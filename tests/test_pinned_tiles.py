@@ -4,13 +4,16 @@ rasterio reads a GeoTIFF."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import rasterio
 from affine import Affine
 
-from mean_nav.geo.tiles import Block, TileGrid, cut_tiles, maps_overlapping, plan_blocks, read_window
+from mean_nav.errors import MeanNavError
+from mean_nav.geo.tiles import (Block, MapMosaic, TileGrid, cut_tiles, maps_overlapping, plan_blocks,
+                             read_window, shard_rows, write_map_part)
 
 UTM32N = "EPSG:32632"
 
@@ -159,3 +162,127 @@ def test_map_overlap_is_judged_in_metres_at_any_gsd(tmp_path):
 def test_a_window_without_maps_is_empty_and_invalid():
     image, valid = read_window([], grid_of(1.0, 8, 4), 0, 0, 12, 7)
     assert image.shape == (7, 12, 3) and not image.any() and not valid.any()
+
+
+# --- validation, shards, overlap edges, valid fractions, map parts -------------------------
+
+@pytest.mark.parametrize("gsd", [0.0, -0.5])
+def test_a_grid_needs_a_positive_gsd(gsd):
+    with pytest.raises(MeanNavError, match="gsd_m"):
+        TileGrid.from_metres(UTM32N, gsd, 40.0, 20.0)
+
+
+@pytest.mark.parametrize("field, tile_m, stride_m", [("tile_size_m", 0.0, 20.0), ("stride_m", 40.0, 0.0),
+                                                    ("tile_size_m", -40.0, 20.0)])
+def test_tile_and_stride_must_be_positive(field, tile_m, stride_m):
+    with pytest.raises(MeanNavError, match=f"{field}: must be positive"):
+        TileGrid.from_metres(UTM32N, 0.5, tile_m, stride_m)
+
+
+def test_a_tile_smaller_than_a_pixel_is_refused():
+    # 1e-7 m rounds to 0 pixels of 0.5 m: no tile at all, whatever the rounding tolerance
+    with pytest.raises(MeanNavError, match="whole number"):
+        TileGrid.from_metres(UTM32N, 0.5, 1e-7, 1e-7)
+
+
+def test_a_float_multiple_of_the_gsd_is_whole_and_sizes_read_back_in_metres():
+    grid = TileGrid.from_metres(UTM32N, 0.1, 0.1 * 30, 0.1 * 7)       # 3.0000000000000004 m
+    assert (grid.tile_px, grid.stride_px) == (30, 7)
+    assert grid.tile_size_m == pytest.approx(3.0) and grid.stride_m == pytest.approx(0.7)
+
+
+def test_a_shard_row_range_wider_than_the_area_plans_the_whole_area():
+    grid = grid_of(1.0, 8, 4)
+    whole = plan_blocks(grid, (0, 6, 2, 7), block_px=16)
+    assert plan_blocks(grid, (0, 6, 2, 7), block_px=16, rows=(-10, 50)) == whole
+    # 3 tiles of 8 px at a 4 px stride fit in 16 px: rows 2..4 and 5..6
+    assert {(b.j0, b.j1) for b in whole} == {(2, 5), (5, 7)}
+
+
+def test_shard_rows_by_hand():
+    rng = (0, 9, 5, 11)                                       # tile rows 5..10: six rows
+    assert shard_rows(rng, None) == (5, 11)
+    assert shard_rows(rng, (0, 1)) == (5, 11)                 # one shard: all of it
+    assert [shard_rows(rng, (i, 3)) for i in range(3)] == [(5, 7), (7, 9), (9, 11)]
+    assert [shard_rows(rng, (i, 6)) for i in range(6)] == [(5 + i, 6 + i) for i in range(6)]  # a row each
+    with pytest.raises(MeanNavError, match="only 6 tile rows"):
+        shard_rows(rng, (0, 7))
+    for bad in [(0, 0), (3, 3), (-1, 2)]:
+        with pytest.raises(MeanNavError, match="not valid"):
+            shard_rows(rng, bad)
+
+
+def test_maps_touching_a_window_edge_or_beside_it_do_not_overlap_it(tmp_path):
+    grid = grid_of(0.5, 8, 4)
+    window = (200, -400, 20, 20)                      # x in [100, 110), y in (190, 200]
+    maps = {
+        "inside": (102.0, 192.0, 108.0, 198.0),
+        "covering": (50.0, 150.0, 150.0, 250.0),
+        "right": (115.0, 150.0, 130.0, 195.0),        # a window as wide in pixels as in metres would reach it
+        "below": (105.0, 150.0, 130.0, 185.0),
+        "above": (105.0, 205.0, 130.0, 230.0),
+        "touching left": (90.0, 150.0, 100.0, 195.0),
+        "touching right": (110.0, 150.0, 130.0, 195.0),
+        "touching top": (105.0, 200.0, 130.0, 230.0),
+        "touching bottom": (105.0, 150.0, 130.0, 190.0),
+    }
+    paths = [tmp_path / f"{name}.tif" for name in maps]
+    got = maps_overlapping(paths, list(maps.values()), grid, *window)
+    assert [p.stem for p in got] == ["inside", "covering"]
+
+
+def test_a_tile_at_exactly_the_minimum_valid_fraction_is_kept_and_an_empty_one_never():
+    grid = grid_of(1.0, 4, 4)
+    block = plan_blocks(grid, (0, 3, 0, 1), block_px=1000)[0]       # three 4 x 4 tiles in a row
+    valid = np.zeros((4, 12), bool)
+    valid[:2, 0:4] = True                 # tile 0: 8 / 16 = exactly 0.5
+    valid[0, 4] = True                    # tile 1: one pixel; tile 2: nothing
+    image = np.full((4, 12, 3), 77, np.uint8)
+    ii, _, fracs, images = cut_tiles(grid, block, image, valid, min_valid_fraction=0.5)
+    assert ii.tolist() == [0] and fracs.tolist() == [0.5] and len(images) == 1
+    ii, _, fracs, images = cut_tiles(grid, block, image, valid, min_valid_fraction=0.0)
+    assert ii.tolist() == [0, 1] and fracs.tolist() == [0.5, 1 / 16] and len(images) == 2
+
+
+def _part(tmp_path, name, w, h, seed):
+    grid = grid_of(1.0, 8, 8)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(1, 256, (h, w, 3), dtype=np.uint8)
+    valid = rng.random((h, w)) < 0.8
+    write_map_part(tmp_path / name, grid, 4000, 1000, image, valid)
+    return image, valid
+
+
+@pytest.mark.parametrize("w, h, tiled", [(300, 260, True), (256, 256, True), (300, 100, False),
+                                         (100, 300, False)])
+def test_a_map_part_is_rgb_plus_alpha_in_256_px_tiles_when_that_large(tmp_path, w, h, tiled):
+    image, valid = _part(tmp_path, "p.tif", w, h, seed=w + h)
+    with rasterio.open(tmp_path / "p.tif") as src:
+        assert src.count == 4 and [c.name for c in src.colorinterp] == ["red", "green", "blue", "alpha"]
+        if tiled:
+            assert set(src.block_shapes) == {(256, 256)}
+        else:                                   # strips: blocks as wide as the part
+            assert {shape[1] for shape in src.block_shapes} == {w}
+        assert src.transform == Affine(1.0, 0.0, 4000.0, 0.0, -1.0, -1000.0)
+        rgb, alpha = src.read([1, 2, 3]).transpose(1, 2, 0), src.read(4)
+    assert np.array_equal(alpha > 0, valid) and np.array_equal(rgb[valid], image[valid])
+
+
+def test_a_mosaic_window_inside_one_part_reads_only_that_part_and_can_be_read_after_close(tmp_path):
+    grid = grid_of(1.0, 8, 8)
+    parts, full = [], np.zeros((40, 40, 3), np.uint8)
+    rng = np.random.default_rng(9)
+    for k, (c0, r0) in enumerate([(0, 0), (20, 0), (0, 20), (20, 20)]):   # four 20 x 20 parts
+        img = rng.integers(1, 256, (20, 20, 3), dtype=np.uint8)
+        full[r0:r0 + 20, c0:c0 + 20] = img
+        write_map_part(tmp_path / f"{k}.tif", grid, 500 + c0, 700 + r0, img, np.ones((20, 20), bool))
+        parts.append({"file": f"{k}.tif", "col0": 500 + c0, "row0": 700 + r0, "width": 20, "height": 20})
+    mosaic = MapMosaic(tmp_path, parts)
+    image, valid = mosaic.read(525, 722, 10, 12)              # inside the bottom-right part only
+    assert valid.all() and np.array_equal(image, full[22:34, 25:35])
+    mosaic.close()
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert not any(f.startswith(str(tmp_path)) for f in open_files)    # close() let go of every part
+    image, valid = mosaic.read(515, 715, 10, 10)              # all four parts, after close
+    assert valid.all() and np.array_equal(image, full[15:25, 15:25])
+    mosaic.close()
