@@ -79,20 +79,25 @@ class Autopilot(threading.Thread):
                     int(tr(t, "vn") * 100), int(tr(t, "ve") * 100), int(tr(t, "vd") * 100), 65535)
                 next_pos = now + 0.1
             msg = self.conn.recv_match(blocking=True, timeout=0.005)
-            if msg is None:
-                continue
-            kind = msg.get_type()
-            if kind == "GPS_INPUT":
-                self.gps_inputs.append(msg)
-            elif kind == "HEARTBEAT":
-                self.heartbeats.append(msg)
-                self.heartbeat_times.append(self.recorded_now())
-            elif kind == "STATUSTEXT":
-                self.statustexts.append(msg.text)
-            elif kind == "COMMAND_LONG":
-                if msg.command == MAV.MAV_CMD_SET_MESSAGE_INTERVAL:
-                    self.rate_requests.append(int(msg.param1))
-                self.conn.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
+            if msg is not None:
+                self._record(msg)
+        # what the daemon sent before it returned is in the socket already (localhost UDP)
+        while (msg := self.conn.recv_match(blocking=False)) is not None:
+            self._record(msg)
+
+    def _record(self, msg):
+        kind = msg.get_type()
+        if kind == "GPS_INPUT":
+            self.gps_inputs.append(msg)
+        elif kind == "HEARTBEAT":
+            self.heartbeats.append(msg)
+            self.heartbeat_times.append(self.recorded_now())
+        elif kind == "STATUSTEXT":
+            self.statustexts.append(msg.text)
+        elif kind == "COMMAND_LONG":
+            if msg.command == MAV.MAV_CMD_SET_MESSAGE_INTERVAL:
+                self.rate_requests.append(int(msg.param1))
+            self.conn.mav.command_ack_send(msg.command, MAV.MAV_RESULT_ACCEPTED)
 
     def close(self):
         self.stop_event.set()
@@ -152,7 +157,6 @@ def fly(tmp_path, cache, flight_dir, pause=None, timeout_s=60.0, source=None):
     try:
         assert daemon.run(duration_s=timeout_s) == 0
     finally:
-        time.sleep(0.2)
         autopilot.close()
     return daemon, autopilot, truth, source
 

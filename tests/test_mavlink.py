@@ -101,12 +101,11 @@ def test_silent_until_the_first_fix_then_no_fix_is_reported(pair):
     link, peer = pair
     link.cfg.silent_until_first_fix = True
     coasting = fix_estimate(fix=FixQuality.NONE)
-    link.send_estimate(coasting, time.time())
+    t0 = time.monotonic()          # sends a second apart: never inside the 50 ms minimum interval
+    link.send_estimate(coasting, time.time(), now=t0)
     assert recv(peer, "GPS_INPUT", timeout=0.3) is None      # on the ground: not even "no fix"
-    time.sleep(0.06)
-    assert link.send_estimate(fix_estimate(), time.time())
-    time.sleep(0.06)
-    link.send_estimate(coasting, time.time())
+    assert link.send_estimate(fix_estimate(), time.time(), now=t0 + 1.0)
+    link.send_estimate(coasting, time.time(), now=t0 + 2.0)
     kinds = [recv(peer, "GPS_INPUT").fix_type, recv(peer, "GPS_INPUT").fix_type]
     assert kinds == [3, 1]
 
