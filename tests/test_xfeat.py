@@ -301,11 +301,13 @@ def test_a_30_deg_heading_error_still_verifies_with_xfeat(xfeat_cache, matcher):
     assert abs(abs(direct.heading_error_deg) - 30.0) < 3.0 and direct.inliers >= 40
 
 
-@pytest.mark.parametrize("matcher", ["lighterglue", "mnn"])
-def test_the_heading_search_finds_a_30_deg_error_the_network_missed(xfeat_cache, matcher):
+@pytest.mark.parametrize("matcher, error_deg", [("lighterglue", 30.0), ("mnn", 30.0), ("lighterglue", 180.0)])
+def test_the_heading_search_finds_a_heading_error_the_network_missed(xfeat_cache, matcher, error_deg):
     """Lost, and retrieval found nothing for the view as rectified: the heading search embeds the
     view turned in 45 deg steps, XFeat takes its features from the turned view (15 deg from the
-    truth), the turn is proposed, a second frame confirms it, and a third verifies directly."""
+    truth at 30 deg), the turn is proposed, a second frame confirms it, and a third verifies
+    directly. At 180 deg LighterGlue must see the keypoints where they lie in the turned view:
+    given them turned back into the query's pixels it matched nothing (field suite)."""
     import dataclasses
 
     from mean_nav.bench.features import rotate_view
@@ -317,7 +319,7 @@ def test_the_heading_search_finds_a_30_deg_error_the_network_missed(xfeat_cache,
     t = len(cache.x) // 2 + 3
     qx, qy = float(cache.x[t]) - 6.0, float(cache.y[t]) + 4.0
     view = cache.region(qx, qy, cache.tile_size_m)
-    image, valid = rotate_view(view.image, view.valid, -30.0)
+    image, valid = rotate_view(view.image, view.valid, -error_deg)
     cfg = LocalizerConfig(refine=dataclasses.replace(refine, matcher=matcher))
     verifier = Verifier(cfg, cache)
     turns = []
@@ -337,12 +339,12 @@ def test_the_heading_search_finds_a_30_deg_error_the_network_missed(xfeat_cache,
     confirmed, why = verifier.verify(image, valid, [], height_m=60.0, t=2 * cfg.heading_search_s + 0.5,
                                      retrieve=retrieve)
     assert confirmed is not None, why
-    assert abs(abs(verifier.heading.offset_deg) - 30.0) < 3.0
+    assert abs(abs(verifier.heading.offset_deg) - error_deg) < 3.0
     here = [Candidate(float(cache.x[t]), float(cache.y[t]), t, 1.0, ("tile", t))]
     direct, why = verifier.verify(image, valid, here, height_m=60.0, t=10.0)
     assert direct is not None, why
     assert math.hypot(direct.x - qx, direct.y - qy) < 1.0
-    assert abs(abs(direct.heading_error_deg) - 30.0) < 3.0
+    assert abs(abs(direct.heading_error_deg) - error_deg) < 3.0
 
 
 def test_export_graph_is_the_reference_lighterglue(images):
@@ -536,3 +538,45 @@ def test_feature_graph_sends_what_an_engine_serves_to_it_and_the_rest_to_onnxrun
     assert "running xfeat.onnx on onnxruntime instead" in caplog.text
     with pytest.raises(MeanNavError, match="tensorrt_version"):
         XFeatExtractor(out / "xfeat.onnx", max_features=64, backend="tensorrt")
+
+
+def test_features_of_a_turned_view_keep_their_turned_positions_for_lighterglue(xfeat_cache, monkeypatch):
+    """A query 180 deg off, turned back for XFeat: `points` are in the query's pixels (x -> w-1-x,
+    y -> h-1-y of the upright view's), `match_points` where the upright view has them, and
+    LighterGlue is given those (its attention encodes positions; the field suite's 180 deg flight
+    fixed 0 of 90 frames when it got the turned-back ones)."""
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.verify import Verifier
+
+    cache, refine = xfeat_cache
+    t = len(cache.x) // 2
+    view = cache.region(float(cache.x[t]), float(cache.y[t]), cache.tile_size_m)
+    upright = np.ascontiguousarray(view.image)
+    h, w = upright.shape[:2]
+    turned = np.ascontiguousarray(upright[::-1, ::-1])
+    verifier = Verifier(LocalizerConfig(refine=refine), cache)
+    direct = verifier.matcher.features(upright, np.ones((h, w), bool))
+    feats = verifier.query_features(turned, np.ones((h, w), bool), 180.0)
+    assert len(feats) == len(direct) > 100
+    order = lambda p: np.lexsort((p[:, 1], p[:, 0]))  # noqa: E731
+    np.testing.assert_allclose(feats.match_points[order(feats.match_points)], direct.points[order(direct.points)],
+                               atol=1e-3)
+    np.testing.assert_allclose(feats.points, np.stack([w - 1 - feats.match_points[:, 0],
+                                                       h - 1 - feats.match_points[:, 1]], axis=1), atol=1e-3)
+    sub = feats.subset(np.arange(10))
+    np.testing.assert_array_equal(sub.match_points, feats.match_points[:10])
+
+    glue = verifier.matcher.matcher
+    fed = []
+    run = glue.graph.run
+    monkeypatch.setattr(glue.graph, "run", lambda feeds: fed.append(feeds) or run(feeds))
+    region, _, _ = verifier.region(_candidate_at(cache, t), 2 * cache.tile_size_m)
+    glue.match(feats, region)
+    np.testing.assert_array_equal(fed[0]["keypoints0"][0], feats.match_points)
+    np.testing.assert_array_equal(fed[0]["keypoints1"][0], region.points)   # map features: their own
+
+
+def _candidate_at(cache, t):
+    from mean_nav.nav.acquisition import Candidate
+
+    return Candidate(float(cache.x[t]), float(cache.y[t]), t, 1.0, ("tile", t))

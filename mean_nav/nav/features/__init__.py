@@ -31,6 +31,9 @@ class Features:
     descriptors: np.ndarray                # [N, D] uint8 or float32
     scores: np.ndarray | None = None       # [N] float32 detector response (higher is stronger)
     image_size: tuple[int, int] | None = None   # (width, height) of the image they came from
+    # where a position-aware matcher (LighterGlue) should see them when `points` were mapped
+    # back from another image (the query turned north-up for XFeat); None: `points`
+    match_points: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.points)
@@ -38,7 +41,8 @@ class Features:
     def subset(self, index) -> "Features":
         """The keypoints selected by an index array or boolean mask."""
         return Features(self.points[index], self.descriptors[index],
-                        None if self.scores is None else self.scores[index], self.image_size)
+                        None if self.scores is None else self.scores[index], self.image_size,
+                        None if self.match_points is None else self.match_points[index])
 
 
 @dataclass

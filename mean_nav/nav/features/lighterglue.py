@@ -54,7 +54,9 @@ class LighterGlueMatcher:
         if query.descriptors.shape[1] != 64 or ref.descriptors.shape[1] != 64:
             raise MeanNavError(f"refine.matcher: lighterglue needs 64-d XFeat descriptors, got "
                                f"{query.descriptors.shape[1]}-d; use refine.detector: xfeat")
-        index, score = self.match_indices(query.points, query.descriptors, _size(query), ref.points,
+        # positions in the image the descriptors came from: LighterGlue's attention encodes them,
+        # and a query turned 180 deg back into its own pixels matched nothing in the field suite
+        index, score = self.match_indices(_positions(query), query.descriptors, _size(query), _positions(ref),
                                           ref.descriptors, _size(ref))
         keep = index >= 0
         return Matches(np.flatnonzero(keep).astype(np.int64), index[keep], score[keep].astype(np.float32))
@@ -70,6 +72,10 @@ class LighterGlueMatcher:
         }
         matches, scores = self.graph.run(feeds)
         return np.where(scores > self.min_score, matches, -1).astype(np.int64), scores
+
+
+def _positions(features: Features) -> np.ndarray:
+    return features.points if features.match_points is None else features.match_points
 
 
 def _size(features: Features) -> tuple[int, int]:
