@@ -261,3 +261,63 @@ def test_a_frame_confirmed_by_its_two_halves_is_a_fix_at_once(cache, flight):
         firsts[halves_agree] = next(e for e in run(loc, frames) if e.inliers > 0)
     assert firsts[False].fix == FixQuality.NONE and "confirm" in firsts[False].reason
     assert firsts[True].fix == FixQuality.FIX and firsts[True].sigma_h_m < 10.0
+
+
+def test_a_landing_keeps_fixing_below_the_feature_floor_down_to_the_visual_floor(cache, flight, nav_map):
+    """A vertical descent from the flight's last position: feature matching stops around half a
+    tile of footprint; area correlation at the prediction goes on until the footprint holds
+    correlate.min_footprint_px map pixels, and below that the frame says it is too low."""
+    from dataclasses import replace
+
+    from mean_nav.geo.raster import read_metric_raster
+    from mean_nav.nav.camera_model import render_view
+    from mean_nav.replay.simulate import ground_image
+
+    raster = read_metric_raster([nav_map], cache.gsd_m)
+    ground, pad = ground_image(raster, 100.0, "mirror")
+    shift = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1.0]])
+    frames = frames_of(flight)
+    last = frames[-1].telemetry
+    x0, y0 = cache.lonlat_to_xy(last.lon, last.lat)
+    # stop within a few seconds (tau 1.5 s), hover, then descend 2 m/s; frames at 2 Hz
+    heights = np.concatenate([np.full(16, last.rel_alt_m), np.arange(last.rel_alt_m - 1, 2.5, -1.0)])
+    tau, steps = 1.5, np.arange(1, len(heights) + 1) * 0.5
+
+    def descend(cfg):
+        loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, cfg)
+        run(loc, frames)
+        assert loc.filter.tracking
+        out = []
+        for dt, h in zip(steps, heights):
+            t = frames[-1].time_s + dt
+            x = x0 + last.ve * tau * (1 - math.exp(-dt / tau))
+            y = y0 + last.vn * tau * (1 - math.exp(-dt / tau))
+            tel = replace(last, time_s=t, rel_alt_m=float(h), range_m=math.nan, roll=0.01, pitch=-0.01)
+            image = render_view(ground, shift @ raster.map_from_ground(float(x), float(y)), flight.camera,
+                                tel.roll, tel.pitch, tel.yaw, float(h))
+            est = loc.process(image, tel, t)
+            err = math.nan
+            if est.fix == FixQuality.FIX:
+                ex, ey = cache.lonlat_to_xy(est.lon, est.lat)
+                err = math.hypot(ex - x, ey - y)
+            out.append((h, est, err, loc.too_low))
+        return loc, [o for o in out if o[0] <= 40]
+
+    loc, out = descend(LocalizerConfig())
+    # the floor: a nadir footprint of min_footprint_px map pixels (480 x 360 px, 70 deg lens, 0.25 m/px)
+    fx = 240 / math.tan(math.radians(35))
+    floor = math.sqrt(loc.cfg.correlate.min_footprint_px * fx * fx / (480 * 360)) * cache.gsd_m
+    assert loc.visual_floor_m == pytest.approx(floor)
+    above = [(h, e, err) for h, e, err, low in out if h >= floor + 1.0]
+    fixed = [(h, err) for h, e, err in above if e.fix == FixQuality.FIX]
+    assert len(fixed) >= 0.9 * len(above), [(h, e.reason) for h, e, _ in above if e.fix != FixQuality.FIX]
+    assert max(err for _, err in fixed) < 1.0
+    assert min(h for h, _ in fixed) <= floor + 2.0
+    below = [(e, low) for h, e, _, low in out if h < floor]
+    assert below and all(low and e.fix != FixQuality.FIX for e, low in below)
+    assert not any(low for h, _, _, low in out if h > floor + 0.5)
+    # without correlation the same descent loses its fixes far higher up
+    plain = LocalizerConfig()
+    plain.correlate.enabled = False
+    _, out_plain = descend(plain)
+    assert not any(e.fix == FixQuality.FIX for h, e, _, _ in out_plain if h <= 20)

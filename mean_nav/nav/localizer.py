@@ -19,6 +19,12 @@ frame), so both run exactly the same code. Steps:
   5. filter (filter.py): constant-velocity Kalman filter bank with Mahalanobis gating and an
      online estimate of the attitude error; only a gated-in measurement gives FixQuality.FIX.
 
+Low down (the camera sees less than `correlate.below_valid_fraction` of a tile) and while
+the filter tracks confidently, steps 3-4 are replaced by area correlation with the map
+around the prediction (correlate.py): too few keypoints fit in a small footprint. Where
+even that has too few map pixels (or below `min_height_m`) the frame is `too_low`: the
+daemon's output then holds the filter's propagated fix for `output.low_hold_s`.
+
 Notices for the operator (a prior that disagrees with the map, a frame spacing the settings
 cannot serve) go to `Localizer.on_notice(text)` when set (the daemon sends them as
 STATUSTEXT), are kept in `Localizer.notices`, and are added to that frame's reason.
@@ -40,9 +46,10 @@ from ..deploy.embedder import Embedder
 from ..config import bounded, validate
 from ..errors import MeanNavError
 from .camera_model import CameraModel, gimbal_attitude, rectify_to_nadir
+from .correlate import CorrelateConfig, correlate
 from .estimate import Estimate, FixQuality
 from .acquisition import Acquisition
-from .filter import FilterConfig, PositionFilter
+from .filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
 from .refine import RefineConfig
 from .stages import StageTimes, TimedEmbedder
 from .telemetry import Telemetry
@@ -106,6 +113,7 @@ class LocalizerConfig:
     view_tiles: float = bounded(2.0, ge=1, le=8)
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
 
 
 class Localizer:
@@ -130,6 +138,12 @@ class Localizer:
         self.notices: list[str] = []
         self._last_frame_t: float | None = None
         self._spacing_warned = False
+        # the last frame was below the visual floor: under min_height_m, or so low that the
+        # footprint holds fewer than correlate.min_footprint_px map pixels (nadir view)
+        self.too_low = False
+        area_px = camera.width * camera.height / (camera.fx * camera.fy) / self.gsd_m ** 2   # per m^2 of height
+        self.visual_floor_m = max(cfg.min_height_m, math.sqrt(cfg.correlate.min_footprint_px / area_px)
+                                  if cfg.correlate.enabled else 0.0)
 
     def frame_spacing_problems(self, spacing_s: float) -> list[str]:
         """Why frames `spacing_s` seconds apart cannot be served by these settings (empty:
@@ -175,6 +189,8 @@ class Localizer:
 
     def _localize(self, frame, telemetry, t) -> Estimate:
         self._verified_xy = None
+        h = telemetry.height_above_ground_m if telemetry is not None else math.nan
+        self.too_low = math.isfinite(h) and h < self.visual_floor_m
         problem = self._check_frame(frame) or self._check_telemetry(telemetry, t)
         if problem:
             return self._no_fix(t, telemetry, problem)
@@ -184,9 +200,14 @@ class Localizer:
                                             h, self.gsd_m, self.view_px, gimbal=gimbal_attitude(telemetry))
             query, valid = footprint_view(query, valid, self.tile_px)
         tile_valid = centre_crop(valid, self.tile_px)
+        why_not_correlated = ""
+        if self.cfg.correlate.enabled and tile_valid.mean() < self.cfg.correlate.below_valid_fraction:
+            measurement, why_not_correlated = self._correlate(query, valid, t)
+            if measurement is not None:
+                return self._fuse(t, telemetry, measurement, h)
         if tile_valid.mean() < self.cfg.min_valid_fraction:
-            return self._no_fix(t, telemetry, f"camera sees only {tile_valid.mean():.0%} of the tile area "
-                                "(tilt or low altitude)")
+            why = f"camera sees only {tile_valid.mean():.0%} of the tile area (tilt or low altitude)"
+            return self._no_fix(t, telemetry, f"{why}; {why_not_correlated}" if why_not_correlated else why)
 
         def retrieve(view):
             return self.acquisition.candidates(centre_crop(view, self.tile_px), t, self.filter)
@@ -204,6 +225,28 @@ class Localizer:
             if not tracking and self.acquisition.search:
                 why = f"{why}; {self.acquisition.search}"
             return self._no_fix(t, telemetry, why)
+        return self._fuse(t, telemetry, measurement, h)
+
+    def _correlate(self, query, valid, t) -> tuple[Measurement | None, str]:
+        """Area correlation around a confident prediction (low down)."""
+        pred = self.filter.position_at(t)
+        if pred is None:
+            return None, ""
+        sigma = math.sqrt(max(float(np.trace(pred[1])) / 2.0, 0.0))
+        if RADIUS68_PER_SIGMA * sigma > self.cfg.confident_sigma_m:
+            return None, ""
+        if abs(self.verifier.heading.offset_deg) >= 1.0:   # the view as the map shows it
+            query = self.verifier.north_up(query)
+            valid = self.verifier.north_up(valid.astype(np.uint8) * 255) > 127
+        with self.stages("correlate"):
+            found, why = correlate(query, valid, self.cache, (float(pred[0][0]), float(pred[0][1])), sigma,
+                                   self.cfg.correlate)
+        if found is None:
+            return None, f"low-altitude correlation: {why}"
+        cov = found.cov + self.cfg.position_floor_m ** 2 * np.eye(2)
+        return Measurement(found.x, found.y, cov, -1, found.score, 0, map_overlap=1.0), ""
+
+    def _fuse(self, t, telemetry, measurement: Measurement, h: float) -> Estimate:
         self._verified_xy = (measurement.x, measurement.y)
         if telemetry.attitude_interp_sigma_rad > 0:
             # the attitude was interpolated between telemetry samples across a change it cannot
