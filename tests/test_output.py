@@ -74,6 +74,24 @@ def test_fix_type_3_only_while_the_last_gated_fix_is_young_enough():
     assert loop.estimate_at(last + 0.1).fix == FixQuality.NONE
 
 
+def test_below_the_visual_floor_the_propagated_fix_is_held_for_low_hold_s_with_growing_accuracy():
+    flt, last = moving_track(speed_e=0.0)          # hovering, then descending below the floor
+    loop = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=8.0))
+    loop.update(flt, last, identity_lonlat, too_low=True)
+    held = [loop.estimate_at(last + dt) for dt in (1.0, 4.0, 7.9)]
+    assert all(e.fix == FixQuality.FIX for e in held)
+    assert held[0].sigma_h_m < held[1].sigma_h_m < held[2].sigma_h_m    # honest: it grows
+    over = loop.estimate_at(last + 8.1)
+    assert over.fix == FixQuality.NONE and "old" in over.reason
+    # above the floor (a frame that simply failed) the ordinary age limit applies
+    loop.update(flt, last, identity_lonlat, too_low=False)
+    assert loop.estimate_at(last + 1.4).fix == FixQuality.FIX
+    assert loop.estimate_at(last + 1.6).fix == FixQuality.NONE
+    off = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=0.0))
+    off.update(flt, last, identity_lonlat, too_low=True)
+    assert off.estimate_at(last + 1.6).fix == FixQuality.NONE
+
+
 def test_the_loop_sends_at_a_steady_rate_whatever_the_frame_rate():
     link = RecordingLink()
     loop = make_loop(OutputConfig(rate_hz=5.0), link).start()

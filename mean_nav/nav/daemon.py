@@ -244,7 +244,8 @@ class NavDaemon:
         if est.fix == FixQuality.FIX:
             self.last_fix_s = frame.time_s
         # the output loop propagates this state to each send time
-        self.output.update(self.localizer.filter, self.last_fix_s, self.localizer.cache.xy_to_lonlat)
+        self.output.update(self.localizer.filter, self.last_fix_s, self.localizer.cache.xy_to_lonlat,
+                           self.localizer.too_low)
         processing_s = est.latency_s if math.isfinite(est.latency_s) else 0.0
         done = time.monotonic()
         latency = done - frame.time_s

@@ -7,8 +7,9 @@ be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
   - position and velocity are the Kalman filter's state *propagated to the send time*
     (the frame that produced the last fix was captured hundreds of milliseconds earlier),
     and the reported accuracy is the propagated covariance: it grows honestly between fixes;
-  - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`;
-    otherwise "no fix" (GPS_INPUT fix_type 1);
+  - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`
+    (`low_hold_s` while the vehicle is below the camera's visual floor: the last metres of a
+    landing, where no view holds enough map pixels); otherwise "no fix" (GPS_INPUT fix_type 1);
   - altitude from the source the user configures (`altitude`), never the autopilot's own
     GPS-derived altitude echoed back: `baro` (GLOBAL_POSITION_INT.alt once the autopilot
     reports an EKF origin: then it is origin + barometric height), `field_elevation`
@@ -48,6 +49,11 @@ class OutputConfig:
     # turn, a fix propagated for 1.5 s after a processing stall was 2.5 x its accuracy off and
     # tripped EKF3's variance failsafe; EKF3's own IMU dead reckoning bridges such gaps better
     fix_max_age_s: float = bounded(1.5, gt=0, le=60, unit="s")
+    # below the visual floor (localizer.min_height_m, or a footprint under
+    # localizer.correlate.min_footprint_px map pixels: ~7.5 m at 0.25 m/px, 70 deg lens) fix_type 3
+    # continues this long after the last fix, the filter's propagated state with its growing
+    # accuracy: a landing descends the last metres without the autopilot losing its GPS. 0: off
+    low_hold_s: float = bounded(10.0, ge=0, le=60, unit="s")
     altitude: Literal["baro", "field_elevation", "dem", "none"] = "baro"
     # take-off ground AMSL, for altitude: field_elevation
     field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
@@ -131,6 +137,7 @@ class TrackSnapshot:
     filter: object               # a private copy of the localizer's PositionFilter
     last_fix_s: float            # monotonic capture time of the newest FIX estimate
     xy_to_lonlat: object         # the tile cache's CRS conversion
+    too_low: bool = False        # the newest frame was below the camera's visual floor
 
 
 class OutputLoop:
@@ -151,9 +158,9 @@ class OutputLoop:
         self._last_tick = math.nan
         self._log = None
 
-    def update(self, position_filter, last_fix_s: float, xy_to_lonlat) -> None:
+    def update(self, position_filter, last_fix_s: float, xy_to_lonlat, too_low: bool = False) -> None:
         """Called after every processed frame: copy the filter state for the loop to propagate."""
-        snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat) \
+        snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat, too_low) \
             if position_filter.tracking else None
         with self._lock:
             self._snapshot = snap
@@ -180,7 +187,8 @@ class OutputLoop:
         if snap is None:
             return Estimate(time_s=t, fix=FixQuality.NONE, reason="no track")
         age = t - snap.last_fix_s
-        if not age <= self.cfg.fix_max_age_s:
+        max_age = max(self.cfg.fix_max_age_s, self.cfg.low_hold_s) if snap.too_low else self.cfg.fix_max_age_s
+        if not age <= max_age:
             return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"last visual fix {age:.1f} s old")
         flt = copy.deepcopy(snap.filter)
         out = flt.predict(t)
@@ -211,6 +219,8 @@ class OutputLoop:
                                         "alt_m": round(est.alt_m, 2) if fix and math.isfinite(est.alt_m) else None,
                                         "sigma_h_m": round(est.sigma_h_m, 2) if fix else None,
                                         "sigma_speed_ms": round(est.sigma_speed_ms, 2) if fix else None,
+                                        "vn": round(est.vn, 2) if fix else None,
+                                        "ve": round(est.ve, 2) if fix else None,
                                         "reason": est.reason}) + "\n")
         return est
 
