@@ -71,7 +71,8 @@ def test_gps_input_carries_a_gated_fix_with_policy_fields(pair):
     assert msg.lat == round(51.8401685e7) and msg.lon == round(4.9866870e7)
     assert msg.alt == pytest.approx(70.5)
     assert msg.horiz_accuracy == pytest.approx(2.4) and msg.vert_accuracy == pytest.approx(3.0)
-    assert msg.speed_accuracy == pytest.approx(0.4, abs=1e-6)
+    # per axis, as EKF3 uses it: a 2-D velocity error of RMS 0.4 m/s is 0.4 / sqrt(2) on each of vn, ve
+    assert msg.speed_accuracy == pytest.approx(0.4 / math.sqrt(2), abs=1e-6)
     assert (msg.vn, msg.ve) == (pytest.approx(4.0), pytest.approx(-1.0))
     # horizontal velocity is a real filter estimate; vision measures no vertical velocity, and
     # EK3_SRC1_VELZ defaults to GPS: vd must be flagged, never the vehicle's own vz echoed back

@@ -19,7 +19,9 @@ Samples closer than 50 ms are dropped (ArduPilot ignores them anyway).
 GPS_INPUT policies (documented in the README):
   fix_type 3 for a fix, 1 ("connected, no fix") without one (0 would mean "no GPS");
   horiz_accuracy = the filter's 68 % horizontal radius at the send time; vert_accuracy = the
-  altitude source's sigma; speed_accuracy = filter velocity sigma;
+  altitude source's sigma; speed_accuracy = the filter's velocity sigma *per axis*
+  (sqrt(trace / 2) of its velocity covariance): EKF3 takes it as the noise of each of vn and
+  ve, and flags "GPS Glitch" while its low-passed, peak-held value exceeds 1.5 m/s;
   hdop = horiz_accuracy / 3.5 m, vdop likewise, clamped 0.5..50: HDOP <= GPS_HDOP_GOOD (1.4,
   Copter's arming check in GPS modes) exactly when the accuracy is <= 4.9 m, just inside
   EKF3's own 5 m start check (EK3_GPS_CHECK);
@@ -572,7 +574,8 @@ class MavlinkLink:
             ignore |= IGNORE_ALT | IGNORE_VDOP | IGNORE_VERTICAL_ACCURACY
             alt = 0.0
         sigma_v = _finite_or(est.sigma_v_m, 100.0)
-        sigma_speed = _finite_or(est.sigma_speed_ms, 100.0)
+        # Estimate.sigma_speed_ms is the RMS of the 2-D velocity error; the autopilot wants one axis
+        sigma_speed = _finite_or(est.sigma_speed_ms, 100.0) / math.sqrt(2.0)
         sent = self._send(lambda mav: mav.gps_input_send(
             time_usec, self.cfg.gps_id, ignore, week_ms, week, 3,
             int(round(est.lat * 1e7)), int(round(est.lon * 1e7)), float(alt),
