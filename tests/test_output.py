@@ -74,22 +74,37 @@ def test_fix_type_3_only_while_the_last_gated_fix_is_young_enough():
     assert loop.estimate_at(last + 0.1).fix == FixQuality.NONE
 
 
-def test_below_the_visual_floor_the_propagated_fix_is_held_for_low_hold_s_with_growing_accuracy():
-    flt, last = moving_track(speed_e=0.0)          # hovering, then descending below the floor
+def test_below_the_visual_floor_the_last_fix_is_held_for_low_hold_s_with_growing_accuracy():
+    flt, last = moving_track(speed_e=2.0)          # still drifting east at the last fix
     loop = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=8.0))
     loop.update(flt, last, identity_lonlat, too_low=True)
-    held = [loop.estimate_at(last + dt) for dt in (1.0, 4.0, 7.9)]
-    assert all(e.fix == FixQuality.FIX for e in held)
-    assert held[0].sigma_h_m < held[1].sigma_h_m < held[2].sigma_h_m    # honest: it grows
+    at_fix = loop.estimate_at(last)
+    held = [loop.estimate_at(last + dt) for dt in (2.0, 4.0, 7.9)]
+    assert all(e.fix == FixQuality.FIX and "held" in e.reason for e in held)
+    # the position of the last fix, not its extrapolation (2 m/s x 7.9 s = 16 m further east), no motion
+    assert all(abs(e.lon - at_fix.lon) / 1e-5 < 0.01 and abs(e.lat - at_fix.lat) / 1e-5 < 0.01 for e in held)
+    assert all(e.ve == 0.0 and e.vn == 0.0 for e in held)
+    # the accuracy covers where the filter would have put it: 68 % radius >= 0.8 x the 16 m step
+    assert held[0].sigma_h_m < held[1].sigma_h_m < held[2].sigma_h_m
+    assert held[2].sigma_h_m > 0.8 * 2.0 * 7.9 and held[2].sigma_speed_ms > 2.0
+    # a later coasting frame (no new fix) keeps holding the same fix
+    flt.predict(last + 3.0)
+    loop.update(flt, last, identity_lonlat, too_low=True)
+    assert abs(loop.estimate_at(last + 5.0).lon - at_fix.lon) / 1e-5 < 0.01
     over = loop.estimate_at(last + 8.1)
     assert over.fix == FixQuality.NONE and "old" in over.reason
-    # above the floor (a frame that simply failed) the ordinary age limit applies
+    # above the floor (a frame that simply failed) the ordinary age limit and propagation apply
     loop.update(flt, last, identity_lonlat, too_low=False)
     assert loop.estimate_at(last + 1.4).fix == FixQuality.FIX
     assert loop.estimate_at(last + 1.6).fix == FixQuality.NONE
     off = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=0.0))
     off.update(flt, last, identity_lonlat, too_low=True)
     assert off.estimate_at(last + 1.6).fix == FixQuality.NONE
+    # a hold ends where the filter would call its own spread no position
+    flt.cfg.max_sigma_m = held[1].sigma_h_m
+    loop.update(flt, last, identity_lonlat, too_low=True)
+    assert loop.estimate_at(last + 2.0).fix == FixQuality.FIX
+    assert "max_sigma_m" in loop.estimate_at(last + 7.9).reason
 
 
 def test_the_loop_sends_at_a_steady_rate_whatever_the_frame_rate():

@@ -7,9 +7,13 @@ be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
   - position and velocity are the Kalman filter's state *propagated to the send time*
     (the frame that produced the last fix was captured hundreds of milliseconds earlier),
     and the reported accuracy is the propagated covariance: it grows honestly between fixes;
-  - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`
-    (`low_hold_s` while the vehicle is below the camera's visual floor: the last metres of a
-    landing, where no view holds enough map pixels); otherwise "no fix" (GPS_INPUT fix_type 1);
+  - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`;
+    otherwise "no fix" (GPS_INPUT fix_type 1). Below the camera's visual floor (the last metres
+    of a landing, where no view holds enough map pixels) the last fix is held for `low_hold_s`:
+    its position, velocity 0, and accuracies that cover the filter's propagated spread and the
+    step to its extrapolation. Not the extrapolation itself: the autopilot holds position in
+    that descent, and the velocity of the last fix, fed back through its position hold, drove
+    the EKF 39 m off on ArduCopter SITL (the extrapolation drifted 15 m in 10 s at 1.5 m/s);
   - altitude from the source the user configures (`altitude`), never the autopilot's own
     GPS-derived altitude echoed back: `baro` (GLOBAL_POSITION_INT.alt once the autopilot
     reports an EKF origin: then it is origin + barometric height), `field_elevation`
@@ -36,6 +40,7 @@ import numpy as np
 from ..config import bounded, validate
 from ..errors import MeanNavError
 from .estimate import Estimate, FixQuality
+from .filter import RADIUS68_PER_SIGMA
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +55,11 @@ class OutputConfig:
     # tripped EKF3's variance failsafe; EKF3's own IMU dead reckoning bridges such gaps better
     fix_max_age_s: float = bounded(1.5, gt=0, le=60, unit="s")
     # below the visual floor (localizer.min_height_m, or a footprint under
-    # localizer.correlate.min_footprint_px map pixels: ~7.5 m at 0.25 m/px, 70 deg lens) fix_type 3
-    # continues this long after the last fix, the filter's propagated state with its growing
-    # accuracy: a landing descends the last metres without the autopilot losing its GPS. 0: off
-    low_hold_s: float = bounded(10.0, ge=0, le=60, unit="s")
+    # localizer.correlate.min_footprint_px map pixels: ~4 m at 0.25 m/px, 70 deg lens) the last
+    # fix goes on as fix_type 3 this long (velocity 0, accuracy growing as the filter's spread),
+    # while its 68 % radius stays within filter.max_sigma_m: a landing descends the last metres
+    # without the autopilot losing its GPS (5 m at Copter's default LAND_SPEED 0.5 m/s: 10 s). 0: off
+    low_hold_s: float = bounded(20.0, ge=0, le=60, unit="s")
     altitude: Literal["baro", "field_elevation", "dem", "none"] = "baro"
     # take-off ground AMSL, for altitude: field_elevation
     field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
@@ -138,6 +144,7 @@ class TrackSnapshot:
     last_fix_s: float            # monotonic capture time of the newest FIX estimate
     xy_to_lonlat: object         # the tile cache's CRS conversion
     too_low: bool = False        # the newest frame was below the camera's visual floor
+    fix_xy: tuple | None = None  # the filter's position at the last fix (what a hold sends)
 
 
 class OutputLoop:
@@ -163,6 +170,12 @@ class OutputLoop:
         snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat, too_low) \
             if position_filter.tracking else None
         with self._lock:
+            if snap is not None:
+                if position_filter.t == last_fix_s:      # this frame was the fix
+                    pos, _ = position_filter.position_at(last_fix_s)
+                    snap.fix_xy = (float(pos[0]), float(pos[1]))
+                elif self._snapshot is not None and self._snapshot.last_fix_s == last_fix_s:
+                    snap.fix_xy = self._snapshot.fix_xy
             self._snapshot = snap
 
     def start(self) -> "OutputLoop":
@@ -187,18 +200,31 @@ class OutputLoop:
         if snap is None:
             return Estimate(time_s=t, fix=FixQuality.NONE, reason="no track")
         age = t - snap.last_fix_s
-        max_age = max(self.cfg.fix_max_age_s, self.cfg.low_hold_s) if snap.too_low else self.cfg.fix_max_age_s
-        if not age <= max_age:
+        hold = snap.too_low and snap.fix_xy is not None and self.cfg.fix_max_age_s < age <= self.cfg.low_hold_s
+        if not (age <= self.cfg.fix_max_age_s or hold):
             return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"last visual fix {age:.1f} s old")
         flt = copy.deepcopy(snap.filter)
         out = flt.predict(t)
         if not out.tracking:
             return Estimate(time_s=t, fix=FixQuality.NONE, reason=out.reason)
-        lon, lat = snap.xy_to_lonlat(out.x, out.y)
+        x, y, vx, vy = out.x, out.y, out.vx, out.vy
+        sigma_h, sigma_speed, reason = out.sigma_h_m, out.sigma_speed_ms, ""
+        if hold:
+            # the last fix and no motion, with the spread about *that*: the filter's propagated
+            # covariance plus the step to its extrapolation (and to its velocity)
+            step2 = (x - snap.fix_xy[0]) ** 2 + (y - snap.fix_xy[1]) ** 2
+            sigma_h = math.sqrt(sigma_h ** 2 + RADIUS68_PER_SIGMA ** 2 * step2 / 2.0)
+            sigma_speed = math.sqrt(sigma_speed ** 2 + vx ** 2 + vy ** 2)
+            (x, y), vx, vy = snap.fix_xy, 0.0, 0.0
+            if sigma_h > snap.filter.cfg.max_sigma_m:
+                return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"held fix {age:.1f} s old: 68% radius "
+                                f"{sigma_h:.0f} m above filter.max_sigma_m")
+            reason = f"below the visual floor: last fix held ({age:.1f} s)"
+        lon, lat = snap.xy_to_lonlat(x, y)
         alt = self.altitude.altitude(telemetry, origin_alt_m, float(lat), float(lon))
         return Estimate(time_s=t, fix=FixQuality.FIX, lat=float(lat), lon=float(lon), alt_m=float(alt),
-                        vn=float(out.vy), ve=float(out.vx), vd=0.0, sigma_h_m=float(out.sigma_h_m),
-                        sigma_v_m=self.vertical_sigma_m, sigma_speed_ms=float(out.sigma_speed_ms))
+                        vn=float(vy), ve=float(vx), vd=0.0, sigma_h_m=float(sigma_h),
+                        sigma_v_m=self.vertical_sigma_m, sigma_speed_ms=float(sigma_speed), reason=reason)
 
     def tick(self, now: float) -> Estimate:
         telemetry = self.link.telemetry.at(now)
