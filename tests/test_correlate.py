@@ -62,7 +62,7 @@ def test_the_nadir_of_a_small_view_is_found_to_a_fraction_of_a_pixel():
     cache = MapCache(img)
     c0, r0 = 300, 250
     truth = cache.xy(c0 + 119.5, r0 + 119.5)
-    q, valid = view(img, c0, r0, 48, 36)          # 12 x 9 m: about 8.5 m above ground
+    q, valid = view(img, c0, r0, 48, 36)          # 12 x 9 m: about 8.5 m above ground (70 deg lens)
     pred = (truth[0] + 1.3, truth[1] - 0.9)
     found, why = correlate(q, valid, cache, pred, 1.0, CorrelateConfig())
     assert found is not None, why
@@ -88,7 +88,7 @@ def test_a_sub_pixel_offset_is_measured():
 def test_a_footprint_with_too_few_map_pixels_gives_no_fix():
     img = texture()
     cache = MapCache(img)
-    q, valid = view(img, 300, 250, 30, 24)          # 720 px, eroded fewer: below the default 1000
+    q, valid = view(img, 300, 250, 20, 18)          # 360 px, eroded fewer: below the default 400
     found, why = correlate(q, valid, cache, cache.xy(419.5, 369.5), 1.0, CorrelateConfig())
     assert found is None and "footprint" in why
 

@@ -306,8 +306,9 @@ def test_a_landing_keeps_fixing_below_the_feature_floor_down_to_the_visual_floor
     loc, out = descend(LocalizerConfig())
     # the floor: a nadir footprint of min_footprint_px map pixels (480 x 360 px, 70 deg lens, 0.25 m/px)
     fx = 240 / math.tan(math.radians(35))
-    floor = math.sqrt(loc.cfg.correlate.min_footprint_px * fx * fx / (480 * 360)) * cache.gsd_m
+    floor = max(loc.cfg.min_height_m, math.sqrt(loc.cfg.correlate.min_footprint_px * fx * fx / (480 * 360)) * cache.gsd_m)
     assert loc.visual_floor_m == pytest.approx(floor)
+    assert 4.0 < floor < 8.0
     above = [(h, e, err) for h, e, err, low in out if h >= floor + 1.0]
     fixed = [(h, err) for h, e, err in above if e.fix == FixQuality.FIX]
     assert len(fixed) >= 0.9 * len(above), [(h, e.reason) for h, e, _ in above if e.fix != FixQuality.FIX]

@@ -41,9 +41,11 @@ class CorrelateConfig:
     # correlate while the camera sees less than this fraction of a tile (lower down the feature
     # path finds too few keypoints); above it only feature matching runs
     below_valid_fraction: float = bounded(0.5, ge=0, le=1)
-    # map pixels the footprint must hold: at 0.25 m/px and a 70 deg lens, about 7.5 m above ground.
-    # Smaller views found distinct peaks at wrong places (demo world, the truth outside the search)
-    min_footprint_px: int = bounded(1000, ge=16, le=1_000_000, unit="px")
+    # map pixels the footprint must hold: at 0.25 m/px and a 70 deg lens, about 4 m above ground
+    # (below localizer.min_height_m 5 m). Views of 400-650 px found distinct peaks at wrong places
+    # when the truth lay outside the search (demo world), none inside it: the filter's gate and a
+    # search of the prediction's 3 sigma keep the truth inside
+    min_footprint_px: int = bounded(400, ge=16, le=1_000_000, unit="px")
     min_texture: float = bounded(1.0, ge=0, le=255, unit="grey levels")   # band-passed std inside the footprint
     min_score: float = bounded(0.5, gt=0, le=1)
     # 1 - score is the share of the view the map does not explain: another local maximum farther
