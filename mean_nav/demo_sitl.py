@@ -138,7 +138,7 @@ class GroundStation(threading.Thread):
             if kind == "SIM_STATE":
                 lat = msg.lat_int / 1e7 if msg.lat_int else msg.lat
                 lon = msg.lon_int / 1e7 if msg.lon_int else msg.lon
-                self.truth.append((t, lat, lon, msg.alt))
+                self.truth.append((t, lat, lon, msg.alt, msg.vn, msg.ve))
             elif kind == "GLOBAL_POSITION_INT":
                 self.ekf.append((t, msg.lat / 1e7, msg.lon / 1e7, msg.relative_alt / 1000.0))
             elif kind == "GPS_RAW_INT":
@@ -330,6 +330,7 @@ def _flight(gcs: GroundStation, cfg: SitlFlightConfig, lonlat, out: Path, events
     time.sleep(3.0)
 
     def leg(target_en, name):
+        events["land_at_en"] = tuple(target_en)     # LAND comes down where the last leg ended
         lon, lat = lonlat(*target_en)
         gcs.goto(lat, lon, cfg.altitude_m)
         distance = math.hypot(*np.subtract(target_en, _en(gcs.ekf[-1], lonlat)))
@@ -410,9 +411,11 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
     ex, ey = _local(frame, ekf[:, 1], ekf[:, 2])
     t_switch = events.get("switched", math.inf)
     t_land = events.get("landing", math.inf)
-    on_mean_nav = (truth[:, 0] > t_switch) & (truth[:, 0] < t_land)
+    # the health window: from the switch to mean-nav alone until the vehicle disarmed after landing
+    t_end = events.get("landed", truth[-1, 0])
     ekf_err = np.hypot(ex - np.interp(ekf[:, 0], truth[:, 0], tx), ey - np.interp(ekf[:, 0], truth[:, 0], ty))
     ekf_on = (ekf[:, 0] > t_switch) & (ekf[:, 0] < t_land)
+    ekf_landing = (ekf[:, 0] >= t_land) & (ekf[:, 0] <= t_end)
 
     # the planned route: from the first corner to the last, flown with mean-nav alone
     route = np.array(cfg.route_en, float)
@@ -437,15 +440,25 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
     send_t = np.array([r["unix_s"] for r in sent])
     flying = (send_t > events.get("airborne", math.inf)) & (send_t < t_land)
     intervals = np.diff(send_t)
-    gps2_on = [g for g in gcs.gps2 if t_switch < g[0] < t_land - 0.0]
+    gps2_on = [g for g in gcs.gps2 if t_switch < g[0] < t_end]
     frames = _read_jsonl(out / "frames.jsonl")
     ms = lambda key: [r[key] for r in frames if r.get(key) is not None]
-    failsafes = [txt for t, txt in gcs.texts if "failsafe" in txt.lower() and t_switch < t < t_land]
+    failsafes = [txt for t, txt in gcs.texts if "failsafe" in txt.lower() and t_switch < t < t_end]
     landing = [txt for t, txt in gcs.texts if t >= t_land]
-    touchdown = None
-    if "landed" in events:   # where the vehicle landed against where its EKF believed it was
+    velocity = _velocity_honesty(fixes, truth)
+    touchdown = touchdown_planned = None
+    lowest_fix = None
+    if "landed" in events:   # where the vehicle landed against where its EKF believed it was, and the plan
         i, j = np.searchsorted(truth[:, 0], events["landed"]) - 1, np.searchsorted(ekf[:, 0], events["landed"]) - 1
         touchdown = _r(math.hypot(tx[i] - ex[j], ty[i] - ey[j]))
+        touchdown_planned = _r(math.hypot(*(np.array([tx[i], ty[i]]) - np.array(events["land_at_en"]))))
+        # the lowest visual fix (frame capture times are the daemon's monotonic clock, the same here)
+        unix_minus_mono = time.time() - time.monotonic()
+        fix_t = [r["capture_s"] + unix_minus_mono for r in frames if r["fix"] == 3]
+        landing_fix_t = [ft for ft in fix_t if ft >= t_land]
+        if landing_fix_t:
+            k = np.searchsorted(truth[:, 0], landing_fix_t[-1])
+            lowest_fix = _r(truth[min(k, len(truth) - 1), 3] - cfg.ground_amsl_m)
     summary = {
         "route": {"waypoints": len(route), "length_m": round(length, 1),
                   "true_track_to_route_max_m": _r(np.max(route_err)) if route_err.size else None,
@@ -463,6 +476,7 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
                       "fix3_beyond_3_sigma": int(np.sum(fix_err > 3 * sigma)),
                       "accuracy_median_m": _r(np.median(sigma)) if sigma.size else None},
         "gps2_raw_on_mean_nav": {"samples": len(gps2_on), "below_3d": sum(g[1] < 3 for g in gps2_on)},
+        "velocity": velocity,
         "frames": {"processed": len(frames), "fixes": sum(r["fix"] == 3 for r in frames),
                    "processing_ms_median": _r(np.median(ms("processing_ms"))) if frames else None,
                    "processing_ms_p95": _r(np.percentile(ms("processing_ms"), 95)) if frames else None,
@@ -474,8 +488,13 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
                       "touchdown_ekf_error_m": touchdown,
                       "messages_after_switch": [txt for t, txt in gcs.texts if t > t_switch],
                       "modes": [m for _, m in gcs.modes]},
+        "landing": {"touchdown_to_planned_m": touchdown_planned, "touchdown_ekf_error_m": touchdown,
+                    "ekf_vs_truth_max_m": _r(np.max(ekf_err[ekf_landing])) if ekf_landing.any() else None,
+                    "lowest_visual_fix_m": lowest_fix,
+                    "seconds": _r(t_end - t_land) if math.isfinite(t_end - t_land) else None},
         "seconds_on_mean_nav": _r(t_land - t_switch) if math.isfinite(t_land - t_switch) else None,
-        "events_s": {k: _r(v - events.get("armed", v)) for k, v in events.items() if k != "total_s"},
+        "events_s": {k: _r(v - events.get("armed", v)) for k, v in events.items()
+                     if k not in ("total_s", "land_at_en")},
         "total_s": _r(events.get("total_s", math.nan)),
         "faults": list(cfg.faults),
     }
@@ -495,6 +514,21 @@ def _ekf_with_origin(gcs: GroundStation) -> np.ndarray:
     """GLOBAL_POSITION_INT samples once the EKF has an origin (before, it reports 0, 0)."""
     ekf = np.array(gcs.ekf)
     return ekf[(ekf[:, 1] != 0) | (ekf[:, 2] != 0)]
+
+
+def _velocity_honesty(fixes: list[dict], truth: np.ndarray) -> dict:
+    """Sent velocity against SIM_STATE's: per-axis error and the speed_accuracy that went with it.
+    1 for error_over_accuracy_rms is an honest accuracy."""
+    rows = [r for r in fixes if r.get("vn") is not None and truth[0, 0] < r["unix_s"] < truth[-1, 0]]
+    if not rows:
+        return {}
+    t = np.array([r["unix_s"] for r in rows])
+    err = np.concatenate([np.array([r["vn"] for r in rows]) - np.interp(t, truth[:, 0], truth[:, 4]),
+                          np.array([r["ve"] for r in rows]) - np.interp(t, truth[:, 0], truth[:, 5])])
+    sacc = np.array([r["sigma_speed_ms"] for r in rows]) / math.sqrt(2.0)   # GPS_INPUT sends it per axis
+    return {"error_rms_per_axis_ms": _r(np.sqrt(np.mean(err ** 2))), "error_p95_ms": _r(np.percentile(np.abs(err), 95)),
+            "speed_accuracy_median_ms": _r(np.median(sacc)), "speed_accuracy_p95_ms": _r(np.percentile(sacc, 95)),
+            "error_over_accuracy_rms": _r(np.sqrt(np.mean(err ** 2 / np.tile(sacc, 2) ** 2)))}
 
 
 def _r(v, digits: int = 2):
