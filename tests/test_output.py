@@ -107,6 +107,26 @@ def test_below_the_visual_floor_the_last_fix_is_held_for_low_hold_s_with_growing
     assert "max_sigma_m" in loop.estimate_at(last + 7.9).reason
 
 
+def test_a_landed_hold_says_velocity_zero_and_its_accuracy_stops_growing():
+    flt, last = moving_track(speed_e=1.0)
+    loop = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=15.0, ground_height_m=0.5))
+    loop.update(flt, last, identity_lonlat, too_low=True)
+    descending = telemetry(rel_alt_m=2.0, vd=0.8)
+    on_ground = telemetry(rel_alt_m=0.1, vd=0.02)
+    air = loop.estimate_at(last + 3.0, descending)
+    assert "below the visual floor" in air.reason
+    touchdown = loop.estimate_at(last + 4.0, on_ground)
+    later = loop.estimate_at(last + 9.0, on_ground)
+    assert "landed" in touchdown.reason and "landed" in later.reason
+    assert later.sigma_h_m == pytest.approx(touchdown.sigma_h_m) and touchdown.sigma_h_m > air.sigma_h_m
+    # 0.1 m/s per axis: the 2-D RMS the encoder turns into speed_accuracy per axis
+    assert later.sigma_speed_ms == pytest.approx(0.1 * math.sqrt(2)) and later.vn == later.ve == 0.0
+    assert (later.lat, later.lon) == (touchdown.lat, touchdown.lon)
+    # still sinking at 1 m from the ground is not landed; a lift-off ends the freeze
+    assert "landed" not in loop.estimate_at(last + 9.5, telemetry(rel_alt_m=0.3, vd=0.6)).reason
+    assert loop.estimate_at(last + 10.0, telemetry(rel_alt_m=0.1, vd=0.0)).sigma_h_m > touchdown.sigma_h_m
+
+
 def test_the_loop_sends_at_a_steady_rate_whatever_the_frame_rate():
     link = RecordingLink()
     loop = make_loop(OutputConfig(rate_hz=5.0), link).start()

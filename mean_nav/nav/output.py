@@ -11,7 +11,8 @@ be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
     otherwise "no fix" (GPS_INPUT fix_type 1). Below the camera's visual floor (the last metres
     of a landing, where no view holds enough map pixels) the last fix is held for `low_hold_s`:
     its position, velocity 0, and accuracies that cover the filter's propagated spread and the
-    step to its extrapolation. Not the extrapolation itself: the autopilot holds position in
+    step to its extrapolation; once landed (`ground_height_m`) velocity 0 with 0.1 m/s and the
+    accuracy frozen at touchdown (a landed vehicle does not move). Not the extrapolation itself: the autopilot holds position in
     that descent, and the velocity of the last fix, fed back through its position hold, drove
     the EKF 39 m off on ArduCopter SITL (the extrapolation drifted 15 m in 10 s at 1.5 m/s);
   - altitude from the source the user configures (`altitude`), never the autopilot's own
@@ -44,6 +45,9 @@ from .filter import RADIUS68_PER_SIGMA
 
 log = logging.getLogger(__name__)
 
+LANDED_MAX_VZ_MS = 0.3          # vertical speed of a vehicle on the ground (a landing descends >= 0.5 m/s)
+LANDED_SPEED_SIGMA_MS = 0.1     # per axis: what a landed vehicle's velocity is known to
+
 
 @dataclass
 class OutputConfig:
@@ -60,6 +64,11 @@ class OutputConfig:
     # while its 68 % radius stays within filter.max_sigma_m: a landing descends the last metres
     # without the autopilot losing its GPS (5 m at Copter's default LAND_SPEED 0.5 m/s: 10 s). 0: off
     low_hold_s: float = bounded(20.0, ge=0, le=60, unit="s")
+    # a held fix below this height above ground (rangefinder, else relative altitude) with the
+    # autopilot's vertical speed under 0.3 m/s is a landed vehicle: velocity 0 (0.1 m/s) and the
+    # accuracy of touchdown, no longer growing. Without it EKF3 kept the velocity error it had at
+    # touchdown (~1 m/s), drifted on the ground, and Copter's land detector waited for its failsafe
+    ground_height_m: float = bounded(0.5, ge=0, le=10, unit="m")
     altitude: Literal["baro", "field_elevation", "dem", "none"] = "baro"
     # take-off ground AMSL, for altitude: field_elevation
     field_elevation_m: float | None = bounded(None, ge=-500, le=9000, unit="m")
@@ -164,6 +173,7 @@ class OutputLoop:
         self._thread = threading.Thread(target=self._run, name="output", daemon=True)
         self._last_tick = math.nan
         self._log = None
+        self._touchdown: tuple[float, float] | None = None   # (last_fix_s of the hold, accuracy then)
 
     def update(self, position_filter, last_fix_s: float, xy_to_lonlat, too_low: bool = False) -> None:
         """Called after every processed frame: copy the filter state for the loop to propagate."""
@@ -216,15 +226,29 @@ class OutputLoop:
             sigma_h = math.sqrt(sigma_h ** 2 + RADIUS68_PER_SIGMA ** 2 * step2 / 2.0)
             sigma_speed = math.sqrt(sigma_speed ** 2 + vx ** 2 + vy ** 2)
             (x, y), vx, vy = snap.fix_xy, 0.0, 0.0
+            if self._landed(telemetry):
+                if self._touchdown is None or self._touchdown[0] != snap.last_fix_s:
+                    self._touchdown = (snap.last_fix_s, sigma_h)
+                sigma_h, sigma_speed = self._touchdown[1], LANDED_SPEED_SIGMA_MS * math.sqrt(2.0)
+            else:
+                self._touchdown = None
             if sigma_h > snap.filter.cfg.max_sigma_m:
                 return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"held fix {age:.1f} s old: 68% radius "
                                 f"{sigma_h:.0f} m above filter.max_sigma_m")
-            reason = f"below the visual floor: last fix held ({age:.1f} s)"
+            reason = (f"{'landed' if self._touchdown else 'below the visual floor'}: last fix held "
+                      f"({age:.1f} s)")
         lon, lat = snap.xy_to_lonlat(x, y)
         alt = self.altitude.altitude(telemetry, origin_alt_m, float(lat), float(lon))
         return Estimate(time_s=t, fix=FixQuality.FIX, lat=float(lat), lon=float(lon), alt_m=float(alt),
                         vn=float(vy), ve=float(vx), vd=0.0, sigma_h_m=float(sigma_h),
                         sigma_v_m=self.vertical_sigma_m, sigma_speed_ms=float(sigma_speed), reason=reason)
+
+    def _landed(self, telemetry) -> bool:
+        if telemetry is None:
+            return False
+        h = telemetry.height_above_ground_m
+        return (math.isfinite(h) and h <= self.cfg.ground_height_m and math.isfinite(telemetry.vd)
+                and abs(telemetry.vd) < LANDED_MAX_VZ_MS)
 
     def tick(self, now: float) -> Estimate:
         telemetry = self.link.telemetry.at(now)
