@@ -77,8 +77,8 @@ MIN_SEND_INTERVAL_S = 0.05      # ArduPilot drops GPS samples closer than 50 ms
 MAX_INTERPOLATION_GAP_S = 0.3   # attitude samples further apart are not interpolated between
 NO_FIX_ACCURACY_M = 9999.0      # horiz_accuracy sent with fix_type 1, so no old accuracy lingers
 GIMBAL_MAX_AGE_S = 0.5          # gimbal attitude older than this is not used
-GIMBAL_YAW_IN_EARTH_FRAME = 32  # GIMBAL_DEVICE_FLAGS_YAW_IN_EARTH_FRAME
-GIMBAL_YAW_IN_VEHICLE_FRAME = 64
+# from the dialect, not typed: 32 here once read the vehicle-frame flag as the earth-frame one
+GIMBAL_YAW_IN_EARTH_FRAME = MAV.GIMBAL_DEVICE_FLAGS_YAW_IN_EARTH_FRAME   # 64
 
 
 @dataclass
