@@ -6,13 +6,15 @@ import calendar
 import datetime as dt
 import itertools
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from mean_nav.nav.estimate import Estimate, FixQuality
 from mean_nav.nav.gps_time import gps_minus_utc_s, gps_week_and_ms
-from mean_nav.nav.mavlink_io import MavlinkConfig, MavlinkLink, mavutil
+from mean_nav.nav.mavlink_io import (MAV, MavlinkConfig, MavlinkLink, TelemetryHistory, dop_for_accuracy, implausible,
+                                     mavutil)
 from nav_testing import free_udp_port
 
 WEEK_MS = 7 * 24 * 3600 * 1000
@@ -283,3 +285,114 @@ def test_px4_position_is_encoded_in_1e7_degrees_both_ways(autopilot):
     assert link.send_estimate(estimate(lat=-33.8567844, lon=151.2152967), 1.77e9, now=float(next(_SEND_CLOCK)))
     msg = peer.recv_match(type="GLOBAL_POSITION_SENSOR", blocking=True, timeout=2.0)
     assert msg is not None and (msg.lat, msg.lon) == (-338567844, 1512152967)
+
+
+# --- plausibility, rate limit, output none, PX4 fields, telemetry constants ----------------
+
+@pytest.mark.parametrize("fields", [dict(lat=90.0), dict(lat=-90.0), dict(lon=180.0), dict(lon=-180.0),
+                                    dict(alt_m=-1000.0), dict(alt_m=20000.0), dict(alt_m=math.nan)])
+def test_positions_on_the_edge_of_the_earth_and_the_altitude_limits_are_plausible(fields):
+    assert implausible(estimate(**fields)) == ""
+
+
+@pytest.mark.parametrize("fields, words", [(dict(lat=90.001), "latitude"), (dict(lat=-90.001), "latitude"),
+                                           (dict(lon=180.001), "longitude"), (dict(lon=-180.001), "longitude"),
+                                           (dict(alt_m=-1000.5), "altitude"), (dict(alt_m=20000.5), "altitude"),
+                                           (dict(alt_m=-1500.0), "altitude"), (dict(lat=None), "not finite"),
+                                           (dict(sigma_h_m=-1.0), "accuracy")])
+def test_positions_beyond_them_are_implausible(fields, words):
+    assert words in implausible(estimate(**fields))
+
+
+def test_an_unknown_accuracy_is_the_worst_dop():
+    assert dop_for_accuracy(math.nan) == 50.0 and dop_for_accuracy(math.inf) == 50.0
+
+
+def test_output_none_sends_nothing(autopilot):
+    connect, peer = autopilot
+    link = connect(output="none")
+    assert not link.send_estimate(estimate(), 1.77e9, now=float(next(_SEND_CLOCK)))
+    assert not link.send_estimate(estimate(fix=FixQuality.NONE), 1.77e9, now=float(next(_SEND_CLOCK)))
+    assert peer.recv_match(blocking=True, timeout=0.3) is None
+    assert link.messages_sent == 0
+
+
+def test_fixes_exactly_50_ms_apart_both_go_out(autopilot):
+    connect, peer = autopilot
+    link = connect()
+    assert link.send_estimate(estimate(), 1.77e9, now=0.0)
+    assert link.send_estimate(estimate(lat=51.9), 1.77e9, now=0.05)          # ArduPilot keeps >= 50 ms
+    assert not link.send_estimate(estimate(lat=52.0), 1.77e9, now=0.0999)    # 49.9 ms: dropped
+    assert [received_gps_input(peer).lat for _ in range(2)] == [518401685, 519000000]
+
+
+@pytest.mark.parametrize("output, cfg", [("gps_input", dict(send_no_fix=False)), ("global_position_sensor", {})])
+def test_a_no_fix_that_sends_nothing_does_not_delay_the_next_fix(autopilot, output, cfg):
+    connect, peer = autopilot
+    link = connect(output=output, **cfg)
+    assert not link.send_estimate(estimate(fix=FixQuality.NONE), 1.77e9, now=100.0)
+    assert link.send_estimate(estimate(), 1.77e9, now=100.01)                 # 10 ms later
+    kind = "GPS_INPUT" if output == "gps_input" else "GLOBAL_POSITION_SENSOR"
+    msg = peer.recv_match(blocking=True, timeout=2.0, type=kind)
+    assert msg is not None and msg.lat == 518401685
+
+
+def test_a_link_whose_port_is_not_open_reports_the_fix_unsent():
+    port = free_udp_port()    # nothing listens on this TCP port either
+    link = MavlinkLink(MavlinkConfig(connection=f"tcp:127.0.0.1:{port}", request_rates=False))
+    try:
+        assert not link.connected
+        assert not link.send_estimate(estimate(), 1.77e9, now=1.0)
+        assert link.positions_sent == 0
+    finally:
+        link.close()
+
+
+def test_px4_global_position_sensor_fields_as_pymavlink_decodes_them(autopilot):
+    connect, peer = autopilot
+    link = connect(output="global_position_sensor")
+    link.start()
+    link.send_heartbeat(MAV.MAV_STATE_ACTIVE)
+    assert peer.recv_match(type="HEARTBEAT", blocking=True, timeout=2.0) is not None
+    peer.mav.heartbeat_send(MAV.MAV_TYPE_QUADROTOR, MAV.MAV_AUTOPILOT_PX4, 0, 0, MAV.MAV_STATE_ACTIVE)
+    deadline = time.monotonic() + 3.0
+    while link.vehicle_system is None and time.monotonic() < deadline:
+        peer.recv_match(blocking=True, timeout=0.05)
+    assert link.vehicle_system == 1
+    t = 1.77e9 + 0.123456
+    # x 1e7 = 518401685.6 and -49866870.6: rounded, not truncated
+    est = estimate(lat=51.84016856, lon=-4.98668706, alt_m=70.5, sigma_h_m=2.5, sigma_v_m=6.0)
+    assert link.send_estimate(est, t, processing_s=0.25, now=float(next(_SEND_CLOCK)))
+    msg = peer.recv_match(type="GLOBAL_POSITION_SENSOR", blocking=True, timeout=2.0)
+    assert msg is not None
+    assert (msg.target_system, msg.target_component, msg.id) == (1, 0, 0)
+    assert msg.time_usec == int(t * 1e6) and msg.processing_time == 250_000
+    assert (msg.source, msg.flags) == (MAV.GLOBAL_POSITION_SRC_VISION, MAV.GLOBAL_POSITION_PRIMARY)
+    assert (msg.lat, msg.lon) == (518401686, -49866871)
+    assert msg.alt == pytest.approx(70.5) and math.isnan(msg.alt_ellipsoid)
+    assert (msg.eph, msg.epv) == (pytest.approx(2.5), pytest.approx(6.0))
+    assert link.positions_sent == 1
+
+
+def test_attitude_samples_further_apart_than_0_3_s_are_never_bridged():
+    h = TelemetryHistory()
+    h.add_attitude(10.0, 0.0, 0.0, 0.0)
+    h.add_attitude(10.25, 0.1, 0.0, 0.0)        # 0.25 s apart: interpolated
+    h.add_attitude(10.65, 0.3, 0.0, 0.0)        # 0.4 s apart: a telemetry hole
+    close = h.at(10.125)
+    assert close.time_s == 10.125 and close.roll == pytest.approx(0.05)
+    hole = h.at(10.35)                          # nearer the sample at 10.25
+    assert hole.time_s == 10.25 and hole.roll == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("flags, yaw", [(0, 1.5), (MAV.GIMBAL_DEVICE_FLAGS_YAW_IN_VEHICLE_FRAME, 1.5),
+                                        (MAV.GIMBAL_DEVICE_FLAGS_RETRACT, 1.5),
+                                        (MAV.GIMBAL_DEVICE_FLAGS_YAW_IN_EARTH_FRAME, 0.5)])
+def test_gimbal_yaw_is_in_the_vehicle_frame_unless_flagged_earth_frame(autopilot, flags, yaw):
+    connect, _ = autopilot
+    link = connect()
+    now = time.monotonic()
+    link.telemetry.add_attitude(now - 0.01, 0.0, 0.0, 1.0)          # the vehicle heads 1 rad
+    q = [math.cos(0.25), 0.0, 0.0, math.sin(0.25)]                   # a 0.5 rad yaw, level
+    link._handle(MAV.MAVLink_gimbal_device_attitude_status_message(0, 0, 0, flags, q, 0, 0, 0, 0))
+    assert link.telemetry.gimbal[2] == pytest.approx(yaw, abs=1e-6)
