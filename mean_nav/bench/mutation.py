@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # module -> the test files that pin it (paths relative to the repository root), the fast
 # hand-computed ones first: with -x most mutants die in the first second
 TARGETS: dict[str, list[str]] = {
-    "mean_nav.nav.filter": ["tests/test_pinned_filter.py", "tests/test_filter.py"],
-    "mean_nav.nav.refine": ["tests/test_pinned_refine.py", "tests/test_refine.py", "tests/test_features.py"],
+    "mean_nav.nav.filter": ["tests/test_pinned_filter.py", "tests/test_filter.py", "tests/test_pinned_defaults.py"],
+    "mean_nav.nav.refine": ["tests/test_pinned_refine.py", "tests/test_refine.py", "tests/test_features.py",
+                            "tests/test_pinned_defaults.py"],
     # refine's ratio test and no-data border live in nav/features/ since the extractor split
     "mean_nav.nav.features.ratio_test": ["tests/test_pinned_refine.py", "tests/test_features.py"],
     "mean_nav.nav.features.opencv_image": ["tests/test_pinned_refine.py", "tests/test_features.py"],
