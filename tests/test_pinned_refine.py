@@ -261,3 +261,145 @@ def test_an_image_smaller_than_half_a_clahe_tile_is_one_tile():
     grey = cv2.GaussianBlur(rng.integers(0, 255, (40, 40), dtype=np.uint8), (0, 0), 2.0)
     got, _ = GreyPreparer(equalize=True, clahe_tile_px=128)(grey, None)
     assert np.array_equal(got, cv2.createCLAHE(clipLimit=2.0, tileGridSize=(1, 1)).apply(grey))
+
+
+# --- the shipped gates, the reasons, the refit, the covariance's degrees of freedom ----------
+
+@pytest.mark.parametrize("angle_deg, ok", [(11.5, True), (-11.5, True), (12.5, False), (-12.5, False)])
+def test_the_default_rotation_bound_is_12_deg_around_no_known_heading_error(angle_deg, ok):
+    q, r = pair(60, 0, angle_deg=angle_deg, shift=(200.0, 120.0))
+    res = FeatureMatcher().match(q, r, (119.5, 119.5))
+    assert res.ok is ok, res.reason
+    if not ok:
+        assert res.rotation_only and "rotation" in res.reason
+
+
+@pytest.mark.parametrize("scale, ok", [(0.86, True), (1.14, True), (0.84, False), (1.16, False)])
+def test_the_default_scale_bound_is_15_percent(scale, ok):
+    q, r = pair(60, 0, scale=scale, shift=(150.0, 150.0))
+    assert FeatureMatcher().match(q, r, (119.5, 119.5)).ok is ok
+
+
+def test_the_default_inlier_bar_is_15():
+    assert FeatureMatcher().match(*pair(15, 0, shift=(100.0, 100.0)), (119.5, 119.5)).ok
+    assert not FeatureMatcher().match(*pair(14, 0, shift=(100.0, 100.0)), (119.5, 119.5)).ok
+
+
+def test_the_default_ratio_test_is_lowes_0_8():
+    m = FeatureMatcher().matcher
+    query = Features(np.zeros((2, 2), np.float32), np.array([[0.0, 0.0], [100.0, 0.0]], np.float32))
+    ref = Features(np.zeros((4, 2), np.float32), np.array([[1.0, 0.0], [0.0, -1 / 0.75],
+                                                          [101.0, 0.0], [100.0, -1 / 0.85]], np.float32))
+    assert m.match(query, ref).query_idx.tolist() == [0]
+
+
+def test_the_default_ransac_threshold_is_3_px():
+    # 40 exact matches and 12 displaced by 4.5 px: beyond 3 px they are not inliers
+    rng = np.random.default_rng(11)
+    query = rng.uniform(0, 240, (52, 2))
+    region = query + (100.0, 80.0)
+    angles = rng.uniform(0, 2 * math.pi, 12)
+    region[40:] += 4.5 * np.c_[np.cos(angles), np.sin(angles)]
+    res = FeatureMatcher().match(one_hot_features(query), one_hot_features(region), (119.5, 119.5))
+    assert res.ok and res.inliers == 40 and res.matches == 52
+
+
+def test_a_failed_match_reports_no_inliers_and_no_matches():
+    res = FeatureMatcher().match(*pair(5, 0, shift=(10.0, 10.0)), (119.5, 119.5))
+    assert not res.ok and (res.inliers, res.matches) == (0, 0)
+
+
+def test_too_few_features_on_either_side_is_said_so():
+    few, many = pair(5, 0)[0], pair(60, 0)[1]
+    for q, r in ((few, many), (many, few)):
+        res = FeatureMatcher().match(q, r, (119.5, 119.5))
+        assert not res.ok and res.reason.startswith("too few features"), res.reason
+
+
+def test_too_few_distinctive_matches_is_said_so():
+    # 30 features each side, but only 10 queries have a distinctive partner: the other 20 have twins
+    query = np.random.default_rng(12).uniform(0, 240, (30, 2))
+    desc_q = np.eye(30, dtype=np.float32)
+    desc_r = np.eye(30, dtype=np.float32)
+    desc_r[10:20] = desc_r[20:30] = np.eye(30, dtype=np.float32)[10:20]    # map 10..19 and 20..29 alike
+    desc_q[20:30] = desc_q[10:20]
+    res = FeatureMatcher().match(Features(query.astype(np.float32), desc_q),
+                                 Features((query + 50.0).astype(np.float32), desc_r), (119.5, 119.5))
+    assert not res.ok and res.reason == "too few feature matches (10)"
+
+
+def test_fewer_inliers_than_the_bar_fail_even_when_their_share_is_high():
+    # 14 consistent matches and 10 stray ones: a 58 % share, but under the 15 inliers
+    res = FeatureMatcher().match(*pair(14, 10, shift=(100.0, 100.0)), (119.5, 119.5))
+    assert not res.ok and res.reason.startswith("too few inliers") and res.inliers == 14
+
+
+def test_coincident_keypoints_give_no_model_and_no_crash():
+    points = np.full((20, 2), 50.0)
+    res = FeatureMatcher().match(one_hot_features(points), one_hot_features(points + 30.0), (119.5, 119.5))
+    assert not res.ok and res.reason == "no geometric model"
+
+
+def test_a_good_fit_is_kept_even_when_its_outliers_hold_another():
+    # 40 matches fit the true place; 25 others fit a second place at the same heading: the
+    # first fit is the answer, the others are not refitted over it
+    rng = np.random.default_rng(13)
+    query = rng.uniform(0, 240, (65, 2))
+    region = np.empty_like(query)
+    region[:40] = query[:40] + (120.0, 100.0)
+    region[40:] = query[40:] + (300.0, 20.0)
+    res = FeatureMatcher().match(one_hot_features(query), one_hot_features(region), (119.5, 119.5))
+    assert res.ok and res.inliers == 40
+    assert res.nadir_px == (pytest.approx(239.5, abs=0.01), pytest.approx(219.5, abs=0.01))
+
+
+def test_a_true_fit_of_exactly_the_bar_behind_a_turned_copy_wins():
+    rng = np.random.default_rng(14)
+    query = rng.uniform(0, 240, (55, 2))
+    region = np.empty_like(query)
+    region[:40] = similarity(query[:40], angle_deg=180.0, shift=(360.0, 360.0))
+    region[40:] = query[40:] + (120.0, 100.0)                            # 15 = min_inliers
+    res = FeatureMatcher().match(one_hot_features(query), one_hot_features(region), (119.5, 119.5))
+    assert res.ok and res.inliers == 15 and res.rotation_deg == pytest.approx(0.0, abs=0.1)
+
+
+def test_the_fit_maps_any_query_point_through_the_similarity():
+    q, r = pair(60, 0, angle_deg=6.0, scale=1.05, shift=(150.0, 90.0))
+    res = FeatureMatcher().match(q, r, (119.5, 119.5))
+    points = np.array([[0.0, 0.0], [240.0, 0.0], [33.0, 180.0]])
+    expected = similarity(points, angle_deg=6.0, scale=1.05, shift=(150.0, 90.0))
+    assert res.to_region(points) == pytest.approx(expected, abs=0.3)
+
+
+@pytest.mark.parametrize("a, b, diff", [(10.0, 350.0, 20.0), (350.0, 10.0, -20.0), (-170.0, 170.0, 20.0),
+                                        (90.0, 30.0, 60.0), (180.0, 0.0, -180.0), (5.0, 5.0, 0.0),
+                                        (725.0, 0.0, 5.0)])
+def test_angle_difference_is_the_short_way_round(a, b, diff):
+    from mean_nav.nav.refine import angle_difference_deg
+    assert angle_difference_deg(a, b) == pytest.approx(diff)
+
+
+def test_a_rotation_prior_moves_the_allowed_window():
+    q, r = pair(60, 0, angle_deg=170.0, shift=(300.0, 300.0))
+    assert FeatureMatcher().match(q, r, (119.5, 119.5), rotation_prior_deg=175.0).ok
+    assert FeatureMatcher().match(q, r, (119.5, 119.5), rotation_prior_deg=-178.0).ok     # across +-180
+    assert not FeatureMatcher().match(q, r, (119.5, 119.5), rotation_prior_deg=150.0).ok
+
+
+def test_the_reported_covariance_is_the_scatter_of_the_estimate():
+    """Least squares with 2n equations and 4 unknowns: the residuals have 2n - 4 degrees of
+    freedom. With 5 points (6 dof) and 2 px noise the mean reported variance of the centre
+    must match the centre's actual scatter over many draws (n - 5 or n - 3 would be 20 % off)."""
+    from mean_nav.nav.refine import _fit_similarity
+    rng = np.random.default_rng(15)
+    src = np.array([[0.0, 0.0], [200.0, 10.0], [30.0, 190.0], [170.0, 160.0], [90.0, 70.0]])
+    G = np.array([[119.5, -119.5, 1.0, 0.0], [119.5, 119.5, 0.0, 1.0]])     # the query centre
+    truth = G @ np.array([1.0, 0.0, 40.0, 25.0])
+    centres, reported = [], []
+    for _ in range(3000):
+        dst = src + (40.0, 25.0) + rng.normal(0, 2.0, src.shape)
+        params, cov, _ = _fit_similarity(src, dst)
+        centres.append(G @ params - truth)
+        reported.append(np.trace(G @ cov @ G.T))
+    actual = np.mean(np.sum(np.square(centres), axis=1))
+    assert np.mean(reported) == pytest.approx(actual, rel=0.07)
