@@ -96,8 +96,11 @@ class FeatureMatcher:
         good = self.matcher.match(query, region)
         if len(good) < need:
             return MatchResult(False, f"too few feature matches ({len(good)})", matches=len(good))
-        src = query.points[good.query_idx]
-        dst = region.points[good.ref_idx]
+        # without the detector's own offset: it does not turn with the query, so a turned fit
+        # would carry it into the nadir
+        offset = float(getattr(self.extractor, "keypoint_offset_px", 0.0))
+        src = query.points[good.query_idx] - offset
+        dst = region.points[good.ref_idx] - offset
         result, inl = self._fit(src, dst, len(good), need, query_centre_px, rotation_prior_deg)
         if result.rotation_only and inl is not None and (~inl).sum() >= need:
             rest, rest_inl = self._fit(src[~inl], dst[~inl], len(good), need, query_centre_px, rotation_prior_deg)

@@ -65,6 +65,9 @@ class Extractor(Protocol):
     name: str
     descriptor_norm: str     # "l2" or "hamming": how matchers compare the descriptors
     rotation_invariant: bool # False (XFeat): verification turns the query by the heading error first
+    # optional: how far (px, right and down) the detector places its keypoints from the feature;
+    # the fit removes it (refine.py; stored map features keep the detector's own coordinates)
+    # keypoint_offset_px: float
 
     def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
         """Keypoints of an RGB [H, W, 3] or grey [H, W] uint8 image; none where `valid` is False."""

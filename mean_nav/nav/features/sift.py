@@ -22,6 +22,11 @@ class SiftExtractor:
     name = "sift"
     descriptor_norm = "l2"
     rotation_invariant = True     # keypoints carry an orientation: no heading search needed
+    # OpenCV places SIFT keypoints 0.25 px right of and below the feature (its first octave is
+    # the image upsampled x2 and the coordinates are halved without the half-pixel shift):
+    # shared by query and map, so it cancels in a translation, but a view turned by 180 deg
+    # against the map would put the fit's nadir 0.5 px off
+    keypoint_offset_px = 0.25
 
     def __init__(self, cfg: SiftConfig = SiftConfig()):
         self.cfg = cfg
