@@ -59,6 +59,8 @@ class MatchResult:
     residual_px: float = math.nan
     params: np.ndarray | None = None    # similarity [a, b, tx, ty]: region = [[a,-b],[b,a]] query + t
     rotation_only: bool = False          # the fit is good but turned more than allowed from the prior
+    inlier_query_px: np.ndarray | None = None    # [N, 2] the inliers in query pixels (pose.py)
+    inlier_region_px: np.ndarray | None = None   # [N, 2] and their matches in region pixels
 
     def to_region(self, points_px: np.ndarray) -> np.ndarray:
         """Query pixel positions [N, 2] -> region pixels through the fitted similarity."""
@@ -132,7 +134,8 @@ class FeatureMatcher:
         G = np.array([[cx, -cy, 1.0, 0.0], [cy, cx, 0.0, 1.0]])
         nadir = G @ params
         result = MatchResult(True, "", n, n_matches, (float(nadir[0]), float(nadir[1])),
-                             G @ cov_params @ G.T, rotation, scale, residual, params)
+                             G @ cov_params @ G.T, rotation, scale, residual, params,
+                             inlier_query_px=src[inl], inlier_region_px=dst[inl])
         if abs(angle_difference_deg(rotation, rotation_prior_deg)) > cfg.max_rotation_deg:
             result.ok, result.rotation_only = False, True
             result.reason = f"implausible fit (scale {scale:.2f}, rotation {rotation:.0f} deg)"
