@@ -3,9 +3,14 @@ estimate of the autopilot's attitude error.
 
 State: east, north position (metres in the tile cache's CRS), velocity (m/s) and the
 world-frame tilt error of the telemetry attitude (radians, a first-order Gauss-Markov
-process). Measurement: the refined camera-nadir position = position + height x tilt error
-+ white noise (the fit's covariance). Without the tilt state the filter would average the
-shared, slowly varying error as if it were white and report a sigma that is too small.
+process: the ground displacement of the telemetry's nadir ray per metre of height).
+Measurement: the refined camera-nadir position = position + height x tilt error + white
+noise, and, where the camera pose was solved from the matches (pose.py), the tilt error
+itself, with the joint 4x4 covariance. Without the tilt state the filter would average the
+shared, slowly varying error as if it were white and report a sigma that is too small;
+without the measured tilt that state is hardly observable (only through how the nadir
+wanders), so its size decides the radius. The gate is on the nadir; a measured tilt that
+then disagrees with the track beyond the gate (a poor pose fit) is dropped, the nadir kept.
 
 Everything is in seconds and physical units, so the same settings serve 0.05 Hz photo
 surveys and 30 Hz video:
@@ -32,10 +37,11 @@ autopilot's roll/pitch accuracy, and it sets the reported sigma above ~50 m. The
 one Kalman filter per hypothesis, a log grid of sizes (0.3..6.8 deg) crossed with correlation
 times (`bias_tau_s` x 1, 6, 24: a slow error is hardly observable, so the slow, large
 hypotheses the data cannot rule out stay in the mixture); each hypothesis is weighted
-by the likelihood of its own innovations (a fading memory of `attitude_memory_s`), and the
-output is the weighted mixture (mean, covariance including the spread between hypotheses).
-A wrong hypothesis mis-predicts how the nadir wanders from frame to frame, so the weights
-move to the right one within a few tens of seconds; `attitude_sigma_deg` is only a prior.
+by the likelihood of its own innovations (a fading memory of `attitude_memory_s`) and of
+the level of the measured tilts against its spread, and the output is the weighted mixture
+(mean, covariance including the spread between hypotheses). A wrong hypothesis mis-predicts
+the measured tilts and how the nadir wanders from frame to frame, so the weights move to the
+right one within a few tens of seconds; `attitude_sigma_deg` is only a prior.
 
 `horizontal_sigma_m` is the radius holding 68 % of the horizontal error (not the per-axis
 sigma, which holds only 39 % in 2-D), so "1-sigma accuracy" means what autopilots and users
@@ -180,6 +186,15 @@ class PositionFilter:
         x, P = self._mix(*self._predicted(t))
         return x[:2].copy(), P[:2, :2].copy()
 
+    @property
+    def tilt_error(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The estimated tilt error of the telemetry attitude now: (east, north) ground
+        displacement of its nadir ray per metre of height (~radians) and its 2x2 covariance."""
+        if self._bank is None:
+            return None
+        x, P = self._mix(*self._bank)
+        return x[4:6].copy(), P[4:6, 4:6].copy()
+
     def sigma_h_at(self, t: float) -> float:
         pred = self.position_at(t)
         return math.inf if pred is None else _radius68(pred[1])
@@ -259,12 +274,16 @@ class PositionFilter:
         self.t = t
 
     def update(self, t: float, z, R, height_m: float, confirmed: bool = False) -> FilterOutput:
-        """Offer a measured nadir position z=[e, n] with white-noise covariance R at time t,
-        seen from height_m above ground (the tilt error moves it by height x angle).
-        `confirmed`: the fix carries its own independent confirmation (two sub-views of the
-        frame verified apart at the same place), so without a track it starts one alone."""
-        z = np.asarray(z, float).reshape(2)
-        R = np.asarray(R, float).reshape(2, 2)
+        """Offer a measurement at time t, seen from height_m above ground: z = [e, n], the
+        measured nadir (the tilt error moves it by height x angle), or z = [e, n, tilt_e,
+        tilt_n], the nadir and the tilt error itself (pose.py), with its white-noise
+        covariance R (2x2 or 4x4). `confirmed`: the fix carries its own independent
+        confirmation (two sub-views of the frame verified apart at the same place), so
+        without a track it starts one alone."""
+        z = np.asarray(z, float).reshape(-1)
+        if z.size not in (2, 4):
+            raise ValueError(f"a measurement has 2 (nadir) or 4 (nadir, tilt) values, got {z.size}")
+        R = np.asarray(R, float).reshape(z.size, z.size)
         fix = _Fix(float(t), z, R, max(float(height_m), 0.0))
         if self._bank is None:
             return self._start(fix, confirmed)
@@ -275,9 +294,11 @@ class PositionFilter:
         return self._update(fix)
 
     def _measurement(self, fix: _Fix, dt_since_accept: float):
-        H = np.zeros((2, 6))
+        H = np.zeros((fix.z.size, 6))
         H[0, 0] = H[1, 1] = 1.0
         H[0, 4] = H[1, 5] = fix.height_m          # measured nadir = position + height x tilt error
+        if fix.z.size == 4:
+            H[2, 4] = H[3, 5] = 1.0               # measured tilt error
         inflate = max(1.0, self.cfg.measurement_correlation_s / max(dt_since_accept, 1e-3))
         return H, fix.R * inflate
 
@@ -285,7 +306,11 @@ class PositionFilter:
         cfg = self.cfg
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
         X, P, c = self._predicted(fix.t)
-        d2 = self._gate_d2(fix, H, R, X, P, c)
+        d2, d2_tilt = self._gate_d2(fix, H, R, X, P, c)
+        if fix.z.size == 4 and d2 <= cfg.gate_chi2 and d2_tilt > cfg.gate_chi2:
+            # the nadir agrees, the tilt alone does not: a poor pose fit, not a wrong place
+            fix = _Fix(fix.t, fix.z[:2], fix.R[:2, :2], fix.height_m)   # keep the nadir, drop the tilt
+            H, R = H[:2], R[:2, :2]
         if d2 > cfg.gate_chi2:
             self._advance(fix.t)
             self._rejected = [r for r in self._rejected if fix.t - r.t <= cfg.lost_after_s][-MAX_CANDIDATES + 1:]
@@ -312,8 +337,6 @@ class PositionFilter:
             out.reason = f"fix gated out (Mahalanobis^2 {d2:.1f} > {cfg.gate_chi2:g})"
             return out
         # every hypothesis and mode takes the fix; the innovation likelihoods re-weight them
-        dt_memory = 0.0 if self._likelihood_t is None else max(0.0, fix.t - self._likelihood_t)
-        fade = math.exp(-dt_memory / cfg.attitude_memory_s)
         nu = fix.z - X @ H.T                                            # [K, M, 2]
         S = H @ P @ H.T + R
         S_inv = np.linalg.inv(S)
@@ -332,8 +355,8 @@ class PositionFilter:
         # towards small attitude errors and its radius held 45 % of the errors (1 Hz: 85 %)
         evidence = min(1.0, (fix.t - self.last_accept_t) / cfg.measurement_correlation_s) \
             if cfg.measurement_correlation_s > 0 else 1.0
-        self._log_likelihood = fade * self._log_likelihood + evidence * (log_likelihood - log_likelihood.max())
-        self._likelihood_t = fix.t
+        self._remember_likelihood(fix.t, evidence * (log_likelihood - log_likelihood.max()),
+                                  self._level_likelihood(fix) if fix.z.size == 4 else None)
         self.t = self.last_accept_t = fix.t
         self._rejected = []
         out = self._output(True)
@@ -345,21 +368,49 @@ class PositionFilter:
         for a time before it); changes nothing."""
         if self._bank is None or t < self.t:
             return math.inf
-        fix = _Fix(float(t), np.asarray(z, float).reshape(2), np.asarray(R, float).reshape(2, 2),
-                   max(float(height_m), 0.0))
+        z = np.asarray(z, float).reshape(-1)
+        fix = _Fix(float(t), z, np.asarray(R, float).reshape(z.size, z.size), max(float(height_m), 0.0))
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
-        return self._gate_d2(fix, H, R, *self._predicted(fix.t))
+        return self._gate_d2(fix, H, R, *self._predicted(fix.t))[0]
 
-    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> float:
+    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> tuple[float, float]:
+        """(Mahalanobis^2 of the nadir, what a measured tilt adds beyond it (chi-square 2 dof;
+        inf without one)). The gate is on the nadir: a tilt that disagrees alone is a poor
+        pose fit, not a wrong place."""
         # gate per motion mode (over all hypotheses): a turn after a long straight leg must
         # pass under the manoeuvre mode even while the cruise mode is far more probable
-        d2 = math.inf
+        d2 = d2_tilt = math.inf
         joint = self.weights[:, None] * c
         for j in range(X.shape[1]):
             x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
             innovation = fix.z - H @ x_mode
-            d2 = min(d2, float(innovation @ np.linalg.solve(H @ P_mode @ H.T + R, innovation)))
-        return d2
+            S = H @ P_mode @ H.T + R
+            nadir_d2 = float(innovation[:2] @ np.linalg.solve(S[:2, :2], innovation[:2]))
+            if nadir_d2 < d2:
+                d2 = nadir_d2
+                if fix.z.size == 4:
+                    d2_tilt = float(innovation @ np.linalg.solve(S, innovation)) - nadir_d2
+        return d2, d2_tilt
+
+    def _level_likelihood(self, fix: _Fix) -> np.ndarray:
+        """Log-likelihood per hypothesis of a measured tilt against the hypothesis' own spread
+        of the tilt error (its stationary distribution)."""
+        S = fix.R[None, 2:, 2:] + (self._grid ** 2)[:, None, None] * np.eye(2)
+        z = fix.z[2:]
+        return -0.5 * (np.einsum("a,kab,b->k", z, np.linalg.inv(S), z) + np.log(np.linalg.det(S)))
+
+    def _remember_likelihood(self, t: float, log_likelihood: np.ndarray, level: np.ndarray | None = None) -> None:
+        """Add one measurement's log-likelihood per hypothesis (its maximum 0) to the fading memory. Innovations
+        say how the tilt changes, not how large it is: a steady 2 deg tilt fits a small slow
+        error as well. The size is in the level of measured tilts: the memory keeps one
+        measurement's worth of it, renewed as it fades (the first fix adds it whole)."""
+        dt = 0.0 if self._likelihood_t is None else max(0.0, t - self._likelihood_t)
+        fade = math.exp(-dt / self.cfg.attitude_memory_s)
+        new = log_likelihood
+        if level is not None:
+            new = new + (1.0 - fade) * (level - level.max())
+        self._log_likelihood = fade * self._log_likelihood + new
+        self._likelihood_t = t
 
     def _start(self, fix: _Fix, confirmed: bool = False) -> FilterOutput:
         """Confirm a track from the newest earlier fix that agrees with this one under the
@@ -373,8 +424,8 @@ class PositionFilter:
         repeat = None
         for cand in reversed(candidates):
             dt = fix.t - cand.t
-            allowed = cfg.max_speed_ms * dt + 3.0 * math.sqrt(np.trace(cand.R) + np.trace(fix.R))
-            if dt <= 0.0 or float(np.linalg.norm(fix.z - cand.z)) > allowed:
+            allowed = cfg.max_speed_ms * dt + 3.0 * math.sqrt(np.trace(cand.R[:2, :2]) + np.trace(fix.R[:2, :2]))
+            if dt <= 0.0 or float(np.linalg.norm(fix.z[:2] - cand.z[:2])) > allowed:
                 continue
             if dt < cfg.measurement_correlation_s:
                 # the next video frame repeats a wrong match as readily as a right one: it
@@ -404,13 +455,35 @@ class PositionFilter:
     def _init_track(self, fix: _Fix) -> None:
         K = len(self._grid)
         X = np.zeros((K, 2, 6))
-        X[:, :, :2] = fix.z
         P = np.zeros((K, 2, 6, 6))
         var = self._grid ** 2
-        # position from the first fix: its white noise and its tilt error (perfectly correlated)
-        P[:, :, :2, :2] = fix.R + (fix.height_m ** 2 * var)[:, None, None, None] * np.eye(2)
-        P[:, :, :2, 4:] = P[:, :, 4:, :2] = (-fix.height_m * var)[:, None, None, None] * np.eye(2)
-        P[:, :, 4:, 4:] = var[:, None, None, None] * np.eye(2)
+        h, I2 = fix.height_m, np.eye(2)
+        if fix.z.size == 2:
+            # position from the first fix: its white noise and its tilt error (perfectly correlated)
+            X[:, :, :2] = fix.z
+            P[:, :, :2, :2] = fix.R + (h ** 2 * var)[:, None, None, None] * I2
+            P[:, :, :2, 4:] = P[:, :, 4:, :2] = (-h * var)[:, None, None, None] * I2
+            P[:, :, 4:, 4:] = var[:, None, None, None] * I2
+        else:
+            # no prior on the position: the tilt from its measurement and the hypothesis' prior,
+            # then the position = nadir - h x tilt with the nadir's error given the tilt's
+            z_n, z_b = fix.z[:2], fix.z[2:]
+            R_nn, R_nb, R_bb = fix.R[:2, :2], fix.R[:2, 2:], fix.R[2:, 2:]
+            R_bb_inv = np.linalg.inv(R_bb)
+            A = R_nb @ R_bb_inv                                    # nadir error | tilt error
+            P_b = np.linalg.inv(R_bb_inv[None] + I2[None] / var[:, None, None])   # [K, 2, 2]
+            b = P_b @ (R_bb_inv @ z_b)                             # [K, 2]
+            M = A - h * I2
+            X[:, :, :2] = (z_n - A @ z_b + b @ M.T)[:, None]
+            X[:, :, 4:] = b[:, None]
+            P[:, :, :2, :2] = (M @ P_b @ M.T + (R_nn - A @ R_nb.T))[:, None]
+            P[:, :, :2, 4:] = (M @ P_b)[:, None]
+            P[:, :, 4:, :2] = np.swapaxes(P[:, :, :2, 4:], -1, -2)
+            P[:, :, 4:, 4:] = P_b[:, None]
+            # the measured tilt against each hypothesis' own spread: later innovations only
+            # say how it changes, and a large steady tilt would look like a small slow one
+            level = self._level_likelihood(fix)
+            self._remember_likelihood(fix.t, level - level.max())
         P[:, :, 2, 2] = P[:, :, 3, 3] = self.cfg.init_velocity_sigma_ms ** 2
         self._bank = (X, P, np.full((K, 2), 0.5))
         self.t = self.last_accept_t = fix.t
