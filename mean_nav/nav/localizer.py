@@ -14,10 +14,11 @@ frame), so both run exactly the same code. Steps:
      prediction is verified first and the network runs only if that is not conclusive);
   4. refine: geometric verification of the best tiles (and of the map around the
      filter's prediction) by feature matching; the query centre mapped into the map is
-     the metric position of the nadir, with a covariance from the fit plus the error the
-     attitude and flat-ground assumptions bring;
+     the metric position of the nadir, and the camera pose solved from the matches
+     (pose.py) measures the telemetry's tilt error beside it, with their covariance;
   5. filter (filter.py): constant-velocity Kalman filter bank with Mahalanobis gating and an
-     online estimate of the attitude error; only a gated-in measurement gives FixQuality.FIX.
+     online estimate of the attitude error (the tilt state, which the measured tilt makes
+     observable); only a gated-in measurement gives FixQuality.FIX.
 
 Low down (the camera sees less than `correlate.below_valid_fraction` of a tile) and while
 the filter tracks confidently, steps 3-4 are replaced by area correlation with the map
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import cv2
@@ -88,8 +89,12 @@ class LocalizerConfig:
     # measurement noise beyond the fit itself (per axis, 1 sigma)
     # roll/pitch accuracy of the autopilot if known: only a prior, the filter estimates it online
     attitude_sigma_deg: float | None = bounded(None, gt=0, le=45, unit="deg")
-    # terrain relief, map registration, camera/telemetry sync
-    position_floor_m: float = bounded(0.4, gt=0, le=1000, unit="m")
+    # white error of a fix beyond the fit (and the pose): terrain relief, map registration.
+    # The nadir is located to ~5 cm on the field flights; the attitude part is the pose's
+    position_floor_m: float = bounded(0.03, gt=0, le=1000, unit="m")
+    # solve the camera pose from the verified matches (pose.py): measures the camera centre and
+    # the telemetry's tilt error instead of the nadir alone
+    pose_fit: bool = True
     # altitude comes from the autopilot, not from vision
     vertical_sigma_m: float = bounded(3.0, gt=0, le=1000, unit="m")
     # map-feature chunks (about a region each) kept in memory when the cache stores no map
@@ -248,21 +253,17 @@ class Localizer:
 
     def _fuse(self, t, telemetry, measurement: Measurement, h: float) -> Estimate:
         self._verified_xy = (measurement.x, measurement.y)
-        if telemetry.attitude_interp_sigma_rad > 0:
-            # the attitude was interpolated between telemetry samples across a change it cannot
-            # time, so the rectified nadir is off by about height x tan(that error): white error
-            # of this one frame, not the slow attitude bias the filter tracks
-            spread_m = h * math.tan(min(telemetry.attitude_interp_sigma_rad, math.radians(80)))
-            measurement = replace(measurement, cov=measurement.cov + spread_m ** 2 * np.eye(2))
-        # attitude error moves the measured nadir by height x angle and drifts slowly: the
-        # filter carries it as a shared error (and estimates its size) instead of averaging it
+        # the attitude interpolated between telemetry samples across a change it cannot time
+        # is off for this one frame: white error, not the slow attitude bias the filter tracks.
+        # That slow error moves the measured nadir by height x angle: the filter carries it as
+        # a shared error (and estimates its size, helped by the tilt the pose fit measures)
+        z, R = measurement.for_filter(h, telemetry.attitude_interp_sigma_rad)
         with self.stages("filter"):
             if measurement.earlier is not None and not self.filter.tracking:
                 # the first frame of a heading error this frame confirmed: a start-up fix
                 t0, h0, m0 = measurement.earlier
-                self.filter.update(t0, np.array([m0.x, m0.y]), m0.cov, h0)
-            out = self.filter.update(t, np.array([measurement.x, measurement.y]), measurement.cov, h,
-                                     confirmed=measurement.two_views)
+                self.filter.update(t0, *m0.for_filter(h0), h0)
+            out = self.filter.update(t, z, R, h, confirmed=measurement.two_views)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
         return self._estimate(t, telemetry, FixQuality.FIX, out.x, out.y, out.vx, out.vy, out.sigma_h_m,

@@ -16,7 +16,11 @@ the best places any turn retrieved (the network is not rotation invariant; SIFT 
 XFeat features are taken from the view turned like the one that retrieved the place).
 
 The best verified candidate becomes the metric measurement of the camera nadir, with a
-covariance from the fit plus the white error beyond it.
+covariance from the fit plus the white error beyond it. With `pose_fit` the camera pose is
+solved from the fit's inliers (pose.py): the measurement then also holds the telemetry's
+tilt error (`Measurement.tilt`, joint covariance `pose_cov`), which the filter's tilt state
+needs to tell the camera centre from the nadir. Matches are fitted without the detector's
+own keypoint offset (SIFT's 0.25 px: it does not turn with a turned view).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 from ..geo.map_features import map_feature_source
 from .acquisition import Candidate
 from .features import Features
+from .pose import MAX_TILT_ERROR_DEG, PoseFit, fit_pose
 from .refine import FeatureMatcher, MatchResult, angle_difference_deg
 from .stages import StageTimes
 
@@ -58,6 +63,22 @@ class Measurement:
     # (time s, height m, fit) of an earlier frame this one confirms (a new heading error's first
     # frame): the pair may start a track as two agreeing start-up fixes would
     earlier: "tuple[float, float, Measurement] | None" = None
+    # the telemetry's tilt error the pose fit measured (east, north, ~radians; pose.py) and the
+    # 4x4 covariance of [x, y, tilt]; None where only the similarity located the nadir
+    tilt: np.ndarray | None = None
+    pose_cov: np.ndarray | None = None
+
+    def for_filter(self, height_m: float, attitude_jitter_rad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(z, R) for PositionFilter.update: the nadir, and the tilt error where it was measured.
+
+        `attitude_jitter_rad`: an error of this frame's attitude alone (interpolated across a
+        step): white, not the slow error the filter tracks; it moves the nadir by height x
+        tan(angle) and the measured tilt by the angle, so the camera centre stays measured."""
+        j = math.tan(min(max(attitude_jitter_rad, 0.0), math.radians(80))) ** 2
+        if self.tilt is None:
+            return np.array([self.x, self.y]), self.cov + height_m ** 2 * j * np.eye(2)
+        link = np.array([[height_m, 0.0], [0.0, height_m], [1.0, 0.0], [0.0, 1.0]])
+        return np.array([self.x, self.y, *self.tilt]), self.pose_cov + j * link @ link.T
 
 
 @dataclass
@@ -323,9 +344,30 @@ class Verifier:
         # pixel covariance -> metric through the crop's linear part (row axis points south)
         linear = np.array([[transform.a, transform.b], [transform.d, transform.e]])
         cov = linear @ result.cov_px @ linear.T
+        floor = self._model_variance(height_m) * np.eye(2)
         # a telemetry yaw too large by e turns the rectified view by -e against the map
-        return Measurement(x, y, cov + self._model_variance(height_m) * np.eye(2), cand.tile_id, cand.score,
-                           result.inliers, _wrap(-result.rotation_deg), overlap)
+        m = Measurement(x, y, cov + floor, cand.tile_id, cand.score, result.inliers, _wrap(-result.rotation_deg),
+                        overlap)
+        if self.cfg.pose_fit and result.inlier_region_px is not None:
+            with self.stages("pose"):
+                fit = self._pose(result, transform, height_m, (x, y))
+            if fit is not None:
+                m.x, m.y = float(fit.nadir[0]), float(fit.nadir[1])
+                m.cov = fit.cov[:2, :2] + floor
+                m.tilt, m.pose_cov = fit.tilt, fit.cov.copy()
+                m.pose_cov[:2, :2] += floor
+        return m
+
+    def _pose(self, result: MatchResult, transform, height_m: float, nadir_xy) -> PoseFit | None:
+        """The pose fit of a verified match, or None where it says nothing trustworthy."""
+        region = np.asarray(result.inlier_region_px, np.float64) + 0.5
+        map_xy = np.stack([transform.a * region[:, 0] + transform.b * region[:, 1] + transform.c,
+                           transform.d * region[:, 0] + transform.e * region[:, 1] + transform.f], axis=1)
+        fit, _ = fit_pose(result.inlier_query_px, map_xy, float(self.cache.gsd_m), self.tile_px, height_m, nadir_xy,
+                          result.rotation_deg, result.scale)
+        if fit is None or not np.isfinite(fit.cov).all() or fit.tilt_deg > MAX_TILT_ERROR_DEG:
+            return None
+        return fit
 
     def _model_variance(self, height_m: float) -> float:
         """White measurement noise beyond the fit (the attitude part goes to the filter's bias)."""
