@@ -60,7 +60,7 @@ def test_a_2_degree_roll_error_is_measured_and_the_camera_centre_found():
     # the similarity's nadir carries the whole tilt, height x tan(2 deg) = 2.10 m (and a little
     # more: the least-squares fit over the 100 m view also absorbs part of the perspective)
     assert 0.9 * height * math.tan(err) < np.hypot(*(nadir - (500.0, 800.0))) < 1.3 * height * math.tan(err)
-    fit, why = fit_pose(q, m, GSD, SIZE, height, tuple(nadir), rotation, scale)
+    fit, why = fit_pose(q, m, GSD, SIZE / 2 - 0.5, height, tuple(nadir), rotation, scale)
     assert fit is not None, why
     # 0.3 px (7.5 cm) noise on ~300 points over a 100 m footprint: the tilt to ~0.05 deg, so
     # the centre to 60 m x tan(0.05 deg) = 5 cm; 0.15 m leaves 3x room
@@ -80,7 +80,7 @@ def test_the_tilt_sign_matches_where_the_similarity_put_the_nadir():
     height = 100.0
     q, m = correspondences(0.0, 0.0, 0.0, 0.0, math.radians(1.5), 0.0, height)
     nadir, rotation, scale = similarity_nadir(q, m)
-    fit, why = fit_pose(q, m, GSD, SIZE, height, tuple(nadir), rotation, scale)
+    fit, why = fit_pose(q, m, GSD, SIZE / 2 - 0.5, height, tuple(nadir), rotation, scale)
     assert fit is not None, why
     offset = nadir - (500.0, 800.0)
     assert np.hypot(*offset) > 2.0                               # 100 m x tan(1.5 deg) = 2.6 m
@@ -96,7 +96,7 @@ def test_a_gimbal_camera_and_a_turned_view_give_the_same_centre(yaw_error_deg):
     tel = (math.radians(-0.5), math.radians(-89.5), 1.0 + math.radians(yaw_error_deg))
     q, m = correspondences(0.1, 0.15, 1.0, 0.1, 0.15, 1.0, height, gimbal=true, tel_gimbal=tel, noise_px=0.2)
     nadir, rotation, scale = similarity_nadir(q, m)
-    fit, why = fit_pose(q, m, GSD, SIZE, height, tuple(nadir), rotation, scale)
+    fit, why = fit_pose(q, m, GSD, SIZE / 2 - 0.5, height, tuple(nadir), rotation, scale)
     assert fit is not None, why
     assert np.hypot(*(fit.position - (500.0, 800.0))) < 0.3
     assert fit.tilt == pytest.approx(true_tilt(0.1, 0.15, 1.0, 0.1, 0.15, 1.0, true, tel), abs=math.radians(0.1))
@@ -115,7 +115,7 @@ def test_the_covariance_holds_the_errors():
     for seed in range(30):
         q, m = correspondences(0.0, 0.03, 2.0, 0.01, 0.0, 2.0, 80.0, noise_px=0.5, seed=seed)
         nadir, rotation, scale = similarity_nadir(q, m)
-        fit, why = fit_pose(q, m, GSD, SIZE, 80.0, tuple(nadir), rotation, scale)
+        fit, why = fit_pose(q, m, GSD, SIZE / 2 - 0.5, 80.0, tuple(nadir), rotation, scale)
         assert fit is not None, why
         tilt = true_tilt(0.0, 0.03, 2.0, 0.01, 0.0, 2.0)
         truth_nadir = np.r_[np.array([500.0, 800.0]) + 80.0 * tilt, tilt]
@@ -128,9 +128,9 @@ def test_the_covariance_holds_the_errors():
 
 def test_too_few_points_or_a_bad_start_give_no_fit():
     q, m = correspondences(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 60.0)
-    fit, why = fit_pose(q[:5], m[:5], GSD, SIZE, 60.0, (500.0, 800.0), 0.0, 1.0)
+    fit, why = fit_pose(q[:5], m[:5], GSD, SIZE / 2 - 0.5, 60.0, (500.0, 800.0), 0.0, 1.0)
     assert fit is None and "fewer than" in why
-    fit, why = fit_pose(q, m, GSD, SIZE, 60.0, (500.0, 800.0), math.nan, 1.0)
+    fit, why = fit_pose(q, m, GSD, SIZE / 2 - 0.5, 60.0, (500.0, 800.0), math.nan, 1.0)
     assert fit is None
 
 

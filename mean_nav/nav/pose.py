@@ -74,10 +74,11 @@ def rotation(omega: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(theta) * K + (1.0 - math.cos(theta)) * (K @ K)
 
 
-def rays_from_rectified(points_px: np.ndarray, gsd_m: float, size_px: int, height_m: float) -> np.ndarray:
+def rays_from_rectified(points_px: np.ndarray, gsd_m: float, centre_px: float, height_m: float) -> np.ndarray:
     """NED rays [N, 3] (north, east, height) of rectified-view pixels (col, row) under the
-    attitude that rectified them (camera_model.ground_to_image inverted)."""
-    c = size_px / 2.0 - 0.5
+    attitude that rectified them (camera_model.ground_to_image inverted; the nadir is at
+    pixel (centre_px, centre_px))."""
+    c = float(centre_px)
     p = np.asarray(points_px, float)
     east = (p[:, 0] - c) * gsd_m
     north = -(p[:, 1] - c) * gsd_m
@@ -147,10 +148,11 @@ def _solve(rays: np.ndarray, map_xy: np.ndarray, R: np.ndarray, centre: np.ndarr
     return "did not converge"
 
 
-def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, size_px: int, height_m: float,
+def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, centre_px: float, height_m: float,
              nadir_xy: tuple[float, float], rotation_deg: float, scale: float) -> tuple[PoseFit | None, str]:
     """(PoseFit, "") or (None, why): the camera pose that maps the rectified query pixels
-    [N, 2] (col, row) onto their map positions [N, 2] (east, north, metres).
+    [N, 2] (col, row) onto their map positions [N, 2] (east, north, metres); the view's nadir
+    is at pixel (centre_px, centre_px) (size / 2 - 0.5).
 
     Starts from the similarity (its nadir, rotation and scale); `height_m` is the telemetry
     height the query was rectified with."""
@@ -161,7 +163,7 @@ def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, size_px: in
         return None, f"{n} points, fewer than {MIN_POINTS}"
     if not (height_m > 0 and math.isfinite(scale) and scale > 0 and math.isfinite(rotation_deg)):
         return None, "no usable start"
-    rays = rays_from_rectified(query_px, gsd_m, size_px, height_m)
+    rays = rays_from_rectified(query_px, gsd_m, centre_px, height_m)
     # the similarity turns query pixels (row down) by +rotation: the rays turn clockwise seen
     # from above, a positive turn about the down axis
     R = rotation(np.array([0.0, 0.0, math.radians(rotation_deg)]))

@@ -319,7 +319,7 @@ class Verifier:
             if overlap < cfg.min_map_overlap:
                 reasons.append(f"tile {cand.tile_id}: only {overlap:.0%} of the view lies on the map")
                 continue
-            m = self._measurement(result, cand, transform, height_m, overlap)
+            m = self._measurement(result, cand, transform, height_m, overlap, centre)
             if result.rotation_only:
                 if result.inliers >= cfg.heading_min_inliers:
                     strong_turns.append((result, m))
@@ -338,7 +338,7 @@ class Verifier:
         return best, best_region
 
     def _measurement(self, result: MatchResult, cand: Candidate, transform, height_m: float,
-                     overlap: float) -> Measurement:
+                     overlap: float, centre_px: float) -> Measurement:
         col, row = result.nadir_px
         x, y = transform @ (col + 0.5, row + 0.5)   # pixel centres sit at +0.5 of the corner
         # pixel covariance -> metric through the crop's linear part (row axis points south)
@@ -350,7 +350,7 @@ class Verifier:
                         overlap)
         if self.cfg.pose_fit and result.inlier_region_px is not None:
             with self.stages("pose"):
-                fit = self._pose(result, transform, height_m, (x, y))
+                fit = self._pose(result, transform, height_m, (x, y), centre_px)
             if fit is not None:
                 m.x, m.y = float(fit.nadir[0]), float(fit.nadir[1])
                 m.cov = fit.cov[:2, :2] + floor
@@ -358,12 +358,12 @@ class Verifier:
                 m.pose_cov[:2, :2] += floor
         return m
 
-    def _pose(self, result: MatchResult, transform, height_m: float, nadir_xy) -> PoseFit | None:
+    def _pose(self, result: MatchResult, transform, height_m: float, nadir_xy, centre_px: float) -> PoseFit | None:
         """The pose fit of a verified match, or None where it says nothing trustworthy."""
         region = np.asarray(result.inlier_region_px, np.float64) + 0.5
         map_xy = np.stack([transform.a * region[:, 0] + transform.b * region[:, 1] + transform.c,
                            transform.d * region[:, 0] + transform.e * region[:, 1] + transform.f], axis=1)
-        fit, _ = fit_pose(result.inlier_query_px, map_xy, float(self.cache.gsd_m), self.tile_px, height_m, nadir_xy,
+        fit, _ = fit_pose(result.inlier_query_px, map_xy, float(self.cache.gsd_m), centre_px, height_m, nadir_xy,
                           result.rotation_deg, result.scale)
         if fit is None or not np.isfinite(fit.cov).all() or fit.tilt_deg > MAX_TILT_ERROR_DEG:
             return None
