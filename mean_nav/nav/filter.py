@@ -306,11 +306,19 @@ class PositionFilter:
         cfg = self.cfg
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
         X, P, c = self._predicted(fix.t)
-        d2, d2_tilt = self._gate_d2(fix, H, R, X, P, c)
-        if fix.z.size == 4 and d2 <= cfg.gate_chi2 and d2_tilt > cfg.gate_chi2:
-            # the nadir agrees, the tilt alone does not: a poor pose fit, not a wrong place
-            fix = _Fix(fix.t, fix.z[:2], fix.R[:2, :2], fix.height_m)   # keep the nadir, drop the tilt
-            H, R = H[:2], R[:2, :2]
+        d2, d2_tilt, d2_centre = self._gate_d2(fix, H, R, X, P, c)
+        if fix.z.size == 4 and not (d2 <= cfg.gate_chi2 and d2_tilt <= cfg.gate_chi2):
+            # the measured tilt disagrees with the track's: either the telemetry attitude of
+            # this frame is off (a step it interpolated across: the pose's camera centre is
+            # right) or the pose fit is poor (the nadir is right). The one the track agrees
+            # with is kept, the tilt not learnt from
+            if d2_centre <= cfg.gate_chi2:
+                T = np.hstack([np.eye(2), -fix.height_m * np.eye(2)])   # centre = nadir - h x tilt
+                fix = _Fix(fix.t, T @ fix.z, T @ fix.R @ T.T, fix.height_m)
+                H, R, d2 = T @ H, T @ R @ T.T, d2_centre
+            else:
+                fix = _Fix(fix.t, fix.z[:2], fix.R[:2, :2], fix.height_m)
+                H, R = H[:2], R[:2, :2]
         if d2 > cfg.gate_chi2:
             self._advance(fix.t)
             self._rejected = [r for r in self._rejected if fix.t - r.t <= cfg.lost_after_s][-MAX_CANDIDATES + 1:]
@@ -371,26 +379,31 @@ class PositionFilter:
         z = np.asarray(z, float).reshape(-1)
         fix = _Fix(float(t), z, np.asarray(R, float).reshape(z.size, z.size), max(float(height_m), 0.0))
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
-        return self._gate_d2(fix, H, R, *self._predicted(fix.t))[0]
+        d2, _, d2_centre = self._gate_d2(fix, H, R, *self._predicted(fix.t))
+        return min(d2, d2_centre)
 
-    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> tuple[float, float]:
-        """(Mahalanobis^2 of the nadir, what a measured tilt adds beyond it (chi-square 2 dof;
-        inf without one)). The gate is on the nadir: a tilt that disagrees alone is a poor
-        pose fit, not a wrong place."""
+    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> tuple[float, float, float]:
+        """Mahalanobis^2 of the nadir; with a measured tilt also what the tilt adds beyond it
+        (chi-square 2 dof) and that of the camera centre (nadir - height x tilt) alone (inf
+        without one). The gate is on the nadir or the centre: a tilt that disagrees alone is
+        a poor pose fit or one frame's attitude error, not a wrong place."""
         # gate per motion mode (over all hypotheses): a turn after a long straight leg must
         # pass under the manoeuvre mode even while the cruise mode is far more probable
-        d2 = d2_tilt = math.inf
+        d2 = d2_tilt = d2_centre = math.inf
         joint = self.weights[:, None] * c
+        T = np.hstack([np.eye(2), -fix.height_m * np.eye(2)])
         for j in range(X.shape[1]):
             x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
             innovation = fix.z - H @ x_mode
             S = H @ P_mode @ H.T + R
             nadir_d2 = float(innovation[:2] @ np.linalg.solve(S[:2, :2], innovation[:2]))
+            if fix.z.size == 4:
+                d2_centre = min(d2_centre, float((T @ innovation) @ np.linalg.solve(T @ S @ T.T, T @ innovation)))
             if nadir_d2 < d2:
                 d2 = nadir_d2
                 if fix.z.size == 4:
                     d2_tilt = float(innovation @ np.linalg.solve(S, innovation)) - nadir_d2
-        return d2, d2_tilt
+        return d2, d2_tilt, d2_centre
 
     def _level_likelihood(self, fix: _Fix) -> np.ndarray:
         """Log-likelihood per hypothesis of a measured tilt against the hypothesis' own spread
