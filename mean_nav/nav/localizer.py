@@ -95,6 +95,10 @@ class LocalizerConfig:
     # solve the camera pose from the verified matches (pose.py): measures the camera centre and
     # the telemetry's tilt error instead of the nadir alone
     pose_fit: bool = True
+    # white attitude error of each frame beyond the slow one the filter tracks (camera/IMU
+    # timing, vibration), on top of the interpolation error telemetry reports: the measured
+    # tilt of one frame is not the next frame's
+    attitude_jitter_deg: float = bounded(0.2, ge=0, le=10, unit="deg")
     # altitude comes from the autopilot, not from vision
     vertical_sigma_m: float = bounded(3.0, gt=0, le=1000, unit="m")
     # map-feature chunks (about a region each) kept in memory when the cache stores no map
@@ -257,7 +261,8 @@ class Localizer:
         # is off for this one frame: white error, not the slow attitude bias the filter tracks.
         # That slow error moves the measured nadir by height x angle: the filter carries it as
         # a shared error (and estimates its size, helped by the tilt the pose fit measures)
-        z, R = measurement.for_filter(h, telemetry.attitude_interp_sigma_rad)
+        jitter = math.hypot(telemetry.attitude_interp_sigma_rad, math.radians(self.cfg.attitude_jitter_deg))
+        z, R = measurement.for_filter(h, jitter)
         with self.stages("filter"):
             if measurement.earlier is not None and not self.filter.tracking:
                 # the first frame of a heading error this frame confirmed: a start-up fix
