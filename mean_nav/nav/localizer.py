@@ -267,7 +267,7 @@ class Localizer:
             if measurement.earlier is not None and not self.filter.tracking:
                 # the first frame of a heading error this frame confirmed: a start-up fix
                 t0, h0, m0 = measurement.earlier
-                self.filter.update(t0, *m0.for_filter(h0), h0)
+                self.filter.update(t0, *m0.for_filter(h0, math.radians(self.cfg.attitude_jitter_deg)), h0)
             out = self.filter.update(t, z, R, h, confirmed=measurement.two_views)
         if not out.accepted:
             return self._no_fix(t, telemetry, out.reason, measurement)
