@@ -171,3 +171,139 @@ def test_an_accepted_fix_resets_the_disagreement():
     assert out.x == pytest.approx(500.0, abs=0.5)
     again = f.update(25.0, outlier, np.eye(2) * 0.01, NO_TILT)
     assert again.tracking and again.accepted and again.x == pytest.approx(500.0, abs=0.5)
+
+
+# --- the motion model against a textbook Kalman filter; time order; start-up edges ------------
+
+def textbook_position_variance(fixes, t_end, q, r, v0):
+    """A 1-D constant-velocity Kalman filter written from the textbook (continuous white
+    acceleration of spectral density q): position variance at t_end. fixes: [(t, R)]."""
+    t0, r0 = fixes[0]
+    P = np.diag([r0, v0 ** 2])
+    t = t0
+    for t_next, r_fix in list(fixes[1:]) + [(t_end, None)]:
+        dt = t_next - t
+        F = np.array([[1.0, dt], [0.0, 1.0]])
+        Q = q * np.array([[dt ** 3 / 3, dt ** 2 / 2], [dt ** 2 / 2, dt]])
+        P = F @ P @ F.T + Q
+        if r_fix is not None:
+            H = np.array([[1.0, 0.0]])
+            K = P @ H.T / (H @ P @ H.T + r_fix)
+            P = (np.eye(2) - K @ H) @ P
+        t = t_next
+    return float(P[0, 0])
+
+
+@pytest.mark.parametrize("correlation_s", [0.0, 0.3])
+def test_position_variance_follows_the_textbook_constant_velocity_filter(correlation_s):
+    # both motion modes alike and no tilt: the bank is one constant-velocity filter per axis
+    cfg = FilterConfig(accel_sigma_ms2=1.5, cruise_accel_sigma_ms2=1.5, measurement_correlation_s=correlation_s)
+    f = PositionFilter(cfg)
+    times = [0.0, 1.0, 1.1, 4.0]
+    for t in times:
+        assert f.update(t, [0.0, 0.0], np.eye(2) * 2.0, NO_TILT).accepted or t == 0.0
+    # a fix 0.1 s after the last shares its error: its R counts correlation / spacing = 3 times
+    inflate = [1.0, 1.0, max(1.0, correlation_s / 0.1), 1.0]
+    expected = textbook_position_variance([(t, 2.0 * k) for t, k in zip(times, inflate)], 14.0,
+                                          q=1.5 ** 2, r=2.0, v0=cfg.init_velocity_sigma_ms)
+    _, cov = f.position_at(14.0)
+    assert cov[0, 0] == pytest.approx(expected, rel=1e-6) and cov[1, 1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fix_at_the_time_the_filter_was_predicted_to_is_used():
+    f = stationary_track(FilterConfig(**INDEPENDENT))
+    f.predict(25.0)
+    assert f.update(25.0, [0.1, 0.0], np.eye(2) * 0.01, NO_TILT).accepted
+
+
+def test_after_a_gated_out_fix_an_older_frame_is_still_out_of_order():
+    f = stationary_track(FilterConfig(**INDEPENDENT))        # last fix at t = 19
+    assert not f.update(21.0, [500.0, 0.0], np.eye(2) * 0.01, NO_TILT).accepted
+    out = f.update(20.0, [0.0, 0.0], np.eye(2) * 0.01, NO_TILT)
+    assert not out.accepted and "out-of-order" in out.reason
+
+
+def test_one_gated_out_fix_never_drops_the_track_even_without_a_reject_time():
+    f = stationary_track(FilterConfig(reject_after_s=0.0, **INDEPENDENT))
+    out = f.update(20.0, [500.0, 0.0], np.eye(2) * 0.01, NO_TILT)
+    assert not out.accepted and out.tracking                        # "at least two"
+    out = f.update(21.0, [500.0, 0.0], np.eye(2) * 0.01, NO_TILT)
+    assert "track dropped" in out.reason
+
+
+def test_covariance_may_be_given_as_nested_lists():
+    f = PositionFilter(FilterConfig(**INDEPENDENT))
+    f.update(0.0, [0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]], NO_TILT)
+    assert f.update(1.0, [0.5, 0.0], [[1.0, 0.0], [0.0, 1.0]], NO_TILT).accepted
+
+
+def test_the_gate_asked_beforehand_is_the_gate_the_update_applies():
+    f = stationary_track(FilterConfig(**INDEPENDENT))
+    z, R = [0.8, -0.3], np.eye(2) * 0.04
+    asked = f.mahalanobis2(20.0, z, R, 80.0)                       # from 80 m: the tilt counts
+    assert asked == pytest.approx(f.update(20.0, z, R, 80.0).mahalanobis2, rel=1e-9)
+    assert asked < f.mahalanobis2(20.0, z, R, 0.0) or math.isinf(f.mahalanobis2(20.0, z, R, 0.0))
+
+
+def test_two_fixes_of_the_same_instant_never_confirm_each_other():
+    f = PositionFilter(FilterConfig(**INDEPENDENT))
+    f.update(3.0, [0.0, 0.0], np.eye(2), NO_TILT)
+    assert not f.update(3.0, [0.0, 0.0], np.eye(2), NO_TILT).tracking
+
+
+def test_a_fix_exactly_measurement_correlation_s_later_confirms():
+    f = PositionFilter(FilterConfig(measurement_correlation_s=0.5))
+    f.update(1.0, [0.0, 0.0], np.eye(2), NO_TILT)
+    assert f.update(1.5, [0.0, 0.0], np.eye(2), NO_TILT).tracking       # "at least" 0.5 s
+
+
+def test_a_repeated_start_up_fix_waits_for_a_later_one_and_is_not_pushed_out():
+    """Right, 4 wrong ones (1 km apart) and right again within the correlation time: the repeat
+    confirms nothing, but keeps the first right fix among the 4 remembered until a later one confirms."""
+    f = PositionFilter(FilterConfig(measurement_correlation_s=0.3))
+    R = np.eye(2)
+    assert not f.update(0.0, [0.0, 0.0], R, NO_TILT).tracking
+    for k, t in enumerate([0.04, 0.08]):
+        f.update(t, [1000.0 * (k + 1), 0.0], R, NO_TILT)
+    out = f.update(0.12, [0.5, 0.0], R, NO_TILT)                     # the same place 0.12 s later
+    assert not out.accepted and not out.tracking and "shares its error" in out.reason
+    for k, t in enumerate([0.16, 0.2, 0.24]):
+        f.update(t, [0.0, 1000.0 * (k + 1)], R, NO_TILT)
+    assert len(f.candidates) == 4 and (0.0, 0.0, 0.0) in f.candidates
+    assert f.update(0.35, [0.5, 0.0], R, NO_TILT).tracking
+
+
+def test_start_up_memory_is_the_newest_4_fixes():
+    f = PositionFilter(FilterConfig(**INDEPENDENT))
+    for k in range(6):
+        f.update(float(k), [1000.0 * k, 0.0], np.eye(2), NO_TILT)    # all disagree
+    assert [c[0] for c in f.candidates] == [2.0, 3.0, 4.0, 5.0]
+    assert not f.update(6.0, [0.0, 0.0], np.eye(2), NO_TILT).tracking   # the first is forgotten
+
+
+def test_a_pair_the_motion_model_refuses_leaves_no_track():
+    # 200 m in 10 s passes the 25 m/s start-up check but not the gate of a 1 m/s velocity prior
+    # and a gently accelerating vehicle
+    f = PositionFilter(FilterConfig(init_velocity_sigma_ms=1.0, accel_sigma_ms2=0.1, cruise_accel_sigma_ms2=0.1,
+                                    **INDEPENDENT))
+    f.update(0.0, [0.0, 0.0], np.eye(2), NO_TILT)
+    out = f.update(10.0, [200.0, 0.0], np.eye(2), NO_TILT)
+    assert not out.tracking and not f.tracking and f.position_at(10.0) is None
+
+
+def test_an_accepted_poor_fix_is_a_position_not_vague():
+    f = PositionFilter(FilterConfig(**INDEPENDENT))
+    f.update(0.0, [0.0, 0.0], np.eye(2) * 150.0 ** 2, NO_TILT)
+    out = f.update(1.0, [0.0, 0.0], np.eye(2) * 150.0 ** 2, NO_TILT)
+    assert out.accepted and out.sigma_h_m > 60.0 and not out.vague
+
+
+def test_start_up_outputs_are_not_flagged_vague():
+    f = PositionFilter()
+    assert not f.predict(0.0).vague
+    assert not f.update(0.0, [0.0, 0.0], np.eye(2), NO_TILT).vague
+
+
+def test_frames_half_a_second_apart_are_fine_unless_lost_after_s_is_tiny():
+    assert PositionFilter().spacing_problems(0.5) == []
+    assert PositionFilter(FilterConfig(lost_after_s=0.8)).spacing_problems(0.5)
