@@ -403,3 +403,24 @@ def test_the_reported_covariance_is_the_scatter_of_the_estimate():
         reported.append(np.trace(G @ cov @ G.T))
     actual = np.mean(np.sum(np.square(centres), axis=1))
     assert np.mean(reported) == pytest.approx(actual, rel=0.07)
+
+def test_the_camera_view_detects_weaker_texture_than_the_stored_map_features():
+    """Grass-like faint texture: the query extractor (query_contrast_threshold 0.02) finds far
+    more keypoints than the map's (OpenCV's 0.04), at 0.04 exactly the map's, and the stored
+    features' settings (which a cache is checked against) do not depend on it."""
+    from mean_nav.geo.map_features import store_settings
+    from mean_nav.geo.tiles import TileGrid
+    from mean_nav.nav.features import make_extractor
+
+    rng = np.random.default_rng(7)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (240, 240)).astype(np.float32), (0, 0), 2.0)
+    image = np.dstack([cv2.normalize(tex, None, 90, 170, cv2.NORM_MINMAX).astype(np.uint8)] * 3)
+    plain = RefineConfig(equalize=False)
+    map_side = make_extractor(plain).extract(image)
+    query_side = FeatureMatcher(plain).features(image)
+    assert RefineConfig().query_contrast_threshold == 0.02
+    assert len(query_side) > 2 * max(len(map_side), 1)
+    same = FeatureMatcher(RefineConfig(equalize=False, query_contrast_threshold=0.04)).features(image)
+    assert np.array_equal(same.points, map_side.points)
+    grid = TileGrid.from_metres("EPSG:32632", 0.25, 60.0, 20.0)
+    assert store_settings(RefineConfig(query_contrast_threshold=0.01), grid) == store_settings(RefineConfig(), grid)

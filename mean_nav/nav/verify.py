@@ -280,7 +280,8 @@ class Verifier:
         if region is None or len(pts) < 2 * self.cfg.min_inliers:
             return False
         axis = int(np.argmax(np.ptp(pts, axis=0)))
-        left = pts[:, axis] < np.median(pts[:, axis])
+        left = np.zeros(len(pts), bool)
+        left[np.argsort(pts[:, axis], kind="stable")[:len(pts) // 2]] = True
         fits = []
         for half in (left, ~left):
             r = self.matcher.match(query_features.subset(half), region, (centre, centre), self.heading.offset_deg)

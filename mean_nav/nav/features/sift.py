@@ -34,8 +34,10 @@ class SiftExtractor:
         self._sift = cv2.SIFT_create(nfeatures=cfg.max_features, contrastThreshold=cfg.contrast_threshold)
 
     @classmethod
-    def from_refine(cls, refine, max_features: int, clahe_tile_px: int | None = None) -> "SiftExtractor":
-        return cls(SiftConfig(max_features=max_features, equalize=refine.equalize, clahe_tile_px=clahe_tile_px))
+    def from_refine(cls, refine, max_features: int, clahe_tile_px: int | None = None,
+                    contrast_threshold: float = SiftConfig.contrast_threshold) -> "SiftExtractor":
+        return cls(SiftConfig(max_features=max_features, equalize=refine.equalize, clahe_tile_px=clahe_tile_px,
+                              contrast_threshold=contrast_threshold))
 
     def extract(self, image: np.ndarray, valid: np.ndarray | None = None) -> Features:
         grey, mask = self._prepare(image, valid)
