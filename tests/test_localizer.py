@@ -330,3 +330,15 @@ def test_a_landing_keeps_fixing_below_the_feature_floor_down_to_the_visual_floor
     plain.correlate.enabled = False
     _, out_plain = descend(plain)
     assert not any(e.fix == FixQuality.FIX for h, e, _, _ in out_plain if h <= 20)
+
+
+def test_without_a_track_more_retrieved_tiles_are_verified(cache, flight):
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(top_k=3, lost_top_k=7))
+    view = cache.tile_image(len(cache) // 2)
+    lost = list(loc.acquisition.candidates(view, 0.0, loc.filter))
+    assert len(lost) == 7 and all(c.key is not None for c in lost)
+    x, y = float(cache.x[len(cache) // 2]), float(cache.y[len(cache) // 2])
+    loc.filter.update(0.0, [x, y], np.eye(2) * 0.25, 60.0, confirmed=True)
+    tracking = list(loc.acquisition.candidates(view, 0.5, loc.filter))
+    # the map at the prediction, then top_k retrieved tiles near the track
+    assert len(tracking) == 1 + 3 and math.isnan(tracking[0].score)

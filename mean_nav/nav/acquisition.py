@@ -87,18 +87,21 @@ class Acquisition:
             yield from self._near(descriptor, px, py, radius)
             return
         descriptor = self.embedder.embed([query])[0]
+        # without a track, retrieval over an unfamiliar or damaged map ranks the true tile lower
+        # (5th to 20th over nodata holes), and a lost frame can afford more verifications
+        k = max(cfg.top_k, cfg.lost_top_k)
         if filter.candidates:
             # where a second, confirming fix should be
             ct, cx, cy = filter.candidates[-1]
-            yield from self._near(descriptor, cx, cy, cfg.search_radius_m + filter.cfg.max_speed_ms * (t - ct))
+            yield from self._near(descriptor, cx, cy, cfg.search_radius_m + filter.cfg.max_speed_ms * (t - ct), k)
         radius = self.search_radius_m(t, filter)
         if self.anchor is None or self._covers_cache(*self.anchor, radius):
             self.search = "searched the whole map"
-            yield from self._global(descriptor)
+            yield from self._global(descriptor, k)
         else:
             where = "the initial position" if self.anchor_is_prior else "the last track"
             self.search = f"searched within {radius:.0f} m of {where}"
-            yield from self._near(descriptor, *self.anchor, radius)
+            yield from self._near(descriptor, *self.anchor, radius, k)
 
     def search_radius_m(self, t: float, filter: PositionFilter) -> float:
         """Radius of the anchor search at time t: initial radius + how far the vehicle may
@@ -133,16 +136,17 @@ class Acquisition:
     def _covers_cache(self, x: float, y: float, radius_m: float) -> bool:
         return not len(self._corners) or radius_m >= float(np.hypot(*(self._corners - (x, y)).T).max())
 
-    def _near(self, descriptor, x: float, y: float, radius_m: float) -> Iterator[Candidate]:
+    def _near(self, descriptor, x: float, y: float, radius_m: float, k: int | None = None) -> Iterator[Candidate]:
+        k = k or self.cfg.top_k
         if self._covers_cache(x, y, radius_m):
-            hits = self.cache.search_approx(descriptor, self.cfg.top_k)
+            hits = self.cache.search_approx(descriptor, k)
         else:
             lon, lat = self.cache.xy_to_lonlat(x, y)
-            hits = self.cache.search_near(descriptor, lat, lon, radius_m, self.cfg.top_k)
+            hits = self.cache.search_near(descriptor, lat, lon, radius_m, k)
         yield from self._from_hits(hits)
 
-    def _global(self, descriptor) -> Iterator[Candidate]:
-        yield from self._from_hits(self.cache.search_approx(descriptor, self.cfg.top_k))
+    def _global(self, descriptor, k: int | None = None) -> Iterator[Candidate]:
+        yield from self._from_hits(self.cache.search_approx(descriptor, k or self.cfg.top_k))
 
     @staticmethod
     def _from_hits(hits) -> Iterator[Candidate]:

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class LocalizerConfig:
     top_k: int = bounded(4, ge=1, le=1000)  # retrieved tiles verified per frame
+    # ... and per frame without a track (the true tile ranks lower over an unfamiliar map)
+    lost_top_k: int = bounded(8, ge=1, le=1000)
     # added to the filter's 3-sigma radius when searching near it
     search_radius_m: float = bounded(60.0, ge=0, le=1e5, unit="m")
     # filter 68 % radius below which the search stays near it
