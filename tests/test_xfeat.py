@@ -580,3 +580,37 @@ def _candidate_at(cache, t):
     from mean_nav.nav.acquisition import Candidate
 
     return Candidate(float(cache.x[t]), float(cache.y[t]), t, 1.0, ("tile", t))
+
+
+def test_a_proposed_turn_is_tried_on_the_next_frame_not_at_the_next_heading_search(xfeat_cache):
+    """XFeat shows a 90 deg turn only in a view turned by it: the heading search proposes it,
+    and the next frame (1 s later, the search backed off) tries the proposed turn and confirms
+    it; the field suite's heading_90deg waited 5 frames for the next search."""
+    import dataclasses
+
+    from mean_nav.bench.features import rotate_view
+    from mean_nav.nav.acquisition import Candidate
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.verify import Verifier
+
+    cache, refine = xfeat_cache
+    t = len(cache.x) // 2 - 2
+    qx, qy = float(cache.x[t]) + 5.0, float(cache.y[t]) + 3.0
+    view = cache.region(qx, qy, cache.tile_size_m)
+    image, valid = rotate_view(view.image, view.valid, 90.0)
+    verifier = Verifier(LocalizerConfig(refine=dataclasses.replace(refine, matcher="lighterglue")), cache)
+    retrieved = []
+
+    def retrieve(turned):
+        retrieved.append(turned)
+        return [Candidate(float(cache.x[t]), float(cache.y[t]), t, 0.5, ("tile", t))]
+
+    first, why = verifier.verify(image, valid, [], height_m=60.0, t=0.0, retrieve=retrieve)
+    assert first is None and "not yet confirmed" in why, why
+    assert not verifier._heading_search_due(1.0)
+    retrieved.clear()
+    confirmed, why = verifier.verify(image, valid, [], height_m=60.0, t=1.0, retrieve=retrieve)
+    assert confirmed is not None, why
+    assert len(retrieved) == 1          # one view, turned by the proposal; no search over all turns
+    assert abs(abs(verifier.heading.offset_deg) - 90.0) < 3.0
+    assert math.hypot(confirmed.x - qx, confirmed.y - qy) < 1.0

@@ -99,6 +99,13 @@ class HeadingTracker:
         self.offset_deg = 0.0
         self._proposal: _Proposal | None = None
 
+    def pending_deg(self, t: float) -> float | None:
+        """The turn a proposal not yet confirmed measured, while a frame at `t` may still confirm it."""
+        p = self._proposal
+        if p is None or not (math.isfinite(t) and 0.0 < t - p.time_s <= self.cfg.heading_confirm_s):
+            return None
+        return p.rotation_deg
+
     def follow(self, rotation_deg: float) -> None:
         """A verified fit near the known heading error: track slow changes of it."""
         self.offset_deg = _wrap(self.offset_deg + 0.3 * angle_difference_deg(rotation_deg, self.offset_deg))
@@ -211,6 +218,12 @@ class Verifier:
             return m, (query_features, region)
 
         best, fitted = attempt(self.heading.offset_deg, _remember(candidates, seen))
+        pending = self.heading.pending_deg(t)
+        if best is None and retrieve is not None and not self.rotation_invariant and pending is not None \
+                and abs(angle_difference_deg(pending, self.heading.offset_deg)) > self.cfg.refine.max_rotation_deg:
+            # features that are not rotation invariant show a proposed turn only from a view
+            # turned by it: try it on the next frames, not at the next (backed-off) heading search
+            best, fitted = attempt(pending, _remember(self._turned_view_candidates(query, retrieve, pending), seen))
         if best is None and retrieve is not None and self._heading_search_due(t):
             self._last_heading_search_s = t
             self._heading_searches_since_fit += 1
@@ -252,6 +265,13 @@ class Verifier:
             return True
         failed = self._heading_searches_since_fit
         return t - self._last_heading_search_s >= self.cfg.heading_search_s * 2.0 ** min(failed, 10)
+
+    def _turned_view_candidates(self, query: np.ndarray, retrieve, turn: float) -> list[Candidate]:
+        h, w = query.shape[:2]
+        with self.stages("heading search"):
+            view = cv2.warpAffine(query, _turn_matrix(turn, (w / 2.0 - 0.5, h / 2.0 - 0.5)), (w, h),
+                                  flags=cv2.INTER_LINEAR)
+            return list(itertools.islice(retrieve(view), self.cfg.top_k))
 
     def _turned_candidates(self, query: np.ndarray, retrieve) -> list[tuple[float, list[Candidate]]]:
         """The best top_k places over all turned views, grouped by the turn that found them."""
