@@ -201,3 +201,18 @@ def test_dem_altitude_is_terrain_at_the_fix_plus_the_rangefinder(tmp_path):
 def test_bad_output_settings_are_refused(cfg, field):
     with pytest.raises(MeanNavError, match=field):
         check_output_config(cfg)
+
+
+def test_the_output_log_says_how_far_each_fix_was_propagated(tmp_path):
+    import json
+    flt, last = moving_track()
+    log = tmp_path / "out.jsonl"
+    loop = make_loop(OutputConfig(fix_max_age_s=2.0, output_log=str(log)))
+    loop._log = open(log, "a", encoding="utf-8")     # start() without the thread
+    loop.update(flt, last, identity_lonlat)
+    loop.tick(last + 0.7)
+    loop.tick(last + 2.5)                              # too old: no fix, no age
+    loop._log.close()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows[0]["fix"] == 3 and rows[0]["fix_age_s"] == pytest.approx(0.7, abs=1e-3)
+    assert rows[1]["fix"] == 1 and rows[1]["fix_age_s"] is None

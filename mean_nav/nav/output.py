@@ -263,6 +263,10 @@ class OutputLoop:
         self.last_sent = est
         if self._log is not None:
             fix = est.fix == FixQuality.FIX
+            snap = self._snapshot
+            # how far the state was propagated past the last fix: lets a simulator whose clock
+            # fell behind the wall clock be compared at the time the message stands for
+            age = round(now - snap.last_fix_s, 3) if fix and snap is not None else None
             self._log.write(json.dumps({"unix_s": round(now + self.epoch_minus_monotonic, 4), "fix": 3 if fix else 1,
                                         "lat": round(est.lat, 8) if fix else None,
                                         "lon": round(est.lon, 8) if fix else None,
@@ -271,7 +275,7 @@ class OutputLoop:
                                         "sigma_speed_ms": round(est.sigma_speed_ms, 2) if fix else None,
                                         "vn": round(est.vn, 2) if fix else None,
                                         "ve": round(est.ve, 2) if fix else None,
-                                        "reason": est.reason}) + "\n")
+                                        "fix_age_s": age, "reason": est.reason}) + "\n")
         return est
 
     def achieved_rate_hz(self) -> float:
