@@ -285,6 +285,7 @@ def test_px4_position_is_encoded_in_1e7_degrees_both_ways(autopilot):
     assert link.send_estimate(estimate(lat=-33.8567844, lon=151.2152967), 1.77e9, now=float(next(_SEND_CLOCK)))
     msg = peer.recv_match(type="GLOBAL_POSITION_SENSOR", blocking=True, timeout=2.0)
     assert msg is not None and (msg.lat, msg.lon) == (-338567844, 1512152967)
+    assert msg.target_system == 0            # no vehicle heard yet: broadcast
 
 
 # --- plausibility, rate limit, output none, PX4 fields, telemetry constants ----------------
