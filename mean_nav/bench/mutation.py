@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # module -> the test files that pin it (paths relative to the repository root), the fast
 # hand-computed ones first: with -x most mutants die in the first second
 TARGETS: dict[str, list[str]] = {
-    "mean_nav.nav.filter": ["tests/test_pinned_filter.py", "tests/test_filter.py", "tests/test_pinned_defaults.py"],
+    "mean_nav.nav.filter": ["tests/test_pinned_filter.py", "tests/test_filter.py", "tests/test_filter_tilt.py",
+                            "tests/test_pinned_defaults.py"],
     "mean_nav.nav.refine": ["tests/test_pinned_refine.py", "tests/test_refine.py", "tests/test_features.py",
                             "tests/test_pinned_defaults.py"],
     # refine's ratio test and no-data border live in nav/features/ since the extractor split
