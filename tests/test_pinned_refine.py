@@ -404,6 +404,7 @@ def test_the_reported_covariance_is_the_scatter_of_the_estimate():
     actual = np.mean(np.sum(np.square(centres), axis=1))
     assert np.mean(reported) == pytest.approx(actual, rel=0.07)
 
+
 def test_the_camera_view_detects_weaker_texture_than_the_stored_map_features():
     """Grass-like faint texture: the query extractor (query_contrast_threshold 0.02) finds far
     more keypoints than the map's (OpenCV's 0.04), at 0.04 exactly the map's, and the stored
@@ -424,3 +425,21 @@ def test_the_camera_view_detects_weaker_texture_than_the_stored_map_features():
     assert np.array_equal(same.points, map_side.points)
     grid = TileGrid.from_metres("EPSG:32632", 0.25, 60.0, 20.0)
     assert store_settings(RefineConfig(query_contrast_threshold=0.01), grid) == store_settings(RefineConfig(), grid)
+
+
+def test_a_detector_without_a_keypoint_offset_puts_the_nadir_exactly_where_the_fit_does():
+    # ORB declares no offset of its own: nothing may be taken off its keypoints. Binary
+    # descriptors with bit k set for point k: the partner at Hamming 0, every other at 2
+    q, r = pair(60, 0, angle_deg=90.0, shift=(300.0, 60.0))
+    bits = np.packbits(np.eye(64, dtype=np.uint8)[:60], axis=1)           # [60, 8] uint8
+    q, r = (Features(f.points, np.pad(bits, ((0, 0), (0, 24))), None, f.image_size) for f in (q, r))
+    res = FeatureMatcher(RefineConfig(detector="orb", max_rotation_deg=180.0)).match(q, r, (119.5, 119.5))
+    expected = similarity(np.array([[119.5, 119.5]]), angle_deg=90.0, shift=(300.0, 60.0))[0]
+    assert res.ok and res.nadir_px == (pytest.approx(expected[0], abs=0.2), pytest.approx(expected[1], abs=0.2))
+
+
+def test_exactly_the_minimum_inlier_share_is_a_place():
+    # 30 consistent matches of 200: exactly min_inlier_ratio 0.15
+    q, r = pair(30, 170, seed=5, shift=(100.0, 100.0))
+    res = FeatureMatcher().match(q, r, (119.5, 119.5))
+    assert res.ok and (res.inliers, res.matches) == (30, 200), res.reason
