@@ -138,7 +138,7 @@ class GroundStation(threading.Thread):
             if kind == "SIM_STATE":
                 lat = msg.lat_int / 1e7 if msg.lat_int else msg.lat
                 lon = msg.lon_int / 1e7 if msg.lon_int else msg.lon
-                self.truth.append((t, lat, lon, msg.alt, msg.vn, msg.ve))
+                self.truth.append((t, lat, lon, msg.alt, msg.vn, msg.ve, math.degrees(msg.roll), math.degrees(msg.pitch)))
             elif kind == "GLOBAL_POSITION_INT":
                 self.ekf.append((t, msg.lat / 1e7, msg.lon / 1e7, msg.relative_alt / 1000.0))
             elif kind == "GPS_RAW_INT":

@@ -217,6 +217,9 @@ def test_daemon_sends_fixes_within_their_accuracy_and_stops_during_a_telemetry_o
     assert all(r["latency_ms"] > 0 for r in records)
     assert np.median([r["latency_ms"] for r in records]) < 1000
     assert any("stale telemetry" in r["reason"] for r in records)
+    # the attitude each frame was rectified with is logged (to compare with a simulator's truth)
+    assert all(abs(r["roll_deg"]) < 45 and abs(r["pitch_deg"]) < 45 for r in records if "roll_deg" in r)
+    assert sum("roll_deg" in r for r in records) > frames // 2
 
 
 def test_camera_loss_is_reported_critical_and_tracking_resumes_when_it_returns(cache, nav_map, tmp_path):

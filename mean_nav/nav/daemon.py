@@ -264,6 +264,9 @@ class NavDaemon:
                   "tile": est.tile_id, "inliers": est.inliers, "queue_ms": round(queue_s * 1000, 1),
                   "processing_ms": round(processing_s * 1000, 1), "latency_ms": round(latency * 1000, 1),
                   "reason": est.reason or frame.problem}
+        tel = self.link.telemetry.at(frame.time_s)
+        if tel is not None:   # the attitude the frame was rectified with (against a simulator's truth)
+            record["roll_deg"], record["pitch_deg"] = _num(math.degrees(tel.roll), 2), _num(math.degrees(tel.pitch), 2)
         line = json.dumps(record)
         log.debug("frame %s", line)
         if self._frame_log:
