@@ -231,3 +231,53 @@ def test_two_halves_confirm_only_when_both_verify_and_agree(nav_cache, shift_px,
     assert m.two_views is two_views
     n_whole, n_a, n_b = verifier.matcher.asked
     assert n_a + n_b == n_whole and abs(n_a - n_b) <= 1       # split at the median
+
+
+def spy_on_views(verifier):
+    """Record the side (px) of every view the verifier extracts query features from."""
+    sides, real = [], verifier.query_features
+
+    def query_features(query, valid, turn_deg):
+        sides.append(valid.shape[0])
+        return real(query, valid, turn_deg)
+
+    verifier.query_features = query_features
+    return sides
+
+
+def test_the_centre_tile_is_verified_first_and_the_footprint_only_where_it_verified_nothing(nav_cache):
+    """A 2-tile view on the map verifies on its centre tile alone (the footprint's features are
+    never computed); against a candidate 80 m off, whose region (the tile plus half a tile each
+    side) holds 10 m of the centre tile, the same candidate is retried with the whole footprint,
+    whose wider region holds 70 m of it."""
+    qx, qy = float(np.mean(nav_cache.x)), float(np.mean(nav_cache.y))
+    view = nav_cache.region(qx, qy, 2 * nav_cache.tile_size_m)
+    assert view.valid.all() and view.image.shape[0] == 2 * nav_cache.tile_px
+    tile = nav_cache.tile_px
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    sides = spy_on_views(verifier)
+    m, why = verifier.verify(view.image, view.valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is not None, why
+    assert math.hypot(m.x - qx, m.y - qy) < 0.5
+    assert sides == [tile]
+
+    off = Candidate(qx + 80.0, qy, -1, 1.0, None)
+    sides.clear()
+    m, why = verifier.verify(view.image, view.valid, [off], height_m=60.0, t=1.0)
+    assert m is not None, why
+    assert math.hypot(m.x - qx, m.y - qy) < 0.5
+    assert sides == [tile, 2 * tile]
+
+    wide_only = Verifier(LocalizerConfig(centre_first=False), nav_cache)
+    sides = spy_on_views(wide_only)
+    m, why = wide_only.verify(view.image, view.valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is not None and sides == [2 * tile]
+
+
+def test_a_footprint_whose_centre_tile_the_camera_barely_saw_goes_straight_to_the_footprint(nav_cache):
+    image, valid, qx, qy = west_edge_view(nav_cache, 30.0, 2 * nav_cache.tile_size_m)
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    sides = spy_on_views(verifier)
+    m, why = verifier.verify(image, valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is not None, why
+    assert sides == [2 * nav_cache.tile_px]

@@ -122,6 +122,9 @@ class LocalizerConfig:
     # footprint up to this (a 60 m tile crops 2/3 of what a camera 100 m up sees, and with it the
     # texture a low-contrast or half-off-map frame needs); retrieval embeds the centre tile
     view_tiles: float = bounded(2.0, ge=1, le=8)
+    # verify the centre tile first and the whole footprint only where that verified nothing
+    # (half off the map, nodata holes, low contrast): the footprint costs ~2x CPU per frame
+    centre_first: bool = True
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     correlate: CorrelateConfig = field(default_factory=CorrelateConfig)

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 FOOTPRINT_STEP_PX = 12      # query pixels sampled to measure how much of the footprint is on the map
 HEADING_STEP_DEG = 45.0     # turns of the query tried by the heading search (retrieval tolerates less)
+# the centre tile is verified first (localizer.centre_first) where the camera saw this much of it
+CENTRE_FIRST_MIN_VALID = 0.75
+# ... and its fit stands where this much of the centre tile lies on the map (else the footprint's)
+CENTRE_FIRST_MIN_OVERLAP = 0.95
 
 
 @dataclass
@@ -89,6 +93,17 @@ class _Proposal:
     y: float
     measurement: Measurement | None = None
     height_m: float = math.nan
+
+
+@dataclass
+class _View:
+    """One view verification matches (the centre tile or the whole footprint) and its features per turn."""
+    query: np.ndarray
+    valid: np.ndarray
+    centre: float                 # the nadir's query pixel (col = row)
+    footprint: np.ndarray         # query pixels sampled where the camera saw ground
+    size_m: float                 # side of the map region matched around a candidate
+    extracted: dict = dataclasses.field(default_factory=dict)
 
 
 class HeadingTracker:
@@ -195,27 +210,40 @@ class Verifier:
         copy of the ground, e.g. the point-mirrored surroundings of a map corner, looks like a
         heading change for several frames; a real one shows once the track grows vague).
         """
-        centre = valid.shape[1] / 2.0 - 0.5
-        footprint = _footprint_samples(valid)
-        # the map around a candidate: the view (any size: the localizer passes the camera's
-        # footprint) plus margin_m on each side for the candidate's own error
-        size_m = valid.shape[1] * self.cache.gsd_m + 2.0 * self.margin_m
         reasons: list[str] = []
         strong_turns: list[tuple[MatchResult, Measurement]] = []
         tried: list[tuple[float, float]] = []
         seen: list[Candidate] = []
+        views = self._views(query, valid)
 
-        extracted: dict[float, Features] = {}
+        def on(view: _View, turn: float, cands: Iterable[Candidate]):
+            key = 0.0 if self.rotation_invariant else turn     # invariant features: detect once
+            if key not in view.extracted:
+                with self.stages("query features"):
+                    view.extracted[key] = self.query_features(view.query, view.valid, turn)
+            query_features = view.extracted[key]
+            m, region = self._best(query_features, view.footprint, cands, view.centre, view.size_m, height_m,
+                                   reasons, strong_turns, tried if self.rotation_invariant else [], agrees)
+            return m, (query_features, region, view.centre)
 
         def attempt(turn: float, cands: Iterable[Candidate]):
-            key = 0.0 if self.rotation_invariant else turn     # invariant features: detect once
-            if key not in extracted:
-                with self.stages("query features"):
-                    extracted[key] = self.query_features(query, valid, turn)
-            query_features = extracted[key]
-            m, region = self._best(query_features, footprint, cands, centre, size_m, height_m, reasons, strong_turns,
-                                   tried if self.rotation_invariant else [], agrees)
-            return m, (query_features, region)
+            """The best fit of `cands` at `turn`: on the centre tile first where that is tried;
+            on the whole footprint where the centre verified nothing or lies partly off the map
+            (its fit then rests on a part of the tile: the footprint's is better)."""
+            if len(views) == 1:
+                found = on(views[0], turn, cands)
+            else:
+                again: list[Candidate] = []
+                marks = len(reasons), len(strong_turns), len(tried)
+                rest = _remember(cands, again)
+                found = on(views[0], turn, rest)
+                if found[0] is None or found[0].map_overlap < CENTRE_FIRST_MIN_OVERLAP:
+                    del reasons[marks[0]:], strong_turns[marks[1]:], tried[marks[2]:]
+                    wide = on(views[1], turn, itertools.chain(again, rest))
+                    found = wide if wide[0] is not None or found[0] is None else found
+            if found[0] is not None:
+                self.heading.follow(-found[0].heading_error_deg)
+            return found
 
         best, fitted = attempt(self.heading.offset_deg, _remember(candidates, seen))
         pending = self.heading.pending_deg(t)
@@ -235,7 +263,7 @@ class Verifier:
             self._heading_searches_since_fit = 0
             if agrees is None and self.cfg.confirm_in_one_frame:
                 with self.stages("match"):
-                    best.two_views = self._halves_agree(*fitted, centre)
+                    best.two_views = self._halves_agree(*fitted)
             return best, ""
         if strong_turns and agrees is not None:
             result, _ = max(strong_turns, key=lambda rm: rm[0].inliers)
@@ -256,6 +284,25 @@ class Verifier:
         # every candidate's reason: the first alone hides what the others met
         why = "; ".join(dict.fromkeys(reasons)) if reasons else "no candidate verified"
         return None, f"geometric verification failed for {len(reasons)} candidates ({why})"
+
+    def _views(self, query: np.ndarray, valid: np.ndarray) -> list["_View"]:
+        """The views verification matches, cheapest first: the centre tile (what retrieval
+        embedded) where the footprint is wider and the camera saw most of that tile, then the
+        whole footprint. Most frames verify on the centre tile; the footprint's texture is
+        paid for only where it failed (half off the map, over nodata holes, low contrast)."""
+        views = []
+        n, off = valid.shape[0], (valid.shape[0] - self.tile_px) // 2
+        if self.cfg.centre_first and n > self.tile_px:
+            tile_valid = valid[off:off + self.tile_px, off:off + self.tile_px]
+            if tile_valid.mean() >= CENTRE_FIRST_MIN_VALID:
+                views.append(self._view(query[off:off + self.tile_px, off:off + self.tile_px], tile_valid))
+        views.append(self._view(query, valid))
+        return views
+
+    def _view(self, query: np.ndarray, valid: np.ndarray) -> "_View":
+        # the map around a candidate: the view plus margin_m on each side for the candidate's own error
+        size_m = valid.shape[1] * self.cache.gsd_m + 2.0 * self.margin_m
+        return _View(query, valid, valid.shape[1] / 2.0 - 0.5, _footprint_samples(valid), size_m)
 
     def _heading_search_due(self, t: float) -> bool:
         """Lost (no verified fit this frame), and the last heading search long enough ago: the
@@ -354,8 +401,6 @@ class Verifier:
                 best, best_region = m, features
                 if best.inliers >= cfg.stop_at_inliers:
                     break
-        if best is not None:
-            self.heading.follow(-best.heading_error_deg)
         return best, best_region
 
     def _measurement(self, result: MatchResult, cand: Candidate, transform, height_m: float,
