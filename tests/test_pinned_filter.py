@@ -307,3 +307,55 @@ def test_start_up_outputs_are_not_flagged_vague():
 def test_frames_half_a_second_apart_are_fine_unless_lost_after_s_is_tiny():
     assert PositionFilter().spacing_problems(0.5) == []
     assert PositionFilter(FilterConfig(lost_after_s=0.8)).spacing_problems(0.5)
+
+
+# --- the measured tilt (pose fit) and the start-up check ------------------------------------
+
+def steady_tilt_estimate(tilt_deg: float, seconds: int = 240) -> float:
+    """attitude_sigma_deg after a hover at 100 m whose every frame measures the same tilt."""
+    f = PositionFilter()
+    tilt = math.radians(tilt_deg)
+    R = np.diag([0.25, 0.25, math.radians(0.2) ** 2, math.radians(0.2) ** 2])
+    for k in range(seconds):
+        assert f.update(float(k), [100.0 * tilt, 0.0, tilt, 0.0], R, 100.0).accepted or k == 0
+    return f.attitude_sigma_deg
+
+
+def test_a_large_steady_measured_tilt_keeps_the_attitude_error_estimate_large():
+    # innovations of a steady tilt say nothing about its size: only the level of the measured
+    # tilts does, and it must keep counting after the first fix, for 4 memory times here.
+    # 8 x the tilt, measured to 0.2 deg: the estimate must grow by well over 2 x
+    assert steady_tilt_estimate(4.0) > 2.2 * steady_tilt_estimate(0.5)
+
+
+def test_no_tilt_error_without_a_track():
+    assert PositionFilter().tilt_error is None
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_a_measurement_of_other_than_2_or_4_values_is_refused(n):
+    with pytest.raises(ValueError, match="2 .* or 4"):
+        PositionFilter().update(0.0, np.zeros(n), np.eye(n), NO_TILT)
+
+
+def test_the_drop_reason_says_how_many_fixes_over_how_long():
+    f = stationary_track(FilterConfig(reject_after_s=1.0, **INDEPENDENT))   # last fix at t = 19
+    f.update(20.0, [500.0, 0.0], np.eye(2) * 0.01, NO_TILT)
+    out = f.update(21.5, [500.0, 3.0], np.eye(2) * 0.01, NO_TILT)
+    assert "2 fixes over 1.5 s" in out.reason
+
+
+def test_the_asked_gate_from_the_ground_is_the_applied_one():
+    z, R = [0.8, -0.3], np.eye(2) * 0.04
+    asked = stationary_track(FilterConfig(**INDEPENDENT)).mahalanobis2(20.0, z, R, 0.0)
+    applied = stationary_track(FilterConfig(**INDEPENDENT)).update(20.0, z, R, 0.0).mahalanobis2
+    assert asked == pytest.approx(applied, rel=1e-9)
+
+
+@pytest.mark.parametrize("distance_m, agrees", [(20.0, True), (30.0, False)])
+def test_start_up_agreement_is_3_sigma_of_the_combined_noise_plus_max_speed(distance_m, agrees):
+    # R = 4 m^2 per axis for both: sqrt(trace + trace) = sqrt(16) = 4 m, so 25 m/s x 0.5 s
+    # + 3 x 4 m = 24.5 m; a loose velocity prior leaves the decision to this check
+    f = PositionFilter(FilterConfig(init_velocity_sigma_ms=50.0, **INDEPENDENT))
+    f.update(0.0, [0.0, 0.0], np.eye(2) * 4.0, NO_TILT)
+    assert f.update(0.5, [distance_m, 0.0], np.eye(2) * 4.0, NO_TILT).tracking is agrees
