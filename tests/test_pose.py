@@ -188,3 +188,16 @@ def test_a_rendered_frame_with_a_2_degree_roll_error(cache, pose_fit):
     assert abs(math.degrees(math.atan(np.hypot(*m.tilt))) - 2.0) < 0.5
     z, R = m.for_filter(height)
     assert z.shape == (4,) and R.shape == (4, 4) and np.all(np.linalg.eigvalsh(R) > 0)
+
+
+def test_the_pose_fit_defaults_to_sift_only_with_the_floor_that_goes_with_it():
+    from mean_nav.nav.localizer import LocalizerConfig
+    from mean_nav.nav.refine import RefineConfig
+    sift, xfeat = LocalizerConfig(), LocalizerConfig(refine=RefineConfig(detector="xfeat", matcher="mnn"))
+    assert sift.uses_pose_fit() and sift.fix_floor_m() == pytest.approx(0.03)
+    # XFeat's pose covariance is not calibrated: the nadir alone, with the nadir-only floor
+    assert not xfeat.uses_pose_fit() and xfeat.fix_floor_m() == pytest.approx(0.4)
+    assert not LocalizerConfig(pose_fit=False).uses_pose_fit()
+    assert LocalizerConfig(pose_fit=False).fix_floor_m() == pytest.approx(0.4)
+    forced = LocalizerConfig(pose_fit=True, position_floor_m=0.2, refine=RefineConfig(detector="orb"))
+    assert forced.uses_pose_fit() and forced.fix_floor_m() == pytest.approx(0.2)

@@ -237,7 +237,7 @@ def _check_nav(cfg) -> str | None:
     if problem:
         return problem
     loc = cfg.localizer
-    if loc.top_k < 1 or loc.top_k > 10_000 or loc.filter.gate_chi2 <= 0 or loc.position_floor_m <= 0:
+    if loc.top_k < 1 or loc.top_k > 10_000 or loc.filter.gate_chi2 <= 0 or loc.fix_floor_m() <= 0:
         return "implausible localizer/filter setting"
     if cfg.max_rate_hz <= 0 or (cfg.initial_lat is not None and abs(cfg.initial_lat) > 90):
         return "implausible rate or prior"

@@ -59,6 +59,11 @@ from .verify import Measurement, Verifier
 log = logging.getLogger(__name__)
 
 
+# default white error of a fix beyond the fit, with and without the pose fit (position_floor_m)
+POSE_POSITION_FLOOR_M = 0.03
+NADIR_POSITION_FLOOR_M = 0.4
+
+
 @dataclass
 class LocalizerConfig:
     top_k: int = bounded(4, ge=1, le=1000)  # retrieved tiles verified per frame
@@ -92,11 +97,14 @@ class LocalizerConfig:
     # roll/pitch accuracy of the autopilot if known: only a prior, the filter estimates it online
     attitude_sigma_deg: float | None = bounded(None, gt=0, le=45, unit="deg")
     # white error of a fix beyond the fit (and the pose): terrain relief, map registration.
-    # The nadir is located to ~5 cm on the field flights; the attitude part is the pose's
-    position_floor_m: float = bounded(0.03, gt=0, le=1000, unit="m")
+    # None: 0.03 m with the pose fit (the nadir is located to ~5 cm on the field flights; the
+    # attitude part is the pose's), 0.4 m without it (the nadir-only fixes of the same flights)
+    position_floor_m: float | None = bounded(None, gt=0, le=1000, unit="m")
     # solve the camera pose from the verified matches (pose.py): measures the camera centre and
-    # the telemetry's tilt error instead of the nadir alone
-    pose_fit: bool = True
+    # the telemetry's tilt error instead of the nadir alone. None: on for SIFT, whose keypoint
+    # errors the pose covariance is calibrated on; off for ORB and XFeat (with XFeat it reported
+    # radii 2-3x too small: 34 false fixes in 899 frames of the field suite's 30 Hz video)
+    pose_fit: bool | None = None
     # white attitude error of each frame beyond the slow one the filter tracks (camera/IMU
     # timing, vibration), on top of the interpolation error telemetry reports: the measured
     # tilt of one frame is not the next frame's
@@ -128,6 +136,16 @@ class LocalizerConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
+
+    def uses_pose_fit(self) -> bool:
+        """pose_fit as set, or its default for the detector (see pose_fit)."""
+        return self.pose_fit if self.pose_fit is not None else self.refine.detector == "sift"
+
+    def fix_floor_m(self) -> float:
+        """position_floor_m as set, or its default with / without the pose fit."""
+        if self.position_floor_m is not None:
+            return self.position_floor_m
+        return POSE_POSITION_FLOOR_M if self.uses_pose_fit() else NADIR_POSITION_FLOOR_M
 
 
 class Localizer:
@@ -257,7 +275,7 @@ class Localizer:
                                    self.cfg.correlate)
         if found is None:
             return None, f"low-altitude correlation: {why}"
-        cov = found.cov + self.cfg.position_floor_m ** 2 * np.eye(2)
+        cov = found.cov + self.cfg.fix_floor_m() ** 2 * np.eye(2)
         return Measurement(found.x, found.y, cov, -1, found.score, 0, map_overlap=1.0), ""
 
     def _fuse(self, t, telemetry, measurement: Measurement, h: float) -> Estimate:

@@ -414,7 +414,7 @@ class Verifier:
         # a telemetry yaw too large by e turns the rectified view by -e against the map
         m = Measurement(x, y, cov + floor, cand.tile_id, cand.score, result.inliers, _wrap(-result.rotation_deg),
                         overlap)
-        if self.cfg.pose_fit and result.inlier_region_px is not None:
+        if self.cfg.uses_pose_fit() and result.inlier_region_px is not None:
             with self.stages("pose"):
                 fit = self._pose(result, transform, height_m, (x, y), centre_px)
             if fit is not None:
@@ -437,7 +437,7 @@ class Verifier:
 
     def _model_variance(self, height_m: float) -> float:
         """White measurement noise beyond the fit (the attitude part goes to the filter's bias)."""
-        return self.cfg.position_floor_m ** 2
+        return self.cfg.fix_floor_m() ** 2
 
 
 def _remember(candidates: Iterable[Candidate], seen: list[Candidate]) -> Iterable[Candidate]:
