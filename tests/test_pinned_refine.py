@@ -425,6 +425,12 @@ def test_the_camera_view_detects_weaker_texture_than_the_stored_map_features():
     assert np.array_equal(same.points, map_side.points)
     grid = TileGrid.from_metres("EPSG:32632", 0.25, 60.0, 20.0)
     assert store_settings(RefineConfig(query_contrast_threshold=0.01), grid) == store_settings(RefineConfig(), grid)
+    # the weaker threshold only where the map's finds fewer than query_min_keypoints
+    few = FeatureMatcher(RefineConfig(equalize=False, query_min_keypoints=len(map_side))).features(image)
+    assert np.array_equal(few.points, map_side.points)
+    more = FeatureMatcher(RefineConfig(equalize=False, query_min_keypoints=len(map_side) + 1)).features(image)
+    assert np.array_equal(more.points, query_side.points)
+
 
 
 def test_a_detector_without_a_keypoint_offset_puts_the_nadir_exactly_where_the_fit_does():
@@ -443,3 +449,19 @@ def test_exactly_the_minimum_inlier_share_is_a_place():
     q, r = pair(30, 170, seed=5, shift=(100.0, 100.0))
     res = FeatureMatcher().match(q, r, (119.5, 119.5))
     assert res.ok and (res.inliers, res.matches) == (30, 200), res.reason
+
+
+def test_a_textured_camera_view_keeps_the_map_contrast_threshold():
+    """Strong texture holds query_min_keypoints at 0.04: the view's features are the map's own."""
+    from mean_nav.nav.features import make_extractor
+
+    rng = np.random.default_rng(3)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (480, 480)).astype(np.float32), (0, 0), 1.5)
+    image = np.dstack([cv2.normalize(tex, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)] * 3)
+    plain = RefineConfig(equalize=False)
+    map_side = make_extractor(plain).extract(image)
+    assert len(map_side) >= plain.query_min_keypoints
+    query_side = FeatureMatcher(plain).features(image)
+    assert np.array_equal(query_side.points, map_side.points)
+    always = FeatureMatcher(RefineConfig(equalize=False, query_min_keypoints=10 ** 6)).features(image)
+    assert not np.array_equal(always.points, map_side.points)

@@ -44,10 +44,12 @@ class RefineConfig:
     max_rotation_deg: float = bounded(12.0, ge=0, le=180, unit="deg")
     max_scale_error: float = bounded(0.15, ge=0, lt=1)  # |scale - 1| left after scaling with height and focal length
     equalize: bool = True             # CLAHE on both images: camera and map exposures differ
-    # SIFT contrast threshold of the camera view (the map's stored features keep OpenCV's 0.04):
-    # over grass and water 0.04 left 30-80 keypoints in a view; 0.02 finds 3x more, and the map's
-    # keypoints among them match
+    # SIFT contrast threshold of a camera view that has fewer than query_min_keypoints at the
+    # map's (OpenCV's 0.04, kept by the stored features): over grass and water 0.04 left 30-80
+    # keypoints in a view; 0.02 finds 3x more, and the map's keypoints among them match. Only
+    # there: on textured ground 0.02 doubles the cost of the query's features and matches
     query_contrast_threshold: float = bounded(0.02, gt=0, le=1)
+    query_min_keypoints: int = bounded(200, ge=0, le=1_000_000)
 
 
 @dataclass

@@ -109,7 +109,8 @@ def make_extractor(cfg: "RefineConfig", max_features: int | None = None,
     """The extractor refine.detector names; `max_features` overrides the config's (0: no limit);
     `clahe_tile_px` equalises in tiles of that many pixels (map windows of any size) instead of
     a 4 x 4 grid over the image; `query`: the camera view's (SIFT then detects down to
-    refine.query_contrast_threshold; the map's stored features keep their own settings)."""
+    refine.query_contrast_threshold where the map's contrast threshold leaves fewer than
+    refine.query_min_keypoints; the map's stored features keep their own settings)."""
     from ...errors import MeanNavError
 
     factories = _extractors()
@@ -117,7 +118,8 @@ def make_extractor(cfg: "RefineConfig", max_features: int | None = None,
         raise MeanNavError(f"refine.detector: unknown detector {cfg.detector!r}; use one of {sorted(factories)}")
     budget = cfg.max_features if max_features is None else max_features
     if query and cfg.detector == "sift":
-        return factories["sift"](cfg, budget, contrast_threshold=cfg.query_contrast_threshold)
+        return factories["sift"](cfg, budget, retry_contrast_threshold=cfg.query_contrast_threshold,
+                                 retry_below=cfg.query_min_keypoints)
     if clahe_tile_px is not None and cfg.detector in EQUALIZED:
         return factories[cfg.detector](cfg, budget, clahe_tile_px=clahe_tile_px)
     return factories[cfg.detector](cfg, budget)
