@@ -281,3 +281,21 @@ def test_a_footprint_whose_centre_tile_the_camera_barely_saw_goes_straight_to_th
     m, why = verifier.verify(image, valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
     assert m is not None, why
     assert sides == [2 * nav_cache.tile_px]
+
+
+@pytest.mark.parametrize("stop_at_inliers, sides", [(40, 1), (10 ** 6, 2)])
+def test_a_strong_centre_fit_over_a_map_edge_stands_and_a_weaker_one_gets_the_footprint(nav_cache, stop_at_inliers,
+                                                                                         sides):
+    """Nadir 20 m inside the map's west edge, the camera seeing ground beyond it: 10 m of the
+    60 m centre tile (1/6) lies off the map. A fit with stop_at_inliers stands on the tile; one
+    short of it is retried on the whole footprint."""
+    image, valid, qx, qy = west_edge_view(nav_cache, -20.0, 2 * nav_cache.tile_size_m)
+    seen = np.ones_like(valid)
+    verifier = Verifier(LocalizerConfig(stop_at_inliers=stop_at_inliers), nav_cache)
+    extracted = spy_on_views(verifier)
+    m, why = verifier.verify(image, seen, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    assert m is not None, why
+    assert math.hypot(m.x - qx, m.y - qy) < 0.5
+    assert extracted == [nav_cache.tile_px, 2 * nav_cache.tile_px][:sides]
+    if sides == 1:
+        assert 0.75 <= m.map_overlap < 0.95 and m.inliers >= stop_at_inliers

@@ -47,7 +47,8 @@ FOOTPRINT_STEP_PX = 12      # query pixels sampled to measure how much of the fo
 HEADING_STEP_DEG = 45.0     # turns of the query tried by the heading search (retrieval tolerates less)
 # the centre tile is verified first (localizer.centre_first) where the camera saw this much of it
 CENTRE_FIRST_MIN_VALID = 0.75
-# ... and its fit stands where this much of the centre tile lies on the map (else the footprint's)
+# ... and its fit stands where this much of the centre tile lies on the map, or 3/4 with
+# stop_at_inliers (else the footprint's: a fit on part of the tile is worse)
 CENTRE_FIRST_MIN_OVERLAP = 0.95
 
 
@@ -237,7 +238,7 @@ class Verifier:
                 marks = len(reasons), len(strong_turns), len(tried)
                 rest = _remember(cands, again)
                 found = on(views[0], turn, rest)
-                if found[0] is None or found[0].map_overlap < CENTRE_FIRST_MIN_OVERLAP:
+                if not self._centre_fit_stands(found[0]):
                     del reasons[marks[0]:], strong_turns[marks[1]:], tried[marks[2]:]
                     wide = on(views[1], turn, itertools.chain(again, rest))
                     found = wide if wide[0] is not None or found[0] is None else found
@@ -298,6 +299,14 @@ class Verifier:
                 views.append(self._view(query[off:off + self.tile_px, off:off + self.tile_px], tile_valid))
         views.append(self._view(query, valid))
         return views
+
+    def _centre_fit_stands(self, m: Measurement | None) -> bool:
+        """A centre-tile fit needs no footprint: the tile lies on the map, or most of it does
+        and the fit is as strong as one that ends verification early (stop_at_inliers)."""
+        if m is None:
+            return False
+        return m.map_overlap >= CENTRE_FIRST_MIN_OVERLAP or \
+            (m.map_overlap >= CENTRE_FIRST_MIN_VALID and m.inliers >= self.cfg.stop_at_inliers)
 
     def _view(self, query: np.ndarray, valid: np.ndarray) -> "_View":
         # the map around a candidate: the view plus margin_m on each side for the candidate's own error
