@@ -245,6 +245,14 @@ def spy_on_views(verifier):
     return sides
 
 
+def seen_square(n: int, tile: int, side_tiles: float = 1.4) -> np.ndarray:
+    """What a camera ~60 m up sees of an n-px view: a centred square 1.4 tiles wide."""
+    half = int(round(side_tiles * tile / 2))
+    seen = np.zeros((n, n), bool)
+    seen[n // 2 - half:n // 2 + half, n // 2 - half:n // 2 + half] = True
+    return seen
+
+
 def test_the_centre_tile_is_verified_first_and_the_footprint_only_where_it_verified_nothing(nav_cache):
     """A 2-tile view on the map verifies on its centre tile alone (the footprint's features are
     never computed); against a candidate 80 m off, whose region (the tile plus half a tile each
@@ -254,19 +262,26 @@ def test_the_centre_tile_is_verified_first_and_the_footprint_only_where_it_verif
     view = nav_cache.region(qx, qy, 2 * nav_cache.tile_size_m)
     assert view.valid.all() and view.image.shape[0] == 2 * nav_cache.tile_px
     tile = nav_cache.tile_px
+    seen = seen_square(view.image.shape[0], tile)
     verifier = Verifier(LocalizerConfig(), nav_cache)
     sides = spy_on_views(verifier)
-    m, why = verifier.verify(view.image, view.valid, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
+    m, why = verifier.verify(view.image, seen, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)
     assert m is not None, why
     assert math.hypot(m.x - qx, m.y - qy) < 0.5
     assert sides == [tile]
 
     off = Candidate(qx + 80.0, qy, -1, 1.0, None)
     sides.clear()
-    m, why = verifier.verify(view.image, view.valid, [off], height_m=60.0, t=1.0)
+    m, why = verifier.verify(view.image, seen, [off], height_m=60.0, t=1.0)
     assert m is not None, why
     assert math.hypot(m.x - qx, m.y - qy) < 0.5
     assert sides == [tile, 2 * tile]
+
+    # higher up the camera sees the whole 2-tile view (4 tile areas): the footprint at once,
+    # as the pose fit on the centre tile alone would pin the tilt several times worse
+    sides.clear()
+    m, why = verifier.verify(view.image, view.valid, [nearest_tile(nav_cache, qx, qy)], height_m=150.0, t=2.0)
+    assert m is not None and sides == [2 * tile], why
 
     wide_only = Verifier(LocalizerConfig(centre_first=False), nav_cache)
     sides = spy_on_views(wide_only)
@@ -290,7 +305,7 @@ def test_a_strong_centre_fit_over_a_map_edge_stands_and_a_weaker_one_gets_the_fo
     60 m centre tile (1/6) lies off the map. A fit with stop_at_inliers stands on the tile; one
     short of it is retried on the whole footprint."""
     image, valid, qx, qy = west_edge_view(nav_cache, -20.0, 2 * nav_cache.tile_size_m)
-    seen = np.ones_like(valid)
+    seen = seen_square(valid.shape[0], nav_cache.tile_px)
     verifier = Verifier(LocalizerConfig(stop_at_inliers=stop_at_inliers), nav_cache)
     extracted = spy_on_views(verifier)
     m, why = verifier.verify(image, seen, [nearest_tile(nav_cache, qx, qy)], height_m=60.0, t=0.0)

@@ -50,6 +50,10 @@ CENTRE_FIRST_MIN_VALID = 0.75
 # ... and its fit stands where this much of the centre tile lies on the map, or 3/4 with
 # stop_at_inliers (else the footprint's: a fit on part of the tile is worse)
 CENTRE_FIRST_MIN_OVERLAP = 0.95
+# ... and only where the camera saw at most this many tile areas: higher up the footprint is
+# much wider than the tile, and the pose fit on the centre tile alone pins tilt, and with it
+# the position, 3-6x worse (attitude_2deg_150m: 1.02 m against 0.16 m on the footprint)
+CENTRE_FIRST_MAX_SEEN_TILES = 2.25
 
 
 @dataclass
@@ -293,7 +297,8 @@ class Verifier:
         paid for only where it failed (half off the map, over nodata holes, low contrast)."""
         views = []
         n, off = valid.shape[0], (valid.shape[0] - self.tile_px) // 2
-        if self.cfg.centre_first and n > self.tile_px:
+        seen_tiles = float(np.count_nonzero(valid)) / self.tile_px ** 2
+        if self.cfg.centre_first and n > self.tile_px and seen_tiles <= CENTRE_FIRST_MAX_SEEN_TILES:
             tile_valid = valid[off:off + self.tile_px, off:off + self.tile_px]
             if tile_valid.mean() >= CENTRE_FIRST_MIN_VALID:
                 views.append(self._view(query[off:off + self.tile_px, off:off + self.tile_px], tile_valid))
