@@ -359,3 +359,13 @@ def test_start_up_agreement_is_3_sigma_of_the_combined_noise_plus_max_speed(dist
     f = PositionFilter(FilterConfig(init_velocity_sigma_ms=50.0, **INDEPENDENT))
     f.update(0.0, [0.0, 0.0], np.eye(2) * 4.0, NO_TILT)
     assert f.update(0.5, [distance_m, 0.0], np.eye(2) * 4.0, NO_TILT).tracking is agrees
+
+
+def test_a_mixture_covariance_includes_the_spread_between_its_members():
+    from mean_nav.nav.filter import _moments
+    # two equally weighted point estimates 2 m apart: mean between them, variance 1 m^2
+    X = np.zeros((2, 6))
+    X[:, 0] = [-1.0, 1.0]
+    P = np.stack([np.eye(6) * 0.25, np.eye(6) * 0.25])
+    mean, cov = _moments(np.array([1.0, 1.0]), X, P)
+    assert mean[0] == pytest.approx(0.0) and cov[0, 0] == pytest.approx(1.25) and cov[1, 1] == pytest.approx(0.25)
