@@ -216,17 +216,23 @@ def test_fp16_graphs_for_tensorrt_pass_the_engine_check(models, images, tmp_path
         prepare_fp16(out / "xfeat.onnx", tmp_path / "bad.onnx")
 
 
+def load_build_engine():
+    """engines/build_engine.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("build_engine", Path(__file__).resolve().parents[1] / "engines"
+                                                  / "build_engine.py")
+    be = importlib.util.module_from_spec(spec)
+    sys.modules["build_engine"] = be
+    spec.loader.exec_module(be)
+    return be
+
+
 def test_build_engine_takes_feature_graphs_and_sizes_their_profiles(models, tmp_path, capsys):
     """engines/build_engine.py routes xfeat/lighterglue ONNX to the feature build (not the MEAN one,
     which would refuse them for lacking MEAN metadata) and stops cleanly without TensorRT/CUDA."""
     from mean_nav.deploy.tensorrt_backend import runtime_unavailable_reason
 
     out, _ = models
-    spec = importlib.util.spec_from_file_location("build_engine", Path(__file__).resolve().parents[1] / "engines"
-                                                  / "build_engine.py")
-    be = importlib.util.module_from_spec(spec)
-    sys.modules["build_engine"] = be
-    spec.loader.exec_module(be)
+    be = load_build_engine()
     # a fixed K needs K pixels: 4096 keypoints -> at least 64 x 64; 5000 -> 96 x 96 (multiples of 32)
     assert be._feature_profile("xfeat", 4096, 512, 1024, 0, 0)["image"][0] == (1, 1, 64, 64)
     assert be._feature_profile("xfeat", 5000, 512, 1024, 0, 0)["image"][0] == (1, 1, 96, 96)
@@ -421,11 +427,7 @@ def test_feature_engines_run_the_localizers_features(models, images, tmp_path, m
         print(f"TensorRT feature engine test skipped: {reason}")
         pytest.skip(f"feature engines need tensorrt and a CUDA device: {reason}")
     out, _ = models
-    spec = importlib.util.spec_from_file_location("build_engine", Path(__file__).resolve().parents[1] / "engines"
-                                                  / "build_engine.py")
-    be = importlib.util.module_from_spec(spec)
-    sys.modules["build_engine"] = be
-    spec.loader.exec_module(be)
+    be = load_build_engine()
     engines = tmp_path / "engines"
     x = be.build_feature_engine(out / "xfeat.onnx", engines, keypoints=256, opt_image_px=256, max_image_px=512)
     g = be.build_feature_engine(out / "lighterglue.onnx", engines, opt_points=256, max_points=1024)
