@@ -54,7 +54,7 @@ from .filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
 from .refine import RefineConfig
 from .stages import StageTimes, TimedEmbedder
 from .telemetry import Telemetry
-from .verify import Measurement, Verifier
+from .verify import Measurement, Verifier, centre_crop
 
 log = logging.getLogger(__name__)
 
@@ -359,12 +359,6 @@ class Localizer:
             est.tile_id, est.score, est.inliers = measurement.tile_id, measurement.score, measurement.inliers
             est.heading_error_deg = measurement.heading_error_deg
         return est
-
-
-def centre_crop(image: np.ndarray, size_px: int) -> np.ndarray:
-    """The centred size_px square of a square view (same parity: the centres coincide)."""
-    off = (image.shape[0] - size_px) // 2
-    return image[off:off + size_px, off:off + size_px]
 
 
 def footprint_view(view: np.ndarray, valid: np.ndarray, min_px: int) -> tuple[np.ndarray, np.ndarray]:

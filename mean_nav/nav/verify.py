@@ -296,12 +296,11 @@ class Verifier:
         whole footprint. Most frames verify on the centre tile; the footprint's texture is
         paid for only where it failed (half off the map, over nodata holes, low contrast)."""
         views = []
-        n, off = valid.shape[0], (valid.shape[0] - self.tile_px) // 2
         seen_tiles = float(np.count_nonzero(valid)) / self.tile_px ** 2
-        if self.cfg.centre_first and n > self.tile_px and seen_tiles <= CENTRE_FIRST_MAX_SEEN_TILES:
-            tile_valid = valid[off:off + self.tile_px, off:off + self.tile_px]
+        if self.cfg.centre_first and valid.shape[0] > self.tile_px and seen_tiles <= CENTRE_FIRST_MAX_SEEN_TILES:
+            tile_valid = centre_crop(valid, self.tile_px)
             if tile_valid.mean() >= CENTRE_FIRST_MIN_VALID:
-                views.append(self._view(query[off:off + self.tile_px, off:off + self.tile_px], tile_valid))
+                views.append(self._view(centre_crop(query, self.tile_px), tile_valid))
         views.append(self._view(query, valid))
         return views
 
@@ -466,6 +465,12 @@ def _turn_matrix(deg: float, centre: tuple[float, float]) -> np.ndarray:
     c, s = math.cos(r), math.sin(r)
     cx, cy = centre
     return np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], np.float64)
+
+
+def centre_crop(image: np.ndarray, size_px: int) -> np.ndarray:
+    """The centred size_px square of a square view (same parity: the centres coincide)."""
+    off = (image.shape[0] - size_px) // 2
+    return image[off:off + size_px, off:off + size_px]
 
 
 def _footprint_samples(valid: np.ndarray) -> np.ndarray:
