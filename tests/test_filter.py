@@ -289,3 +289,26 @@ def test_the_gate_can_be_asked_without_changing_the_track():
     assert f.t == 19.9
     assert f.mahalanobis2(10.0, mean, R, H) == math.inf          # before the track's time
     assert PositionFilter().mahalanobis2(0.0, [0.0, 0.0], R, H) == math.inf   # no track
+
+
+def test_photos_seconds_apart_leave_the_cruise_mode_tight_and_the_restricted_gate_uses_it_alone():
+    """8.3 s between survey photos: the manoeuvre mode predicts tens of metres, the cruise
+    mode metres. mahalanobis2(within_m=...) measures a fix against the tight mode only, so a
+    fix 35 m off the straight-line prediction passes the full gate (a manoeuvre could explain
+    it) but not the restricted one; without a track there are no radii."""
+    assert PositionFilter().mode_radii_at(0.0) == []
+    f = PositionFilter(attitude_prior_deg=0.3)
+    R = np.eye(2) * 0.2 ** 2
+    dt, v = 8.3, np.array([3.0, 0.0])
+    for k in range(6):
+        f.update(k * dt, v * k * dt, R, 40.0)
+    t = 6 * dt
+    cruise, manoeuvre = f.mode_radii_at(t)
+    assert cruise < 15.0 < 30.0 < manoeuvre, (cruise, manoeuvre)
+    assert f.sigma_h_at(t) > 30.0            # the mixture is as wide as its widest mode
+    straight = v * t
+    assert f.mahalanobis2(t, straight, R, 40.0, within_m=30.0) < 1.0
+    off = straight + [0.0, 35.0]
+    assert f.mahalanobis2(t, off, R, 40.0) <= f.cfg.gate_chi2
+    assert f.mahalanobis2(t, off, R, 40.0, within_m=30.0) > f.cfg.gate_chi2
+    assert f.mahalanobis2(t, straight, R, 40.0, within_m=cruise / 2) == math.inf   # no mode that tight

@@ -371,18 +371,29 @@ class PositionFilter:
         out.mahalanobis2 = d2
         return out
 
-    def mahalanobis2(self, t: float, z, R, height_m: float) -> float:
+    def mahalanobis2(self, t: float, z, R, height_m: float, within_m: float = math.inf) -> float:
         """The gate's Mahalanobis^2 of a measurement offered at time t (inf without a track or
-        for a time before it); changes nothing."""
+        for a time before it); changes nothing. `within_m`: only against the motion modes
+        whose predicted 68 % radius is at most this (inf where none is)."""
         if self._bank is None or t < self.t:
             return math.inf
         z = np.asarray(z, float).reshape(-1)
         fix = _Fix(float(t), z, np.asarray(R, float).reshape(z.size, z.size), max(float(height_m), 0.0))
         H, R = self._measurement(fix, fix.t - self.last_accept_t)
-        d2, _, d2_centre = self._gate_d2(fix, H, R, *self._predicted(fix.t))
+        d2, _, d2_centre = self._gate_d2(fix, H, R, *self._predicted(fix.t), within_m=within_m)
         return min(d2, d2_centre)
 
-    def _gate_d2(self, fix: _Fix, H, R, X, P, c) -> tuple[float, float, float]:
+    def mode_radii_at(self, t: float) -> list[float]:
+        """Predicted 68 % radius at time t of each motion mode (cruise, manoeuvre); [] without
+        a track. Photos seconds apart leave the manoeuvre mode tens of metres wide while the
+        cruise mode still knows the place within metres."""
+        if self._bank is None or t < self.t:
+            return []
+        X, P, c = self._predicted(t)
+        joint = self.weights[:, None] * c
+        return [_radius68(_moments(joint[:, j], X[:, j], P[:, j])[1][:2, :2]) for j in range(X.shape[1])]
+
+    def _gate_d2(self, fix: _Fix, H, R, X, P, c, within_m: float = math.inf) -> tuple[float, float, float]:
         """Mahalanobis^2 of the nadir; with a measured tilt also what the tilt adds beyond it
         (chi-square 2 dof) and that of the camera centre (nadir - height x tilt) alone (inf
         without one). The gate is on the nadir or the centre: a tilt that disagrees alone is
@@ -394,6 +405,8 @@ class PositionFilter:
         T = np.hstack([np.eye(2), -fix.height_m * np.eye(2)])
         for j in range(X.shape[1]):
             x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
+            if _radius68(P_mode[:2, :2]) > within_m:
+                continue
             innovation = fix.z - H @ x_mode
             S = H @ P_mode @ H.T + R
             nadir_d2 = float(innovation[:2] @ np.linalg.solve(S[:2, :2], innovation[:2]))

@@ -71,14 +71,16 @@ class LocalizerConfig:
     lost_top_k: int = bounded(8, ge=1, le=1000)
     # added to the filter's 3-sigma radius when searching near it
     search_radius_m: float = bounded(60.0, ge=0, le=1e5, unit="m")
-    # filter 68 % radius below which the search stays near it
+    # filter 68 % radius below which the search stays near it (and a motion mode's, below which
+    # weak fits count: track_min_inliers)
     confident_sigma_m: float = bounded(30.0, gt=0, le=1e4, unit="m")
     # search radius around initial_lonlat before the first fix
     initial_radius_m: float = bounded(500.0, gt=0, le=1e6, unit="m")
     min_inliers: int = bounded(15, ge=3, le=100_000)  # feature inliers for a verified match
-    # while the filter tracks, a fit that passes its gate needs only this many: the track says
-    # where the place must be, and a wrong place seldom gives 5 consistent inliers; a weaker fit
-    # off the track is no place (it never starts or breaks a track)
+    # while a motion mode of the track predicts within confident_sigma_m, a fit that passes that
+    # mode's gate needs only this many: the track says where the place must be, and a wrong place
+    # seldom gives 5 consistent inliers; a weaker fit off the track is no place (it never starts
+    # or breaks a track)
     track_min_inliers: int = bounded(10, ge=3, le=100_000)
     # a candidate this strong ends the verification early: while tracking, the prediction's
     # map verified this well skips the network (40: half the per-frame time of 80, same fixes)
@@ -249,9 +251,12 @@ class Localizer:
             candidates = list(candidates)
         tracking = self.filter.tracking
         agrees = None
-        if tracking and self.filter.sigma_h_at(t) <= self.cfg.confident_sigma_m:
+        # a weak fit counts where a motion mode predicts it tightly (photos seconds apart leave
+        # only the manoeuvre mode wide): checked against those modes alone
+        confident = self.cfg.confident_sigma_m
+        if tracking and min(self.filter.mode_radii_at(t), default=math.inf) <= confident:
             def agrees(m: Measurement) -> bool:
-                return self.filter.mahalanobis2(t, (m.x, m.y), m.cov, h) <= self.cfg.filter.gate_chi2
+                return self.filter.mahalanobis2(t, (m.x, m.y), m.cov, h, within_m=confident) <= self.cfg.filter.gate_chi2
         measurement, why = self.verifier.verify(query, valid, candidates, h, t, retrieve, agrees)
         if measurement is None:
             if not tracking and self.acquisition.search:
