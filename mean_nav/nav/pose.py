@@ -15,7 +15,7 @@ The result is reported as the similarity's quantity plus the tilt: `nadir` (wher
 telemetry's nadir ray meets the ground: camera centre + height x tilt) and `tilt` (that
 ray's ground displacement per metre of height, east and north: the filter's tilt-error
 state), with their joint 4x4 covariance from the reprojection Jacobian and the residual
-variance. When the view says little about the tilt (a small footprint seen from high up)
+variance (and the camera model's own error, in proportion to the height). When the view says little about the tilt (a small footprint seen from high up)
 the tilt's variance is large and the nadir part is what the similarity gave: the measurement
 degrades to the old one by itself.
 
@@ -32,12 +32,20 @@ import numpy as np
 
 MIN_POINTS = 8              # 6 unknowns: fewer points leave no redundancy to estimate the noise
 MAX_ITERATIONS = 10
-# keypoint localisation is not better than this (query and map pixels), whatever the fit says
-RESIDUAL_FLOOR_PX = 0.3
+# keypoint localisation is not better than this (query and map pixels), whatever the fit says.
+# Only a guard for fits that happen to leave almost no residual: the field suite's residuals are
+# 0.15-0.7 px, and a 0.3 px floor (applied to half their frames) made the radius 1.8x too wide
+# in variance on the quietest frames and left the noisier ones under it
+RESIDUAL_FLOOR_PX = 0.1
 # neighbouring keypoints share blur and texture, so their errors are correlated and the
-# residual variance alone is optimistic: the tilt errors on the field suite's flights were
-# 1.1x (0.95..1.2x) the sigma it gives (a block jackknife over the view agrees in direction)
-CORRELATED_ERRORS = 1.25
+# residual variance alone is optimistic: the camera-centre errors of the field suite's 2,600
+# pose fits were 1.2-1.5x (variance) what the residual gives, whatever its size
+CORRELATED_ERRORS = 1.2
+# beyond the matches: the camera model's own error (focal length, distortion, ground that is not
+# quite flat) moves the solved camera centre by about this angle x height. Without it the
+# flights 100-150 m up held 50-70 % of their centre errors inside the 68 % radius (0.5 m map
+# pixels: the residual is small), the 40-80 m ones 62-85 %; with it 60-80 % on all fourteen
+CAMERA_MODEL_ERROR_RAD = 0.6e-3
 # a tilt error this large is not a telemetry error but a bad fit (the rectified view would
 # hardly have matched): the similarity's nadir alone is used
 MAX_TILT_ERROR_DEG = 15.0
@@ -181,6 +189,7 @@ def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, centre_px: 
     cov_params = variance * np.linalg.inv(JtJ)
     out0, G = _outputs(R, centre, height)
     cov = CORRELATED_ERRORS * (G @ cov_params @ G.T)
+    cov[:2, :2] += (CAMERA_MODEL_ERROR_RAD * height) ** 2 * np.eye(2)   # the nadir, hence the centre
     cov = 0.5 * (cov + cov.T)
     yaw = math.degrees(math.atan2(R[1, 0] - R[0, 1], R[0, 0] + R[1, 1]))
     return PoseFit(out0[:2], out0[2:], cov, centre.copy(), float(height), yaw,
