@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -102,7 +103,8 @@ def _settled_block_files(work: Path, quiet_s: float = 2.0, timeout_s: float = 60
     deadline = time.monotonic() + timeout_s
     seen, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        now = {p.name for p in work.glob("block-*[0-9].npz")}
+        # not block-000003.tmp-<pid>.npz: a worker force-killed mid-write leaves its temp file
+        now = {p.name for p in work.glob("block-*.npz") if re.fullmatch(r"block-\d+\.npz", p.name)}
         if now != seen:
             seen, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
