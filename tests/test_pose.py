@@ -125,6 +125,8 @@ def test_the_covariance_holds_the_errors():
         model_error = np.zeros((4, 4))
         model_error[:2, :2] = (CAMERA_MODEL_ERROR_RAD * fit.height_m) ** 2 * np.eye(2)
         assert np.all(np.linalg.eigvalsh(fit.cov - model_error) > 0)
+        exact, _ = fit_pose(q, m, GSD, SIZE / 2 - 0.5, 80.0, tuple(nadir), rotation, scale, model_error_rad=0.0)
+        assert exact.cov == pytest.approx(fit.cov - model_error, rel=1e-9, abs=1e-15)
         d2.append(float(e @ np.linalg.solve(fit.cov - model_error, e)))
         d2_all.append(float(e @ np.linalg.solve(fit.cov, e)))
     # independent noise: the mean of chi-square(4) is 4; the keypoint covariance is inflated by

@@ -54,6 +54,7 @@ from .filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
 from .refine import RefineConfig
 from .stages import StageTimes, TimedEmbedder
 from .telemetry import Telemetry
+from .pose import CAMERA_MODEL_ERROR_RAD
 from .verify import Measurement, Verifier, centre_crop
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ class LocalizerConfig:
     # None: 0.03 m with the pose fit (the nadir is located to ~5 cm on the field flights; the
     # attitude part is the pose's), 0.4 m without it (the nadir-only fixes of the same flights)
     position_floor_m: float | None = bounded(None, gt=0, le=1000, unit="m")
+    # the camera model's own error (focal length, distortion, ground not quite flat) as an angle:
+    # it moves the pose fit's camera centre by this x height (1 sigma per axis; pose.py). 0.6:
+    # calibrated on the field suite; raise it for a roughly calibrated camera or hilly ground
+    camera_model_error_mrad: float = bounded(CAMERA_MODEL_ERROR_RAD * 1e3, ge=0, le=100, unit="mrad")
     # solve the camera pose from the verified matches (pose.py): measures the camera centre and
     # the telemetry's tilt error instead of the nadir alone. None: on for SIFT, whose keypoint
     # errors the pose covariance is calibrated on; off for ORB and XFeat (with XFeat it reported

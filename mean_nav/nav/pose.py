@@ -42,9 +42,10 @@ RESIDUAL_FLOOR_PX = 0.1
 # pose fits were 1.2-1.5x (variance) what the residual gives, whatever its size
 CORRELATED_ERRORS = 1.2
 # beyond the matches: the camera model's own error (focal length, distortion, ground that is not
-# quite flat) moves the solved camera centre by about this angle x height. Without it the
-# flights 100-150 m up held 50-70 % of their centre errors inside the 68 % radius (0.5 m map
-# pixels: the residual is small), the 40-80 m ones 62-85 %; with it 60-80 % on all fourteen
+# quite flat) moves the solved camera centre by about this angle x height (the default of
+# localizer.camera_model_error_mrad). Without it the flights 100-150 m up held 50-70 % of their
+# centre errors inside the 68 % radius (0.5 m map pixels: the residual is small), the 40-80 m
+# ones 62-85 %; with it 60-80 % on all fourteen
 CAMERA_MODEL_ERROR_RAD = 0.6e-3
 # a tilt error this large is not a telemetry error but a bad fit (the rectified view would
 # hardly have matched): the similarity's nadir alone is used
@@ -157,13 +158,14 @@ def _solve(rays: np.ndarray, map_xy: np.ndarray, R: np.ndarray, centre: np.ndarr
 
 
 def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, centre_px: float, height_m: float,
-             nadir_xy: tuple[float, float], rotation_deg: float, scale: float) -> tuple[PoseFit | None, str]:
+             nadir_xy: tuple[float, float], rotation_deg: float, scale: float,
+             model_error_rad: float = CAMERA_MODEL_ERROR_RAD) -> tuple[PoseFit | None, str]:
     """(PoseFit, "") or (None, why): the camera pose that maps the rectified query pixels
     [N, 2] (col, row) onto their map positions [N, 2] (east, north, metres); the view's nadir
     is at pixel (centre_px, centre_px) (size / 2 - 0.5).
 
     Starts from the similarity (its nadir, rotation and scale); `height_m` is the telemetry
-    height the query was rectified with."""
+    height the query was rectified with; `model_error_rad`: the camera model's own error."""
     query_px = np.asarray(query_px, float)
     map_xy = np.asarray(map_xy, float)
     n = len(query_px)
@@ -189,7 +191,7 @@ def fit_pose(query_px: np.ndarray, map_xy: np.ndarray, gsd_m: float, centre_px: 
     cov_params = variance * np.linalg.inv(JtJ)
     out0, G = _outputs(R, centre, height)
     cov = CORRELATED_ERRORS * (G @ cov_params @ G.T)
-    cov[:2, :2] += (CAMERA_MODEL_ERROR_RAD * height) ** 2 * np.eye(2)   # the nadir, hence the centre
+    cov[:2, :2] += (model_error_rad * height) ** 2 * np.eye(2)   # the nadir, hence the centre
     cov = 0.5 * (cov + cov.T)
     yaw = math.degrees(math.atan2(R[1, 0] - R[0, 1], R[0, 0] + R[1, 1]))
     return PoseFit(out0[:2], out0[2:], cov, centre.copy(), float(height), yaw,

@@ -443,7 +443,7 @@ class Verifier:
         map_xy = np.stack([transform.a * region[:, 0] + transform.b * region[:, 1] + transform.c,
                            transform.d * region[:, 0] + transform.e * region[:, 1] + transform.f], axis=1)
         fit, _ = fit_pose(result.inlier_query_px, map_xy, float(self.cache.gsd_m), centre_px, height_m, nadir_xy,
-                          result.rotation_deg, result.scale)
+                          result.rotation_deg, result.scale, self.cfg.camera_model_error_mrad * 1e-3)
         if fit is None or not np.isfinite(fit.cov).all() or fit.tilt_deg > MAX_TILT_ERROR_DEG:
             return None
         return fit
