@@ -71,6 +71,7 @@ def test_score_counts_fixes_over_the_map_coverage_and_false_fixes():
     assert s["fixes_off_map"] == 1
     assert s["false_fixes"] == 2                      # 10 m and 50 m are beyond 3 x 2 m
     assert s["coverage_68"] == pytest.approx(1 / 4)   # only the 1 m error is inside its 2 m radius
+    assert s["coverage_68_sd"] == pytest.approx(np.sqrt(0.25 * 0.75 / 4))   # of 4 fixes
     assert s["median_m"] == pytest.approx(6.5)
     assert s["error_per_floor"] == pytest.approx(6.5 / (100 * np.tan(np.radians(1.0))))
     assert s["first_fix_s"] == pytest.approx(2.0) and s["frames_per_s"] == pytest.approx(2.0)
@@ -91,6 +92,8 @@ def test_a_flight_faster_than_the_localizer_is_marked_in_the_table():
     assert video.rstrip().endswith("20.0*") and photos.rstrip().endswith("20.0")
     assert any(l.startswith("* slower than the flight's frame rate") for l in lines)
     assert not any(l.startswith("*") for l in format_table([fast]).splitlines())
+    assert " 70% " in photos                                          # no sampling noise given
+    assert " 70% ±9 " in format_table([dict(fast, coverage_68_sd=0.092)])
 
 
 def test_footprint_on_map_sees_how_much_of_the_camera_view_is_map(tmp_path):

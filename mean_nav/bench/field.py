@@ -11,7 +11,8 @@ them:
   median, p95   horizontal error of the fixes, metres
   err/floor     median error / (height x tan(attitude error)): what the telemetry's
                 attitude error alone causes (the simulated 1-sigma roll/pitch error)
-  cov68         fraction of fix errors inside the reported 68 % radius (sigma_h_m)
+  cov68         fraction of fix errors inside the reported 68 % radius (sigma_h_m), with
+                its sampling noise (binomial 1 sd, in points: few fixes, wide)
   false         fixes with error > 3 x sigma_h_m, on or off the map
   first fix     seconds from the first frame to the first fix
   frame Hz      the flight's own frame rate (1 / median frame spacing)
@@ -75,6 +76,7 @@ DEFINITIONS = {
     "p95_m": "95th percentile horizontal error of the fixes, m",
     "error_per_floor": "median error / (median true height of the fixes x tan(simulated 1-sigma attitude error))",
     "coverage_68": "fraction of fix errors <= reported sigma_h_m (the 68 % radius)",
+    "coverage_68_sd": "its sampling noise: binomial standard error sqrt(p (1 - p) / scored fixes)",
     "false_fixes": "fixes with error > 3 x reported sigma_h_m",
     "first_fix_s": "time of the first fix - time of the first frame, s",
     "frame_rate_hz": "the flight's frame rate: 1 / median frame spacing",
@@ -383,11 +385,18 @@ def score(cols: dict, on_map_fraction: np.ndarray, attitude_error_deg: float, he
         "attitude_floor_m": floor,
         "error_per_floor": median / floor if median is not None and floor else None,
         "coverage_68": float((fix_err <= sigma[scored]).mean()) if fix_err.size else None,
+        # its sampling noise: a flight of 20 photos moves 5 points per fix
+        "coverage_68_sd": _binomial_sd(float((fix_err <= sigma[scored]).mean()), fix_err.size) if fix_err.size else None,
         "false_fixes": int((scored & (err > FALSE_FIX_SIGMAS * sigma)).sum()),
         "first_fix_s": float(cols["time_s"][first[0]] - cols["time_s"][0]) if first.size else None,
         "frame_rate_hz": frame_rate_hz(cols["time_s"]),
         "frames_per_s": float(1.0 / latency.mean()) if latency.size and latency.mean() > 0 else None,
     }
+
+
+def _binomial_sd(p: float, n: int) -> float:
+    """Standard error of a fraction p measured on n samples."""
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
 
 
 def frame_rate_hz(times: np.ndarray) -> float | None:
@@ -475,7 +484,7 @@ def format_table(results: list[dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = (f"{'flight':<20} {'frames':>6} {'fix rate':>8} {'median m':>8} {'p95 m':>7} {'err/floor':>9} "
-            f"{'cov68':>6} {'false':>5} {'1st fix s':>9} {'frame Hz':>8} {'frames/s':>9}")
+            f"{'cov68':>9} {'false':>5} {'1st fix s':>9} {'frame Hz':>8} {'frames/s':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -484,7 +493,7 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"{r['name']:<20} {r['frames']:>6} {cell(r['fix_rate'], '.1%'):>8} "
                      f"{cell(r['median_m'], '.2f'):>8} "
                      f"{cell(r['p95_m'], '.2f'):>7} {cell(r['error_per_floor'], '.2f'):>9} "
-                     f"{cell(r['coverage_68'], '.0%'):>6} {r['false_fixes']:>5} {cell(r['first_fix_s'], '.1f'):>9} "
+                     f"{_coverage_cell(r):>9} {r['false_fixes']:>5} {cell(r['first_fix_s'], '.1f'):>9} "
                      f"{cell(r['frame_rate_hz'], '.2g'):>8} {cell(r['frames_per_s'], '.1f'):>8}"
                      f"{' ' if keeps_up(r) else '*'}")
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
@@ -492,6 +501,14 @@ def format_table(results: list[dict]) -> str:
         lines.append("* slower than the flight's frame rate: the replay processed every frame; onboard the daemon "
                      "takes only the newest and would skip frames")
     return "\n".join(lines)
+
+
+def _coverage_cell(r: dict) -> str:
+    """'77% ±8': the 68 % coverage and its sampling noise (1 sd, points)."""
+    if r.get("coverage_68") is None:
+        return "-"
+    sd = r.get("coverage_68_sd")
+    return f"{r['coverage_68']:.0%}" + ("" if sd is None else f" ±{100 * sd:.0f}")
 
 
 def plot_results(results: list[dict], path: Path) -> None:
