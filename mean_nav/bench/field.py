@@ -76,7 +76,8 @@ DEFINITIONS = {
     "p95_m": "95th percentile horizontal error of the fixes, m",
     "error_per_floor": "median error / (median true height of the fixes x tan(simulated 1-sigma attitude error))",
     "coverage_68": "fraction of fix errors <= reported sigma_h_m (the 68 % radius)",
-    "coverage_68_sd": "its sampling noise: binomial standard error sqrt(p (1 - p) / scored fixes)",
+    "coverage_68_sd": "its sampling noise: binomial standard error sqrt(p (1 - p) / scored fixes); it assumes "
+                      "independent fixes, so it understates the noise of video, whose neighbouring fixes share errors",
     "false_fixes": "fixes with error > 3 x reported sigma_h_m",
     "first_fix_s": "time of the first fix - time of the first frame, s",
     "frame_rate_hz": "the flight's frame rate: 1 / median frame spacing",
