@@ -51,10 +51,10 @@ from .correlate import CorrelateConfig, correlate
 from .estimate import Estimate, FixQuality
 from .acquisition import Acquisition
 from .filter import RADIUS68_PER_SIGMA, FilterConfig, PositionFilter
+from .pose import CAMERA_MODEL_ERROR_RAD
 from .refine import RefineConfig
 from .stages import StageTimes, TimedEmbedder
 from .telemetry import Telemetry
-from .pose import CAMERA_MODEL_ERROR_RAD
 from .verify import Measurement, Verifier, centre_crop
 
 log = logging.getLogger(__name__)

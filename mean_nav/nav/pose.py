@@ -15,9 +15,9 @@ The result is reported as the similarity's quantity plus the tilt: `nadir` (wher
 telemetry's nadir ray meets the ground: camera centre + height x tilt) and `tilt` (that
 ray's ground displacement per metre of height, east and north: the filter's tilt-error
 state), with their joint 4x4 covariance from the reprojection Jacobian and the residual
-variance (and the camera model's own error, in proportion to the height). When the view says little about the tilt (a small footprint seen from high up)
-the tilt's variance is large and the nadir part is what the similarity gave: the measurement
-degrades to the old one by itself.
+variance (and the camera model's own error, in proportion to the height). When the view says
+little about the tilt (a small footprint seen from high up) the tilt's variance is large and
+the nadir part is what the similarity gave: the measurement degrades to the old one by itself.
 
 The rotation is the world-frame error R = R_true R_telemetry^T, so the telemetry attitude
 itself (vehicle, mount or gimbal) is not needed: the ray of a rectified pixel under the
