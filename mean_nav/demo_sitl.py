@@ -264,7 +264,8 @@ def fly(out: Path, cfg: SitlFlightConfig | None = None, progress: bool = True) -
     why = sitl_available(cfg.sitl_dir)
     if why:
         raise MeanNavError(f"demo --sitl: {why}")
-    out = Path(out)
+    # absolute: SITL and the daemon run in `out`, and the paths handed to them must hold there
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("frames.jsonl", "output.jsonl", "camera_lost"):
         (out / stale).unlink(missing_ok=True)
