@@ -124,6 +124,7 @@ class GroundStation(threading.Thread):
         self.armed = False
         self.mode = -1
         self.target = (1, 1)
+        self.watch = None          # called while waiting: raises when a process the flight needs died
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -198,11 +199,26 @@ class GroundStation(threading.Thread):
     def wait(self, what: str, condition, timeout_s: float, every=None) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
+            if self.watch:
+                self.watch()
             if time.monotonic() > deadline:
                 raise MeanNavError(f"SITL flight: timed out waiting for {what}")
             if every:
                 every()
             time.sleep(0.5)
+
+
+def check_running(proc: subprocess.Popen, name: str, log_path: Path) -> None:
+    """Raise with the last line of its log where `proc` has exited (waiting on would only time out)."""
+    status = proc.poll()
+    if status is None:
+        return
+    try:
+        lines = [l for l in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    except OSError:
+        lines = []
+    last = lines[-1].strip() if lines else "(nothing logged)"
+    raise MeanNavError(f"SITL flight: {name} exited with status {status}: {last} (see {log_path})")
 
 
 # --- the flight --------------------------------------------------------------------------
@@ -288,6 +304,8 @@ def fly(out: Path, cfg: SitlFlightConfig | None = None, progress: bool = True) -
         daemon = subprocess.Popen([sys.executable, "-m", "mean_nav.cli", "run", "--config", str(nav_yaml)],
                                   cwd=out, env=env, stdout=daemon_log,
                                   stderr=subprocess.STDOUT, preexec_fn=_normal_priority)
+        gcs.watch = lambda: (check_running(daemon, "the mean-nav daemon", out / "daemon.log"),
+                             check_running(sitl, "SITL", out / "sitl.log"))
         gcs.wait("the autopilot's heartbeat", lambda: gcs.mode >= 0, 60)
         gcs.request_streams()
         _flight(gcs, cfg, lonlat, out, events)

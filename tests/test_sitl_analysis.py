@@ -1,5 +1,6 @@
 """The closed-loop analysis judges sent fixes in SITL's own clock, which stalls on a loaded host."""
 import numpy as np
+import pytest
 
 from mean_nav.demo_sitl import fix_truth_at_represented_time, sitl_lag
 
@@ -40,3 +41,27 @@ def test_a_fix_propagated_across_a_stall_is_judged_where_a_real_vehicle_would_be
     t2, age2 = np.array([wall[60] + 0.3]), np.array([0.3])
     sx2, _ = fix_truth_at_represented_time(t2, age2, arrival, tx, ty)
     assert abs(sx2[0] - (tx[60] + 8.0 * 0.3)) < 1e-6
+
+
+def test_a_process_the_flight_needs_that_died_is_reported_with_its_last_words(tmp_path):
+    """The daemon exiting on a bad config must end the SITL flight with its error, not a
+    90 s wait for GPS2 that then times out."""
+    import subprocess
+    import sys
+
+    from mean_nav.demo_sitl import check_running
+    from mean_nav.errors import MeanNavError
+
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "print('starting'); print('mean-nav run: error: nav.yaml: "
+                                 "config file not found'); raise SystemExit(1)"], stdout=out)
+        proc.wait(30)
+    with pytest.raises(MeanNavError, match=r"daemon exited with status 1: mean-nav run: error: nav.yaml"):
+        check_running(proc, "the mean-nav daemon", log)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        check_running(alive, "SITL", tmp_path / "sitl.log")     # running: nothing to say
+    finally:
+        alive.kill()
+        alive.wait()
