@@ -529,7 +529,9 @@ def plot_results(results: list[dict], path: Path) -> None:
                                                                                     (None, 0)))
     for ax, (key, title, (low, high)) in zip(axes, panels):
         v = value(key)
-        ax.barh(y, np.nan_to_num(v), color="tab:blue")
+        # the coverage's sampling noise (1 sd) as an error bar
+        sd = [r.get("coverage_68_sd") or 0.0 for r in ok] if key == "coverage_68" else None
+        ax.barh(y, np.nan_to_num(v), color="tab:blue", xerr=sd, error_kw=dict(ecolor="0.3", lw=1, capsize=2))
         for k in np.flatnonzero(~np.isfinite(v)):
             ax.text(0, y[k], " n/a", va="center", color="tab:red", fontsize=8)
         ax.set_xlim(left=0, right=max(1.0, float(np.nanmax(v, initial=0)) * 1.1))
@@ -542,7 +544,7 @@ def plot_results(results: list[dict], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, names, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("mean-nav bench field (green: target)", fontsize=11)
+    fig.suptitle("mean-nav bench field (green: target; coverage bars: 1 sd of sampling)", fontsize=11)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
