@@ -314,3 +314,52 @@ def test_a_strong_centre_fit_over_a_map_edge_stands_and_a_weaker_one_gets_the_fo
     assert extracted == [nav_cache.tile_px, 2 * nav_cache.tile_px][:sides]
     if sides == 1:
         assert 0.75 <= m.map_overlap < 0.95 and m.inliers >= stop_at_inliers
+
+
+class _StarvedMap:
+    """A map-feature source that keeps only a few keypoints per region: grass or water, where
+    the stored 0.04 features leave too few to match."""
+
+    def __init__(self, source, keep=6):
+        self.source, self.keep = source, keep
+
+    def region(self, c0, r0, width, height):
+        feats, on_map = self.source.region(c0, r0, width, height)
+        few = np.zeros(len(feats), bool)
+        few[:self.keep] = True
+        return feats.subset(few), on_map
+
+
+def test_near_a_confident_track_a_region_with_too_few_map_keypoints_is_detected_again_at_low_contrast(nav_cache):
+    image, valid, cand = centre_view(nav_cache)
+    verifier = Verifier(LocalizerConfig(), nav_cache)
+    verifier.map_features = _StarvedMap(verifier.map_features)
+    m, why = verifier.verify(image, valid, [cand], height_m=60.0, t=0.0)
+    assert m is None and "too few" in why                # no track: no second detection
+    m, why = verifier.verify(image, valid, [cand], 60.0, 1.0, agrees=lambda m: True)
+    assert m is not None, why                              # the region again at 0.02
+    assert math.hypot(m.x - cand.x, m.y - cand.y) < nav_cache.gsd_m
+    assert m.inliers >= LocalizerConfig().min_inliers
+    from mean_nav.nav.refine import RefineConfig
+    off = Verifier(LocalizerConfig(refine=RefineConfig(map_low_contrast_retry=False)), nav_cache)
+    off.map_features = _StarvedMap(off.map_features)
+    m, why = off.verify(image, valid, [cand], 60.0, 2.0, agrees=lambda m: True)
+    assert m is None and "too few" in why and off.low_contrast_map is None
+
+
+def test_the_low_contrast_map_source_is_sift_at_the_query_threshold():
+    from mean_nav.geo.map_features import low_contrast_source, window_extractor
+    from mean_nav.nav.refine import RefineConfig
+
+    class _Cache:
+        from mean_nav.geo.tiles import TileGrid
+        grid = TileGrid.from_metres("EPSG:32631", 0.25, 60.0, 20.0)
+        mosaic = None
+
+    assert low_contrast_source(_Cache, RefineConfig(detector="orb")) is None
+    low = low_contrast_source(_Cache, RefineConfig(query_contrast_threshold=0.015))
+    assert low.settings["contrast_threshold"] == 0.015 and low.extractor.cfg.contrast_threshold == 0.015
+    # the stored features' extractor keeps OpenCV's 0.04
+    from mean_nav.geo.map_features import store_settings
+    stored = store_settings(RefineConfig(), _Cache.grid)
+    assert window_extractor(RefineConfig(), stored).cfg.contrast_threshold == 0.04

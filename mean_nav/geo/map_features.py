@@ -75,7 +75,8 @@ def window_extractor(refine: "RefineConfig", settings: dict) -> Extractor:
     """
     key = json.dumps([refine.detector, refine.matcher, settings], sort_keys=True, default=str)
     if key not in _WINDOW_EXTRACTORS:
-        _WINDOW_EXTRACTORS[key] = make_extractor(refine, max_features=0, clahe_tile_px=int(settings["clahe_tile_px"]))
+        _WINDOW_EXTRACTORS[key] = make_extractor(refine, max_features=0, clahe_tile_px=int(settings["clahe_tile_px"]),
+                                                 contrast_threshold=settings.get("contrast_threshold"))
     return _WINDOW_EXTRACTORS[key]
 
 
@@ -377,6 +378,16 @@ def map_feature_source(cache, refine: "RefineConfig", max_chunks: int = 64) -> M
             f"({', '.join(f'{k}: cache {stored.get(k)!r}, config {settings.get(k)!r}' for k in diff)}); "
             f"use the cache's settings in localizer.refine or rebuild the cache with these")
     return StoredMapFeatures(cache.folder, entry)
+
+
+def low_contrast_source(cache, refine: "RefineConfig", max_chunks: int = 64) -> MapFeatureSource | None:
+    """SIFT map features detected again in flight at refine.query_contrast_threshold (None for
+    other detectors): over grass and water the stored 0.04 features leave a region too few
+    keypoints to match, as they leave the camera view (which retries at the same threshold)."""
+    if refine.detector != "sift":
+        return None
+    settings = dict(store_settings(refine, cache.grid), contrast_threshold=float(refine.query_contrast_threshold))
+    return InFlightMapFeatures(cache.mosaic, refine, settings, max_chunks)
 
 
 def manifest_names(meta_path: Path, entries: dict) -> list[str]:

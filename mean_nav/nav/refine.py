@@ -50,6 +50,12 @@ class RefineConfig:
     # there: on textured ground 0.02 doubles the cost of the query's features and matches
     query_contrast_threshold: float = bounded(0.02, gt=0, le=1)
     query_min_keypoints: int = bounded(200, ge=0, le=1_000_000)
+    # while a confident track predicts the place, a candidate whose map region gave too few
+    # feature matches is matched again against that region detected in flight at
+    # query_contrast_threshold (SIFT): the stored 0.04 features of grass leave too few keypoints,
+    # as they leave the camera view (survey_40m: 9 and 7 matches -> 15 and 26 inliers). Costs a
+    # detection (the region's 512 px chunks, then kept) only where verification failed that way
+    map_low_contrast_retry: bool = True
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import cv2
 import numpy as np
 
-from ..geo.map_features import map_feature_source
+from ..geo.map_features import low_contrast_source, map_feature_source
 from .acquisition import Candidate
 from .features import Features
 from .pose import MAX_TILT_ERROR_DEG, PoseFit, fit_pose
@@ -165,17 +165,19 @@ class Verifier:
         self.margin_m = cfg.region_margin_m if cfg.region_margin_m is not None else self.tile_size_m / 2
         self.matcher = FeatureMatcher(dataclasses.replace(cfg.refine, min_inliers=cfg.min_inliers))
         self.map_features = map_feature_source(cache, cfg.refine, max_chunks=cfg.feature_cache_tiles)
+        self.low_contrast_map = low_contrast_source(cache, cfg.refine, max_chunks=cfg.feature_cache_tiles) \
+            if cfg.refine.map_low_contrast_retry else None
         self.heading = HeadingTracker(cfg)
         self._last_heading_search_s = -math.inf
         self._heading_searches_since_fit = 0
         self.rotation_invariant = bool(getattr(self.matcher.extractor, "rotation_invariant", False))
 
-    def region(self, cand: Candidate, size_m: float):
+    def region(self, cand: Candidate, size_m: float, source=None):
         """Map features around a candidate (region pixels), where the region has map, and its
-        pixel-corner -> metric transform."""
+        pixel-corner -> metric transform; from `source` (default the cache's map features)."""
         c0, r0, size_px = self.cache.region_window(cand.x, cand.y, size_m)
         with self.stages("map features"):
-            features, on_map = self.map_features.region(c0, r0, size_px, size_px)
+            features, on_map = (source or self.map_features).region(c0, r0, size_px, size_px)
         return features, on_map, self.cache.grid.transform(c0, r0)
 
     def query_features(self, query: np.ndarray, valid: np.ndarray, turn_deg: float) -> Features:
@@ -393,6 +395,16 @@ class Verifier:
             features, on_map, transform = self.region(cand, size_m)
             with self.stages("match"):
                 result = self.matcher.match(query_features, features, (centre, centre), self.heading.offset_deg, need)
+            if self.low_contrast_map is not None and agrees is not None and result.matches < need and not result.ok:
+                # too few matches, not a poor fit: low-texture ground the stored features barely
+                # cover. Only near a confident track's prediction (the detections there are reused
+                # frame after frame; a search over many places would detect each of them again)
+                low, low_on_map, _ = self.region(cand, size_m, self.low_contrast_map)
+                with self.stages("match"):
+                    retried = self.matcher.match(query_features, low, (centre, centre), self.heading.offset_deg, need)
+                if retried.ok or retried.rotation_only:
+                    result, features, on_map = retried, low, low_on_map
+            with self.stages("match"):
                 overlap = on_map.fraction_on_map(result.to_region(footprint)) if result.params is not None else 0.0
             if not (result.ok or result.rotation_only):
                 reasons.append(f"tile {cand.tile_id}: {result.reason}")

@@ -105,12 +105,14 @@ DEFAULT_MATCHER = {"sift": "ratio", "orb": "ratio", "xfeat": "lighterglue"}
 
 
 def make_extractor(cfg: "RefineConfig", max_features: int | None = None,
-                   clahe_tile_px: int | None = None, query: bool = False) -> Extractor:
+                   clahe_tile_px: int | None = None, query: bool = False,
+                   contrast_threshold: float | None = None) -> Extractor:
     """The extractor refine.detector names; `max_features` overrides the config's (0: no limit);
     `clahe_tile_px` equalises in tiles of that many pixels (map windows of any size) instead of
     a 4 x 4 grid over the image; `query`: the camera view's (SIFT then detects down to
     refine.query_contrast_threshold where the map's contrast threshold leaves fewer than
-    refine.query_min_keypoints; the map's stored features keep their own settings)."""
+    refine.query_min_keypoints; the map's stored features keep their own settings);
+    `contrast_threshold`: SIFT's, where not OpenCV's 0.04 (map windows detected again lower)."""
     from ...errors import MeanNavError
 
     factories = _extractors()
@@ -120,6 +122,8 @@ def make_extractor(cfg: "RefineConfig", max_features: int | None = None,
     if query and cfg.detector == "sift":
         return factories["sift"](cfg, budget, retry_contrast_threshold=cfg.query_contrast_threshold,
                                  retry_below=cfg.query_min_keypoints)
+    if contrast_threshold is not None and cfg.detector == "sift":
+        return factories["sift"](cfg, budget, clahe_tile_px=clahe_tile_px, contrast_threshold=contrast_threshold)
     if clahe_tile_px is not None and cfg.detector in EQUALIZED:
         return factories[cfg.detector](cfg, budget, clahe_tile_px=clahe_tile_px)
     return factories[cfg.detector](cfg, budget)
