@@ -389,9 +389,12 @@ class PositionFilter:
         cruise mode still knows the place within metres."""
         if self._bank is None or t < self.t:
             return []
-        X, P, c = self._predicted(t)
+        return [_radius68(P_mode[:2, :2]) for _, P_mode in self._modes(*self._predicted(t))]
+
+    def _modes(self, X, P, c) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(state, covariance) of each motion mode over all hypotheses, from a prediction."""
         joint = self.weights[:, None] * c
-        return [_radius68(_moments(joint[:, j], X[:, j], P[:, j])[1][:2, :2]) for j in range(X.shape[1])]
+        return [_moments(joint[:, j], X[:, j], P[:, j]) for j in range(X.shape[1])]
 
     def _gate_d2(self, fix: _Fix, H, R, X, P, c, within_m: float = math.inf) -> tuple[float, float, float]:
         """Mahalanobis^2 of the nadir; with a measured tilt also what the tilt adds beyond it
@@ -401,10 +404,8 @@ class PositionFilter:
         # gate per motion mode (over all hypotheses): a turn after a long straight leg must
         # pass under the manoeuvre mode even while the cruise mode is far more probable
         d2 = d2_tilt = d2_centre = math.inf
-        joint = self.weights[:, None] * c
         T = np.hstack([np.eye(2), -fix.height_m * np.eye(2)])
-        for j in range(X.shape[1]):
-            x_mode, P_mode = _moments(joint[:, j], X[:, j], P[:, j])
+        for x_mode, P_mode in self._modes(X, P, c):
             if _radius68(P_mode[:2, :2]) > within_m:
                 continue
             innovation = fix.z - H @ x_mode

@@ -395,7 +395,7 @@ class Verifier:
             features, on_map, transform = self.region(cand, size_m)
             with self.stages("match"):
                 result = self.matcher.match(query_features, features, (centre, centre), self.heading.offset_deg, need)
-            if self.low_contrast_map is not None and agrees is not None and result.matches < need and not result.ok:
+            if self.low_contrast_map is not None and agrees is not None and result.matches < need:
                 # too few matches, not a poor fit: low-texture ground the stored features barely
                 # cover. Only near a confident track's prediction (the detections there are reused
                 # frame after frame; a search over many places would detect each of them again)
