@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mean_nav.demo_sitl import fix_truth_at_represented_time, sitl_lag
+from mean_nav.demo_sitl import fix_truth_at_represented_time, fix_truth_in_sitl_clock, sitl_lag
 
 
 def stalled_stream(stall_at=50, stall_s=0.6, n=120, period=0.1, speed=8.0):
@@ -41,6 +41,33 @@ def test_a_fix_propagated_across_a_stall_is_judged_where_a_real_vehicle_would_be
     t2, age2 = np.array([wall[60] + 0.3]), np.array([0.3])
     sx2, _ = fix_truth_at_represented_time(t2, age2, arrival, tx, ty)
     assert abs(sx2[0] - (tx[60] + 8.0 * 0.3)) < 1e-6
+
+
+def test_a_ground_station_that_reads_late_does_not_move_the_judgement_in_sitl_clock():
+    """CI failed a flight whose EKF stayed within 1 m while 442 sent fixes were 'beyond 3 x':
+    arrival stamps on the ground station's link ran late. Judged through the frame each fix came
+    from (SITL's time of its SIM_STATE) and the truth's own SITL time, reading late changes nothing."""
+    n, speed = 160, 8.0
+    sim = 0.1 * np.arange(n)
+    wall = sim + np.where(np.arange(n) >= 50, 0.6, 0.0)           # SITL stalled 0.6 s before sample 50
+    backlog = np.clip((np.arange(n) - 60) / 60.0, 0.0, 1.0) * 2.0  # the reader falls 2 s behind
+    arrival = wall + backlog
+    tx, ty = speed * sim, np.zeros(n)
+    unix_minus_mono = 1000.0
+    # the daemon's camera reads promptly: frames rendered from samples 45 and 120, stamped 5 ms later
+    frame_capture, frame_sitl = wall[[45, 120]] + 0.005, sim[[45, 120]]
+    age = np.array([1.0, 0.3])
+    fix_unix = frame_capture + age + unix_minus_mono
+    x, y, ok = fix_truth_in_sitl_clock(fix_unix, age, frame_capture, frame_sitl, sim, tx, ty, unix_minus_mono)
+    assert ok.all()
+    assert np.allclose(x, [speed * (4.5 + 1.0), speed * (12.0 + 0.3)]) and np.all(y == 0.0)
+    # through the arrival stamps the second is judged where the vehicle was 2 s earlier
+    old_x, _ = fix_truth_at_represented_time(fix_unix - unix_minus_mono, age, arrival, tx, ty)
+    assert abs(old_x[1] - x[1]) > 10.0
+    # a send whose frame is not in the log is not judged this way (left to the other methods)
+    x2, _, ok2 = fix_truth_in_sitl_clock(fix_unix + 0.2, age, frame_capture, frame_sitl, sim, tx, ty,
+                                         unix_minus_mono)
+    assert not ok2.any() and np.isnan(x2).all()
 
 
 def test_a_process_the_flight_needs_that_died_is_reported_with_its_last_words(tmp_path):

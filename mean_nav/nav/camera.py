@@ -47,7 +47,7 @@ class Frame:
     image: np.ndarray | None          # RGB uint8, None when the source delivered an unreadable frame
     time_s: float                     # capture time on the daemon's clock (monotonic) or recorded time
     index: int                        # running count from the source
-    source_time_s: float | None = None  # the recorded timestamp, for file sources
+    source_time_s: float | None = None  # the recorded timestamp (file sources); SITL's clock (sim://)
     problem: str = ""
 
 
@@ -251,7 +251,9 @@ class SimulatedCamera(FrameSource):
 
     A reader thread stamps every SIM_STATE with the host monotonic clock on arrival (the
     clock the daemon stamps telemetry with); each frame is rendered from the newest one and
-    carries its stamp, so frames agree with the attitude the daemon receives.
+    carries its stamp, so frames agree with the attitude the daemon receives. Each frame also
+    carries SITL's own time of that state (source_time_s, from the SYSTEM_TIME SITL sends just
+    before it): SITL stalls on a loaded host, and a closed-loop analysis judges in its clock.
     """
 
     live = True
@@ -264,7 +266,7 @@ class SimulatedCamera(FrameSource):
         self.cam = None
         self._ground = None
         self._conn = None
-        self._state = None              # (stamp, lat, lon, alt, roll, pitch, yaw)
+        self._state = None              # (stamp, lat, lon, alt, roll, pitch, yaw, sitl_s)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -301,9 +303,10 @@ class SimulatedCamera(FrameSource):
 
     def _reader(self, conn, MAV) -> None:
         requested_at = -math.inf
+        sitl_s = None
         while not self._stop.is_set():
             try:
-                msg = conn.recv_match(type=["SIM_STATE", "HEARTBEAT"], blocking=True, timeout=0.1)
+                msg = conn.recv_match(type=["SIM_STATE", "SYSTEM_TIME", "HEARTBEAT"], blocking=True, timeout=0.1)
             except Exception:
                 return
             now = time.monotonic()
@@ -311,10 +314,13 @@ class SimulatedCamera(FrameSource):
                 continue
             if msg.get_type() == "HEARTBEAT":
                 if (self._state is None or now - self._state[0] > 1.0) and now - requested_at > 2.0:
-                    requested_at = now   # ask for the truth at 50 Hz on this link
-                    conn.mav.command_long_send(msg.get_srcSystem(), msg.get_srcComponent(),
-                                               MAV.MAV_CMD_SET_MESSAGE_INTERVAL, 0,
-                                               MAV.MAVLINK_MSG_ID_SIM_STATE, 20000, 0, 0, 0, 0, 0)
+                    requested_at = now   # ask for the truth at 50 Hz on this link, and SITL's clock with it
+                    for msg_id in (MAV.MAVLINK_MSG_ID_SYSTEM_TIME, MAV.MAVLINK_MSG_ID_SIM_STATE):
+                        conn.mav.command_long_send(msg.get_srcSystem(), msg.get_srcComponent(),
+                                                   MAV.MAV_CMD_SET_MESSAGE_INTERVAL, 0, msg_id, 20000, 0, 0, 0, 0, 0)
+                continue
+            if msg.get_type() == "SYSTEM_TIME":
+                sitl_s = msg.time_boot_ms / 1000.0
                 continue
             lat = msg.lat_int / 1e7 if msg.lat_int else msg.lat
             lon = msg.lon_int / 1e7 if msg.lon_int else msg.lon
@@ -322,7 +328,7 @@ class SimulatedCamera(FrameSource):
                 self.ground_amsl_m = float(msg.alt)
                 log.info("camera %s: ground at %.1f m AMSL (first SIM_STATE)", self.uri, msg.alt)
             with self._cond:
-                self._state = (now, lat, lon, float(msg.alt), msg.roll, msg.pitch, msg.yaw)
+                self._state = (now, lat, lon, float(msg.alt), msg.roll, msg.pitch, msg.yaw, sitl_s)
                 self._cond.notify_all()
 
     def read(self) -> Frame | None:
@@ -341,13 +347,13 @@ class SimulatedCamera(FrameSource):
             state = self._state
         if state is None or time.monotonic() - state[0] >= 0.5:
             return None     # the simulator is not streaming its true state
-        stamp, lat, lon, alt, roll, pitch, yaw = state
+        stamp, lat, lon, alt, roll, pitch, yaw, sitl_s = state
         x, y = from_lonlat(self.raster.crs, lon, lat)
         height = max(alt - self.ground_amsl_m, 0.5)
         m = self._shift @ self.raster.map_from_ground(float(x), float(y))
         view = render_view(self._ground, m, self.cam, roll, pitch, yaw, height)
         self._count += 1
-        return Frame(view, stamp, self._count - 1)
+        return Frame(view, stamp, self._count - 1, source_time_s=sitl_s)
 
     def close(self) -> None:
         self._stop.set()
