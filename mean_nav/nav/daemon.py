@@ -245,7 +245,7 @@ class NavDaemon:
             self.last_fix_s = frame.time_s
         # the output loop propagates this state to each send time
         self.output.update(self.localizer.filter, self.last_fix_s, self.localizer.cache.xy_to_lonlat,
-                           self.localizer.too_low)
+                           self.localizer.too_low, self.localizer.visual_floor_m)
         processing_s = est.latency_s if math.isfinite(est.latency_s) else 0.0
         done = time.monotonic()
         latency = done - frame.time_s
@@ -263,7 +263,9 @@ class NavDaemon:
                   "sigma_h_m": _num(est.sigma_h_m, 2), "vn": round(est.vn, 2), "ve": round(est.ve, 2),
                   "tile": est.tile_id, "inliers": est.inliers, "queue_ms": round(queue_s * 1000, 1),
                   "processing_ms": round(processing_s * 1000, 1), "latency_ms": round(latency * 1000, 1),
-                  "reason": est.reason or frame.problem}
+                  "reason": est.reason or frame.problem,
+                  # where the time went (a slow frame says which step was slow)
+                  "stages_ms": {k: round(v * 1000, 1) for k, v in self.localizer.stages.seconds.items()}}
         tel = self.link.telemetry.at(frame.time_s)
         if tel is not None:   # the attitude the frame was rectified with (against a simulator's truth)
             record["roll_deg"], record["pitch_deg"] = _num(math.degrees(tel.roll), 2), _num(math.degrees(tel.pitch), 2)
