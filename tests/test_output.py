@@ -107,6 +107,25 @@ def test_below_the_visual_floor_the_last_fix_is_held_for_low_hold_s_with_growing
     assert "max_sigma_m" in loop.estimate_at(last + 7.9).reason
 
 
+def test_descending_onto_the_visual_floor_holds_the_fix_before_a_frame_is_below_it():
+    """SITL LAND at 1 m/s: the last fix came at 6.3 m, the frames between it and the 5 m floor
+    correlated ambiguously, and the fix aged out 0.4 s before a frame below the floor arrived
+    (GPS2 'no fix' twice). Reaching the floor within fix_max_age_s at the descent rate holds."""
+    flt, last = moving_track(speed_e=0.2)
+    loop = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=20.0))
+    loop.update(flt, last, identity_lonlat, too_low=False, visual_floor_m=5.0)
+    landing = loop.estimate_at(last + 1.7, telemetry(rel_alt_m=5.3, vd=1.0))
+    assert landing.fix == FixQuality.FIX and "descending onto the visual floor" in landing.reason
+    assert landing.ve == 0.0 and landing.vn == 0.0
+    # hovering just above the floor, descending slowly, or high up: the ordinary age limit
+    for tel in (telemetry(rel_alt_m=5.3, vd=0.0), telemetry(rel_alt_m=5.3, vd=0.2),
+                telemetry(rel_alt_m=30.0, vd=1.0), None):
+        assert loop.estimate_at(last + 1.7, tel).fix == FixQuality.NONE, tel
+    # a caller that does not say where the floor is gets no such hold
+    loop.update(flt, last, identity_lonlat, too_low=False)
+    assert loop.estimate_at(last + 1.7, telemetry(rel_alt_m=5.3, vd=1.0)).fix == FixQuality.NONE
+
+
 def test_a_landed_hold_says_velocity_zero_and_its_accuracy_stops_growing():
     flt, last = moving_track(speed_e=1.0)
     loop = make_loop(OutputConfig(fix_max_age_s=1.5, low_hold_s=15.0, ground_height_m=0.5))

@@ -9,8 +9,8 @@ be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
     and the reported accuracy is the propagated covariance: it grows honestly between fixes;
   - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`;
     otherwise "no fix" (GPS_INPUT fix_type 1). Below the camera's visual floor (the last metres
-    of a landing, where no view holds enough map pixels) the last fix is held for `low_hold_s`:
-    its position, velocity 0, and accuracies that cover the filter's propagated spread and the
+    of a landing, where no view holds enough map pixels, or descending onto it) the last fix is
+    held for `low_hold_s`: its position, velocity 0, and accuracies that cover the filter's propagated spread and the
     step to its extrapolation; once landed (`ground_height_m`) velocity 0 with 0.1 m/s and the
     accuracy frozen at touchdown (a landed vehicle does not move). Not the extrapolation itself: the autopilot holds position in
     that descent, and the velocity of the last fix, fed back through its position hold, drove
@@ -59,7 +59,8 @@ class OutputConfig:
     # tripped EKF3's variance failsafe; EKF3's own IMU dead reckoning bridges such gaps better
     fix_max_age_s: float = bounded(1.5, gt=0, le=60, unit="s")
     # below the visual floor (localizer.min_height_m, or a footprint under
-    # localizer.correlate.min_footprint_px map pixels: ~4 m at 0.25 m/px, 70 deg lens) the last
+    # localizer.correlate.min_footprint_px map pixels: ~4 m at 0.25 m/px, 70 deg lens), or
+    # descending onto it (there within fix_max_age_s at the autopilot's descent rate), the last
     # fix goes on as fix_type 3 this long (velocity 0, accuracy growing as the filter's spread),
     # while its 68 % radius stays within filter.max_sigma_m: a landing descends the last metres
     # without the autopilot losing its GPS (5 m at Copter's default LAND_SPEED 0.5 m/s: 10 s). 0: off
@@ -154,6 +155,7 @@ class TrackSnapshot:
     xy_to_lonlat: object         # the tile cache's CRS conversion
     too_low: bool = False        # the newest frame was below the camera's visual floor
     fix_xy: tuple | None = None  # the filter's position at the last fix (what a hold sends)
+    visual_floor_m: float = math.nan   # that floor (height above ground)
 
 
 class OutputLoop:
@@ -175,9 +177,11 @@ class OutputLoop:
         self._log = None
         self._touchdown: tuple[float, float] | None = None   # (last_fix_s of the hold, accuracy then)
 
-    def update(self, position_filter, last_fix_s: float, xy_to_lonlat, too_low: bool = False) -> None:
+    def update(self, position_filter, last_fix_s: float, xy_to_lonlat, too_low: bool = False,
+               visual_floor_m: float = math.nan) -> None:
         """Called after every processed frame: copy the filter state for the loop to propagate."""
-        snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat, too_low) \
+        snap = TrackSnapshot(copy.deepcopy(position_filter), last_fix_s, xy_to_lonlat, too_low,
+                             visual_floor_m=visual_floor_m) \
             if position_filter.tracking else None
         with self._lock:
             if snap is not None:
@@ -210,7 +214,8 @@ class OutputLoop:
         if snap is None:
             return Estimate(time_s=t, fix=FixQuality.NONE, reason="no track")
         age = t - snap.last_fix_s
-        hold = snap.too_low and snap.fix_xy is not None and self.cfg.fix_max_age_s < age <= self.cfg.low_hold_s
+        low = snap.too_low or self._descending_onto_floor(telemetry, snap.visual_floor_m)
+        hold = low and snap.fix_xy is not None and self.cfg.fix_max_age_s < age <= self.cfg.low_hold_s
         if not (age <= self.cfg.fix_max_age_s or hold):
             return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"last visual fix {age:.1f} s old")
         flt = copy.deepcopy(snap.filter)
@@ -235,13 +240,25 @@ class OutputLoop:
             if sigma_h > snap.filter.cfg.max_sigma_m:
                 return Estimate(time_s=t, fix=FixQuality.NONE, reason=f"held fix {age:.1f} s old: 68% radius "
                                 f"{sigma_h:.0f} m above filter.max_sigma_m")
-            reason = (f"{'landed' if self._touchdown else 'below the visual floor'}: last fix held "
-                      f"({age:.1f} s)")
+            where = "landed" if self._touchdown else "below the visual floor" if snap.too_low else \
+                "descending onto the visual floor"
+            reason = f"{where}: last fix held ({age:.1f} s)"
         lon, lat = snap.xy_to_lonlat(x, y)
         alt = self.altitude.altitude(telemetry, origin_alt_m, float(lat), float(lon))
         return Estimate(time_s=t, fix=FixQuality.FIX, lat=float(lat), lon=float(lon), alt_m=float(alt),
                         vn=float(vy), ve=float(vx), vd=0.0, sigma_h_m=float(sigma_h),
                         sigma_v_m=self.vertical_sigma_m, sigma_speed_ms=float(sigma_speed), reason=reason)
+
+    def _descending_onto_floor(self, telemetry, floor_m: float) -> bool:
+        """Reaches the visual floor within fix_max_age_s at the autopilot's descent rate. The last
+        metres above the floor give no fix either (a view of ~1 % of a tile correlates
+        ambiguously), and waiting for a frame below it left GPS2 without a fix for 0.4 s of
+        a SITL landing."""
+        if telemetry is None or not math.isfinite(floor_m):
+            return False
+        h, vd = telemetry.height_above_ground_m, telemetry.vd
+        return math.isfinite(h) and math.isfinite(vd) and vd > LANDED_MAX_VZ_MS and \
+            h - floor_m <= vd * self.cfg.fix_max_age_s
 
     def _landed(self, telemetry) -> bool:
         if telemetry is None:
