@@ -480,6 +480,18 @@ def fix_truth_in_sitl_clock(fix_unix: np.ndarray, age: np.ndarray, frame_capture
     return x, y, ok
 
 
+STALL_GAP_S = 1.0       # frames finished this far apart (2 fps: two periods) are a processing stall
+STALL_SLACK_S = 0.6     # GPS2_RAW reports a fix type up to a few of its 0.2 s samples later
+
+
+def processing_stalls(frames: list[dict], unix_minus_mono: float) -> list[tuple[float, float]]:
+    """(start, end) unix times in which the daemon finished no frame for STALL_GAP_S or more:
+    from the last frame finished before to the first after, plus STALL_SLACK_S."""
+    done = sorted(r["capture_s"] + r["latency_ms"] / 1000.0 + unix_minus_mono for r in frames
+                  if r.get("latency_ms") is not None)
+    return [(a, b + STALL_SLACK_S) for a, b in zip(done[:-1], done[1:]) if b - a >= STALL_GAP_S]
+
+
 def distance_to_polyline(points: np.ndarray, route: np.ndarray) -> np.ndarray:
     """Distance of each (N, 2) point to the polyline through route (M, 2)."""
     best = np.full(len(points), np.inf)
@@ -593,6 +605,9 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
     flying = (send_t > events.get("airborne", math.inf)) & (send_t < t_land)
     intervals = np.diff(send_t)
     gps2_on = [g for g in gcs.gps2 if t_switch < g[0] < t_end]
+    stalls = processing_stalls(frames, unix_minus_mono)
+    below = [g[0] for g in gps2_on if g[1] < 3]
+    in_stalls = sum(any(a < t <= b for a, b in stalls) for t in below)
     ms = lambda key: [r[key] for r in frames if r.get(key) is not None]
     failsafes = [txt for t, txt in gcs.texts if "failsafe" in txt.lower() and t_switch < t < t_end]
     landing = [txt for t, txt in gcs.texts if t >= t_land]
@@ -635,7 +650,12 @@ def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame,
                       "ground_station_read_delay_p95_s": _r(np.percentile(judged.read_delay, 95)),
                       "ground_station_read_delay_max_s": _r(np.max(judged.read_delay)),
                       "accuracy_median_m": _r(np.median(sigma)) if sigma.size else None},
-        "gps2_raw_on_mean_nav": {"samples": len(gps2_on), "below_3d": sum(g[1] < 3 for g in gps2_on)},
+        "gps2_raw_on_mean_nav": {"samples": len(gps2_on), "below_3d": len(below),
+                                 # "no fix" while the daemon finished no frame for >= 1 s (a
+                                 # stalled host): withholding a stale fix is the design
+                                 "below_3d_in_processing_stalls": in_stalls,
+                                 "processing_stalls_s": [_r(b - a - STALL_SLACK_S) for a, b in stalls
+                                                         if t_switch < b and a < t_end]},
         "velocity": velocity,
         "frames": {"processed": len(frames), "fixes": sum(r["fix"] == 3 for r in frames),
                    "processing_ms_median": _r(np.median(ms("processing_ms"))) if frames else None,

@@ -33,8 +33,11 @@ def test_copter_flies_a_route_gnss_free_on_mean_nav_and_lands_healthy(tmp_path):
     # touchdown: no failsafe, GPS2 3D throughout (the last 5 m on the held fix)
     assert summary["seconds_on_mean_nav"] > 60 and landing["seconds"] > 20
     assert ap["failsafes_on_mean_nav"] == [], ap["messages_after_switch"]
-    assert summary["gps2_raw_on_mean_nav"]["samples"] > 300
-    assert summary["gps2_raw_on_mean_nav"]["below_3d"] == 0
+    gps2 = summary["gps2_raw_on_mean_nav"]
+    assert gps2["samples"] > 300
+    # GPS2 3D throughout, except where the host stalled the daemon past fix_max_age_s (it then
+    # rightly sends no fix): at most 3 % of the samples, and never without such a stall
+    assert gps2["below_3d"] == gps2["below_3d_in_processing_stalls"] <= 0.03 * gps2["samples"], gps2
     # the vehicle really flew the route (truth from SIM_STATE, not what the EKF believed)
     assert route["true_track_to_route_max_m"] < 5.0
     # every 3D fix within 3 x its reported accuracy of the truth; a steady stream ArduPilot accepts
