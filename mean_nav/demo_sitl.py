@@ -779,6 +779,9 @@ def print_summary(summary: dict, out: Path) -> None:
           f"{g['fix3_beyond_3_sigma']} ({g['fix3_judged_in_sitl_clock']} judged in SITL's clock; "
           f"{g['fix3_beyond_3_sigma_wall_time']} at wall time; SITL lost {g['sitl_time_lost_s']} s, ground "
           f"station read SIM_STATE up to {g['ground_station_read_delay_max_s']} s late)")
+    g2 = summary["gps2_raw_on_mean_nav"]
+    print(f"GPS2_RAW on mean-nav: {g2['samples']} samples, {g2['below_3d']} below 3D "
+          f"({g2['below_3d_in_processing_stalls']} inside processing stalls of {g2['processing_stalls_s']} s)")
     print(f"frames: {f['processed']} at {f['rate_hz']} Hz, {f['fixes']} fixes, processing median "
           f"{f['processing_ms_median']} ms p95 {f['processing_ms_p95']} ms, capture-to-fix latency median "
           f"{f['latency_ms_median']} ms p95 {f['latency_ms_p95']} ms")
