@@ -312,3 +312,21 @@ def test_photos_seconds_apart_leave_the_cruise_mode_tight_and_the_restricted_gat
     assert f.mahalanobis2(t, off, R, 40.0) <= f.cfg.gate_chi2
     assert f.mahalanobis2(t, off, R, 40.0, within_m=30.0) > f.cfg.gate_chi2
     assert f.mahalanobis2(t, straight, R, 40.0, within_m=cruise / 2) == math.inf   # no mode that tight
+
+
+def test_the_reported_68_radius_holds_68_percent_of_any_error_ellipse():
+    """The circular formula (trace) holds 70-72 % of an elongated error; the reported radius is
+    exact for any ellipse (checked by sampling), and the same as before for a circular one."""
+    from mean_nav.nav.filter import RADIUS68_PER_SIGMA, _radius68, radius68_of
+
+    rng = np.random.default_rng(5)
+    assert radius68_of(np.diag([4.0, 4.0])) == pytest.approx(2.0 * RADIUS68_PER_SIGMA, rel=1e-6)
+    assert radius68_of(np.zeros((2, 2))) == 0.0
+    for ratio in (0.0, 0.01, 0.2, 0.6):
+        angle = rng.uniform(0, math.pi)
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        cov = rot @ np.diag([9.0, 9.0 * ratio]) @ rot.T
+        errors = np.hypot(*rng.multivariate_normal([0.0, 0.0], cov, 60_000).T)
+        assert np.mean(errors <= radius68_of(cov)) == pytest.approx(0.6827, abs=0.006), ratio
+        if ratio < 0.3:   # where the circular formula is measurably wide
+            assert np.mean(errors <= _radius68(cov)) > 0.695, ratio
