@@ -233,10 +233,22 @@ class Localizer:
         problem = self._check_frame(frame) or self._check_telemetry(telemetry, t)
         if problem:
             return self._no_fix(t, telemetry, problem)
+        # a known heading error: rectify with the corrected yaw (one resampling, the view comes
+        # out north-up on the map's pixel grid) rather than match a view turned against it
+        heading = self.verifier.heading
+        turn = heading.offset_deg if abs(heading.offset_deg) >= 1.0 else 0.0
+        with heading.in_turned_view(turn):
+            return self._localize_view(frame, telemetry, t, turn)
+
+    def _localize_view(self, frame, telemetry, t, turn_deg: float) -> Estimate:
         h = telemetry.height_above_ground_m
+        gimbal = gimbal_attitude(telemetry)
+        yaw = telemetry.yaw + math.radians(turn_deg)
+        if gimbal is not None:
+            gimbal = (gimbal[0], gimbal[1], gimbal[2] + math.radians(turn_deg))
         with self.stages("rectify"):
-            query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, telemetry.yaw,
-                                            h, self.gsd_m, self.view_px, gimbal=gimbal_attitude(telemetry))
+            query, valid = rectify_to_nadir(frame, self.camera, telemetry.roll, telemetry.pitch, yaw,
+                                            h, self.gsd_m, self.view_px, gimbal=gimbal)
             query, valid = footprint_view(query, valid, self.tile_px)
         tile_valid = centre_crop(valid, self.tile_px)
         why_not_correlated = ""
@@ -290,6 +302,10 @@ class Localizer:
 
     def _fuse(self, t, telemetry, measurement: Measurement, h: float) -> Estimate:
         self._verified_xy = (measurement.x, measurement.y)
+        # measured on a view rectified with the corrected yaw: the telemetry's own error is that plus the turn
+        turn = self.verifier.heading.view_turn_deg
+        if turn and math.isfinite(measurement.heading_error_deg):
+            measurement.heading_error_deg = (measurement.heading_error_deg - turn + 180.0) % 360.0 - 180.0
         # the attitude interpolated between telemetry samples across a change it cannot time
         # is off for this one frame: white error, not the slow attitude bias the filter tracks.
         # That slow error moves the measured nadir by height x angle: the filter carries it as

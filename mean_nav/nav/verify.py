@@ -24,6 +24,7 @@ own keypoint offset (SIFT's 0.25 px: it does not turn with a turned view).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -118,6 +119,24 @@ class HeadingTracker:
         self.cfg = cfg
         self.offset_deg = 0.0
         self._proposal: _Proposal | None = None
+        self.view_turn_deg = 0.0    # inside in_turned_view: how far the view is already turned
+
+    @contextlib.contextmanager
+    def in_turned_view(self, turn_deg: float):
+        """Work on a view already turned by `turn_deg` (rectified with the corrected yaw):
+        inside, the known offset and any proposal are relative to that view."""
+        self._shift(-turn_deg)
+        self.view_turn_deg = turn_deg
+        try:
+            yield
+        finally:
+            self.view_turn_deg = 0.0
+            self._shift(turn_deg)
+
+    def _shift(self, deg: float) -> None:
+        self.offset_deg = _wrap(self.offset_deg + deg)
+        if self._proposal is not None:
+            self._proposal = dataclasses.replace(self._proposal, rotation_deg=_wrap(self._proposal.rotation_deg + deg))
 
     def pending_deg(self, t: float) -> float | None:
         """The turn a proposal not yet confirmed measured, while a frame at `t` may still confirm it."""
@@ -274,8 +293,9 @@ class Verifier:
             return best, ""
         if strong_turns and agrees is not None:
             result, _ = max(strong_turns, key=lambda rm: rm[0].inliers)
-            reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with {result.inliers} "
-                              f"inliers: the track holds the heading error of {int(round(-self.heading.offset_deg))} deg")
+            reasons.insert(0, f"view turned {_wrap(result.rotation_deg + self.heading.view_turn_deg):.0f} deg against the map with {result.inliers} "
+                              f"inliers: the track holds the heading error of "
+                              f"{int(round(-self.heading.offset_deg - self.heading.view_turn_deg))} deg")
         elif strong_turns:
             result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
             first = self.heading.propose(result.rotation_deg, t, m.x, m.y, m, height_m)
@@ -284,7 +304,7 @@ class Verifier:
                 if first.measurement is not None:
                     m.earlier = (first.time_s, first.height_m, first.measurement)
                 return m, ""
-            reasons.insert(0, f"view turned {result.rotation_deg:.0f} deg against the map with "
+            reasons.insert(0, f"view turned {_wrap(result.rotation_deg + self.heading.view_turn_deg):.0f} deg against the map with "
                               f"{result.inliers} inliers: heading error not yet confirmed by a second frame")
         if not seen and not reasons:
             return None, "no map tile near the expected position"
