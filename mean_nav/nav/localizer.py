@@ -303,9 +303,8 @@ class Localizer:
     def _fuse(self, t, telemetry, measurement: Measurement, h: float) -> Estimate:
         self._verified_xy = (measurement.x, measurement.y)
         # measured on a view rectified with the corrected yaw: the telemetry's own error is that plus the turn
-        turn = self.verifier.heading.view_turn_deg
-        if turn and math.isfinite(measurement.heading_error_deg):
-            measurement.heading_error_deg = (measurement.heading_error_deg - turn + 180.0) % 360.0 - 180.0
+        if math.isfinite(measurement.heading_error_deg):
+            measurement.heading_error_deg = self.verifier.heading.telemetry_error_deg(measurement.heading_error_deg)
         # the attitude interpolated between telemetry samples across a change it cannot time
         # is off for this one frame: white error, not the slow attitude bias the filter tracks.
         # That slow error moves the measured nadir by height x angle: the filter carries it as

@@ -133,6 +133,10 @@ class HeadingTracker:
             self.view_turn_deg = 0.0
             self._shift(turn_deg)
 
+    def telemetry_error_deg(self, view_error_deg: float) -> float:
+        """A heading error measured on the current view as the telemetry's own (the view's turn added)."""
+        return _wrap(view_error_deg - self.view_turn_deg)
+
     def _shift(self, deg: float) -> None:
         self.offset_deg = _wrap(self.offset_deg + deg)
         if self._proposal is not None:
