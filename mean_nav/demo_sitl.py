@@ -327,9 +327,10 @@ def fly(out: Path, cfg: SitlFlightConfig | None = None, progress: bool = True) -
     events["total_s"] = time.time() - started
     np.savez(out / "series.npz", truth=np.array(gcs.truth), ekf=np.array(gcs.ekf), gps2=np.array(gcs.gps2),
              gps1=np.array(gcs.gps1), texts=np.array(gcs.texts, dtype=object), events=json.dumps(events))
-    summary = analyse(out, gcs, cfg, lonlat, frame, events)
+    judged = _judged(out, gcs, frame)
+    summary = analyse(out, gcs, cfg, frame, events, judged)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    plot_report(out, world, gcs, cfg, lonlat, frame, events)
+    plot_report(world, out, cfg, frame, events, judged)
     return summary
 
 
@@ -525,6 +526,7 @@ class Judged:
     lag: np.ndarray            # wall minus SITL time (SITL's stalls)
     read_delay: np.ndarray     # how late the ground station read each SIM_STATE, beyond the stalls
     frames: list
+    unix_minus_mono: float     # the host's clocks: the daemon's monotonic stamps to unix time
 
 
 def _judged(out: Path, gcs: GroundStation, frame) -> Judged:
@@ -571,14 +573,13 @@ def _judged(out: Path, gcs: GroundStation, frame) -> Judged:
     wall, sim = (truth[timed, 0], truth_sitl[timed]) if in_sitl_clock else (truth[:, 0], None)
     lag, sim = sitl_lag(wall, sim=sim)
     return Judged(truth, tx, ty, ekf, ekf_err, fixes, fix_t, fix_err, wall_err, sigma, judged, lag,
-                  wall - sim - lag, frames)
+                  wall - sim - lag, frames, unix_minus_mono)
 
 
-def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame, events: dict) -> dict:
-    judged = _judged(out, gcs, frame)
+def analyse(out: Path, gcs: GroundStation, cfg: SitlFlightConfig, frame, events: dict, judged: Judged) -> dict:
     truth, tx, ty, ekf, ekf_err = judged.truth, judged.tx, judged.ty, judged.ekf, judged.ekf_err
     ex, ey = _local(frame, ekf[:, 1], ekf[:, 2])
-    unix_minus_mono = time.time() - time.monotonic()
+    unix_minus_mono = judged.unix_minus_mono
     t_switch = events.get("switched", math.inf)
     t_land = events.get("landing", math.inf)
     # the health window: from the switch to mean-nav alone until touchdown (the true height above
@@ -717,7 +718,7 @@ def _r(v, digits: int = 2):
     return round(float(v), digits) if v is not None and math.isfinite(float(v)) else None
 
 
-def plot_report(out: Path, world: Path, gcs: GroundStation, cfg: SitlFlightConfig, lonlat, frame, events) -> None:
+def plot_report(world: Path, out: Path, cfg: SitlFlightConfig, frame, events, j: Judged) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -727,7 +728,6 @@ def plot_report(out: Path, world: Path, gcs: GroundStation, cfg: SitlFlightConfi
     raster = read_metric_raster([world], 1.0)
     left, bottom, right, top = raster.bounds
     _, x0, y0 = frame
-    j = _judged(out, gcs, frame)
     truth, ekf, tx, ty, fixes = j.truth, j.ekf, j.tx, j.ty, j.fixes
     ex, ey = _local(frame, ekf[:, 1], ekf[:, 2])
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.3]})
