@@ -10,8 +10,8 @@ be processed. This loop sends at `rate_hz` (5 Hz by default) on its own thread:
   - fix_type 3 only while the filter holds a gated visual fix younger than `fix_max_age_s`;
     otherwise "no fix" (GPS_INPUT fix_type 1). Below the camera's visual floor (the last metres
     of a landing, where no view holds enough map pixels, or descending onto it) the last fix is
-    held for `low_hold_s`: its position, velocity 0, and accuracies that cover the filter's propagated spread and the
-    step to its extrapolation; once landed (`ground_height_m`) velocity 0 with 0.1 m/s and the
+    held for `low_hold_s`: its position, velocity 0, and accuracies that cover the filter's
+    propagated spread and the step to its extrapolation; once landed (`ground_height_m`) velocity 0 with 0.1 m/s and the
     accuracy frozen at touchdown (a landed vehicle does not move). Not the extrapolation itself: the autopilot holds position in
     that descent, and the velocity of the last fix, fed back through its position hold, drove
     the EKF 39 m off on ArduCopter SITL (the extrapolation drifted 15 m in 10 s at 1.5 m/s);
