@@ -8,6 +8,7 @@ import pytest
 
 from mean_nav.errors import MeanNavError
 from mean_nav.nav.estimate import FixQuality
+from mean_nav.nav.filter import RADIUS68_PER_SIGMA
 from mean_nav.nav.localizer import Localizer, LocalizerConfig
 from mean_nav.nav.telemetry import Telemetry
 from nav_testing import SHARED_DATA, ThumbnailEmbedder, build_test_cache, require_shared_data, simulate
@@ -342,3 +343,25 @@ def test_without_a_track_more_retrieved_tiles_are_verified(cache, flight):
     tracking = list(loc.acquisition.candidates(view, 0.5, loc.filter))
     # the map at the prediction, then top_k retrieved tiles near the track
     assert len(tracking) == 1 + 3 and math.isnan(tracking[0].score)
+
+
+def test_a_vague_track_still_verifies_the_map_at_its_prediction_first(cache, flight):
+    # photos seconds apart: after 8 s the manoeuvre mode is tens of metres wide, and over a
+    # small footprint retrieval rarely ranks the true tile among the few it returns
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(top_k=3))
+    i = len(cache) // 2
+    x, y = float(cache.x[i]), float(cache.y[i])
+    for t in (0.0, 1.0, 2.0):
+        loc.filter.update(t, [x, y], np.eye(2) * 0.25, 60.0, confirmed=True)
+    t = 10.0
+    (mean, cov), modes = loc.filter.position_at(t), loc.filter.mode_positions_at(t)
+    assert RADIUS68_PER_SIGMA * math.sqrt(np.trace(cov) / 2) > loc.cfg.confident_sigma_m
+    tight = min(zip(loc.filter.mode_radii_at(t), modes), key=lambda m: m[0])[1][0]
+    first = next(iter(loc.acquisition.candidates(cache.tile_image(i), t, loc.filter)))
+    assert math.isnan(first.score) and first.tile_id == cache.tile_at(*tight) == i
+    # a track the filter cannot place within the confident radius in any mode: its mean
+    loc.cfg.confident_sigma_m = 0.01
+    first = next(iter(loc.acquisition.candidates(cache.tile_image(i), t, loc.filter)))
+    assert math.isnan(first.score) and first.tile_id == cache.tile_at(*mean)
+    loc.cfg.verify_prediction = False
+    assert not math.isnan(next(iter(loc.acquisition.candidates(cache.tile_image(i), t, loc.filter))).score)

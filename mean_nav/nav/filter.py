@@ -387,9 +387,14 @@ class PositionFilter:
         """Predicted 68 % radius at time t of each motion mode (cruise, manoeuvre); [] without
         a track. Photos seconds apart leave the manoeuvre mode tens of metres wide while the
         cruise mode still knows the place within metres."""
+        return [_radius68(cov) for _, cov in self.mode_positions_at(t)]
+
+    def mode_positions_at(self, t: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Predicted (position, 2x2 covariance) at time t of each motion mode (cruise,
+        manoeuvre); [] without a track."""
         if self._bank is None or t < self.t:
             return []
-        return [_radius68(P_mode[:2, :2]) for _, P_mode in self._modes(*self._predicted(t))]
+        return [(X_mode[:2].copy(), P_mode[:2, :2].copy()) for X_mode, P_mode in self._modes(*self._predicted(t))]
 
     def _modes(self, X, P, c) -> list[tuple[np.ndarray, np.ndarray]]:
         """(state, covariance) of each motion mode over all hypotheses, from a prediction."""

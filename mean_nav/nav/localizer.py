@@ -72,8 +72,8 @@ class LocalizerConfig:
     lost_top_k: int = bounded(8, ge=1, le=1000)
     # added to the filter's 3-sigma radius when searching near it
     search_radius_m: float = bounded(60.0, ge=0, le=1e5, unit="m")
-    # filter 68 % radius below which the search stays near it (and a motion mode's, below which
-    # weak fits count: track_min_inliers)
+    # a motion mode's 68 % radius below which its prediction is the place verified first (else
+    # the track's mean) and weak fits near it count (track_min_inliers)
     confident_sigma_m: float = bounded(30.0, gt=0, le=1e4, unit="m")
     # search radius around initial_lonlat before the first fix
     initial_radius_m: float = bounded(500.0, gt=0, le=1e6, unit="m")
