@@ -133,9 +133,9 @@ FLIGHTS: list[FieldFlight] = [
                 SMALL, dict(altitude_m=60, fps=1.0, duration_s=120)),
     FieldFlight("survey_40m", "photo survey 40 m above ground, photos 8.3 s apart (0.12 Hz)",
                 SMALL, dict(altitude_m=40, altitude_change_m=3, speed_ms=3, speed_change_ms=0.5, fps=0.12,
-                            duration_s=240)),
+                            duration_s=800)),
     FieldFlight("gimbal_120m", "photos 20 s apart (0.05 Hz) at 120 m, gimbal-stabilised camera, vehicle "
-                "pitched 10 deg", LARGE, dict(altitude_m=120, speed_ms=10, fps=0.05, duration_s=400,
+                "pitched 10 deg", LARGE, dict(altitude_m=120, speed_ms=10, fps=0.05, duration_s=2000,
                                               gimbal=True, cruise_pitch_deg=10, margin_m=100),
                 LARGE_CACHE, fly_sheets=(CENTRE,)),
     FieldFlight("attitude_2deg_150m", "150 m with 2 deg slowly varying attitude error",
