@@ -218,3 +218,11 @@ def test_a_stop_brakes_nose_up_to_a_hover_at_its_waypoint_then_flies_on():
     assert np.hypot(stop.vn[after], stop.ve[after]).max() > 7.0      # flies on
     # without stop_s the route is flown exactly as before the option existed
     assert np.array_equal(fly(route, SimulationConfig(**calm, stop_waypoint=1), np.random.default_rng(0)).x, plain.x)
+
+
+def test_a_duration_over_an_hour_laps_the_route_until_it_is_flown():
+    from mean_nav.replay.simulate import fly
+
+    route = [(0.0, 0.0, 60.0, 10.0), (0.0, 300.0, 60.0, 10.0), (300.0, 300.0, 60.0, 10.0), (300.0, 0.0, 60.0, 10.0)]
+    trajectory = fly(route, SimulationConfig(turbulence_deg=0.0, duration_s=3700.0), np.random.default_rng(0))
+    assert trajectory.time_s[-1] == pytest.approx(3700.0, abs=0.05)
