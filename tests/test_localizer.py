@@ -365,3 +365,25 @@ def test_a_vague_track_still_verifies_the_map_at_its_prediction_first(cache, fli
     assert math.isnan(first.score) and first.tile_id == cache.tile_at(*mean)
     loc.cfg.verify_prediction = False
     assert not math.isnan(next(iter(loc.acquisition.candidates(cache.tile_image(i), t, loc.filter))).score)
+
+
+def test_warm_up_runs_the_frame_path_once_and_leaves_the_localizer_as_it_was(cache, flight):
+    import mean_nav.nav.filter as filter_module
+
+    batches = []
+
+    class Counting(ThumbnailEmbedder):
+        def _embed_batch(self, batch_uint8):
+            batches.append(batch_uint8.shape)
+            return super()._embed_batch(batch_uint8)
+
+    frames = frames_of(flight, 4)
+    cold = run(Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig()), frames)
+    loc = Localizer(Counting(), cache, flight.camera, LocalizerConfig())
+    filter_module._radius68_per_major = None
+    assert loc.warm_up() > 0
+    assert len(batches) == 1 and filter_module._radius68_per_major is not None
+    assert not loc.filter.tracking and loc.acquisition.anchor_t is None and not loc.notices
+    warm = run(loc, frames)
+    assert [(e.fix, e.lat, e.lon, e.sigma_h_m) for e in warm] == [(e.fix, e.lat, e.lon, e.sigma_h_m) for e in cold]
+    assert any(e.fix == FixQuality.FIX for e in warm)

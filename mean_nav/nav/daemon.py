@@ -165,6 +165,8 @@ class NavDaemon:
     def run(self, duration_s: float | None = None) -> int:
         """Run until stopped, the duration passes, or a file source ends. Returns 0."""
         handlers = self._install_signal_handlers()
+        # before any thread runs: first-use set-up would otherwise hold the first frame in flight
+        log.info("warm-up: %.0f ms", 1e3 * self.localizer.warm_up())
         grabber = LatestFrameGrabber(self.source, reopen_max_s=self.cfg.camera.reopen_max_s)
         if self.cfg.frame_log:
             Path(self.cfg.frame_log).parent.mkdir(parents=True, exist_ok=True)
