@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mean_nav.bench.field import COLUMNS, FOOTPRINT_ON_MAP, score, suite
+from mean_nav.bench.field import COLUMNS, FOOTPRINT_ON_MAP, coverage_sd, score, suite
 from mean_nav.cli import main
 from mean_nav.errors import MeanNavError
 from mean_nav.nav.estimate import FixQuality
@@ -134,3 +134,17 @@ def test_footprint_on_map_sees_how_much_of_the_camera_view_is_map(tmp_path):
     assert on_map[2] == 1.0
     valid[:, :100] = False                                  # a hole under the third nadir
     assert footprint_on_map(flight, raster)[2] < 0.05
+
+
+def test_the_coverage_noise_counts_fixes_that_share_their_errors():
+    # 1 Hz fixes whose errors come in 20 s runs inside / outside the radius: the same 50 %
+    # as alternating ones, but only 6 independent runs, not 120 independent fixes
+    t = np.arange(120.0)
+    runs = (t // 20) % 2 == 0
+    alternating = t % 2 == 0
+    binomial = np.sqrt(0.25 / 120)
+    assert coverage_sd(alternating, t) == pytest.approx(binomial)      # blocks as even as the fixes
+    assert coverage_sd(runs, t) > 3 * binomial
+    # photos farther apart than a block: each its own batch, the binomial error
+    photos = np.array([1, 0, 1, 1, 0, 1, 0, 1], bool)
+    assert coverage_sd(photos, np.arange(8) * 20.0) == pytest.approx(np.sqrt(5 / 8 * 3 / 8 / 8) * np.sqrt(8 / 7))
