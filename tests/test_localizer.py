@@ -105,7 +105,7 @@ def test_attitude_interpolation_error_widens_the_measurement_by_height_times_its
 
     frames = frames_of(flight, 4)
     first_update = []     # (R, height) the filter got for the first verified frame of each run
-    for sigma in (0.0, math.radians(10)):
+    for sigma in (0.0, math.radians(1.5)):     # (below max_attitude_interp_deg)
         # without the constant jitter floor, which combines with the interpolation error
         loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig(attitude_jitter_deg=0.0))
         update = loc.filter.update
@@ -116,7 +116,7 @@ def test_attitude_interpolation_error_widens_the_measurement_by_height_times_its
         assert seen, "no frame reached the filter"
         first_update.append(seen[0])
     (plain, h), (widened, _) = first_update
-    j = math.tan(math.radians(10)) ** 2
+    j = math.tan(math.radians(1.5)) ** 2
     if plain.shape == (2, 2):     # the nadir alone
         assert widened - plain == pytest.approx(h ** 2 * j * np.eye(2))
     else:
@@ -124,6 +124,20 @@ def test_attitude_interpolation_error_widens_the_measurement_by_height_times_its
         # nadir by h x w and the tilt by w, perfectly correlated (the camera centre stays put)
         link = np.vstack([h * np.eye(2), np.eye(2)])
         assert widened - plain == pytest.approx(j * link @ link.T)
+
+
+def test_a_frame_interpolated_across_a_large_attitude_step_gives_no_fix_and_keeps_the_track(cache, flight):
+    from dataclasses import replace
+
+    frames = frames_of(flight, 6)
+    loc = Localizer(ThumbnailEmbedder(), cache, flight.camera, LocalizerConfig())
+    estimates = run(loc, frames[:5])
+    assert estimates[-1].fix == FixQuality.FIX
+    limit = math.radians(loc.cfg.max_attitude_interp_deg)
+    f = frames[5]
+    est = loc.process(f.image, replace(f.telemetry, attitude_interp_sigma_rad=1.5 * limit), f.time_s)
+    assert est.fix == FixQuality.COASTING and "max_attitude_interp_deg" in est.reason
+    assert not est.has_fix and math.isfinite(est.lat) and loc.filter.tracking
 
 
 def test_replay_is_deterministic(cache, flight):

@@ -116,6 +116,11 @@ class LocalizerConfig:
     # timing, vibration), on top of the interpolation error telemetry reports: the measured
     # tilt of one frame is not the next frame's
     attitude_jitter_deg: float = bounded(0.2, ge=0, le=10, unit="deg")
+    # a frame whose attitude is interpolated across a step this uncertain (RMS; a step of twice
+    # this between two telemetry samples, met mid-way) gives no fix: rectified that far off, its
+    # pose fit claimed a camera centre 3 m wrong within 0.4 m (the field suite's false fixes
+    # at a roll into a 25 deg bank, 20 Hz telemetry). 20-50 Hz attitude keeps it rare
+    max_attitude_interp_deg: float = bounded(2.0, gt=0, le=90, unit="deg")
     # altitude comes from the autopilot, not from vision
     vertical_sigma_m: float = bounded(3.0, gt=0, le=1000, unit="m")
     # map-feature chunks (about a region each) kept in memory when the cache stores no map
@@ -364,6 +369,10 @@ class Localizer:
         tilt = math.degrees(math.acos(max(-1.0, min(1.0, math.cos(tel.roll) * math.cos(tel.pitch)))))
         if tilt > self.cfg.max_tilt_deg:
             return f"tilt {tilt:.0f} deg above {self.cfg.max_tilt_deg:g} deg"
+        step = math.degrees(tel.attitude_interp_sigma_rad)
+        if step > self.cfg.max_attitude_interp_deg:
+            return (f"attitude uncertain by {step:.1f} deg (interpolated across a step between telemetry samples; "
+                    f"localizer.max_attitude_interp_deg {self.cfg.max_attitude_interp_deg:g}): no fix from this frame")
         return ""
 
     # --- outputs ----------------------------------------------------------------------
