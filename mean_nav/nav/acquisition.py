@@ -75,7 +75,7 @@ class Acquisition:
         if pred is not None:
             sigma68 = RADIUS68_PER_SIGMA * math.sqrt(max(float(np.trace(pred[1])) / 2, 0.0))
             px, py = float(pred[0][0]), float(pred[0][1])
-            place = self._confident_place(t, filter, (px, py), sigma68) if cfg.verify_prediction else None
+            place = self._predicted_place(t, filter, (px, py), sigma68) if cfg.verify_prediction else None
             if place is not None:
                 # verify around the nearest tile centre: its map features are cached, and a
                 # region half a tile wider than the tile still contains the predicted view
@@ -107,12 +107,13 @@ class Acquisition:
             self.search = f"searched within {radius:.0f} m of {where}"
             yield from self._near(descriptor, *self.anchor, radius, k)
 
-    def _confident_place(self, t: float, filter: PositionFilter, mean: tuple[float, float],
-                         sigma68: float) -> tuple[float, float] | None:
-        """Where the track predicts the vehicle within confident_sigma_m: the whole filter's
-        mean, else the tightest motion mode's (photos seconds apart leave the manoeuvre mode
-        tens of metres wide while the cruise mode still knows the place, and retrieval over a
-        small footprint rarely ranks the true tile first); None where neither is confident."""
+    def _predicted_place(self, t: float, filter: PositionFilter, mean: tuple[float, float],
+                         sigma68: float) -> tuple[float, float]:
+        """Where to verify the map first: the track's mean where it predicts within
+        confident_sigma_m, else the tightest motion mode's prediction if that one does
+        (photos seconds apart leave the manoeuvre mode tens of metres wide while the cruise
+        mode still knows the place), else the mean anyway (retrieval over a small footprint
+        rarely ranks the true tile first, so the prediction is still the likeliest place)."""
         if sigma68 <= self.cfg.confident_sigma_m:
             return mean
         modes = zip(filter.mode_radii_at(t), (pos for pos, _ in filter.mode_positions_at(t)))

@@ -118,7 +118,7 @@ class LocalizerConfig:
     attitude_jitter_deg: float = bounded(0.2, ge=0, le=10, unit="deg")
     # a frame whose attitude is interpolated across a step this uncertain (RMS; a step of twice
     # this between two telemetry samples, met mid-way) gives no fix: rectified that far off, its
-    # pose fit claimed a camera centre 3 m wrong within 0.4 m (the field suite's false fixes
+    # pose fit claimed a camera centre 2.9-8 m wrong within 0.4 m (the field suite's false fixes
     # at a roll into a 25 deg bank, 20 Hz telemetry). 20-50 Hz attitude keeps it rare
     max_attitude_interp_deg: float = bounded(2.0, gt=0, le=90, unit="deg")
     # altitude comes from the autopilot, not from vision
