@@ -299,7 +299,7 @@ class Verifier:
             result, _ = max(strong_turns, key=lambda rm: rm[0].inliers)
             reasons.insert(0, f"view turned {_wrap(result.rotation_deg + self.heading.view_turn_deg):.0f} deg against the map with {result.inliers} "
                               f"inliers: the track holds the heading error of "
-                              f"{int(round(-self.heading.offset_deg - self.heading.view_turn_deg))} deg")
+                              f"{int(round(self.heading.telemetry_error_deg(-self.heading.offset_deg)))} deg")
         elif strong_turns:
             result, m = max(strong_turns, key=lambda rm: rm[0].inliers)
             first = self.heading.propose(result.rotation_deg, t, m.x, m.y, m, height_m)
