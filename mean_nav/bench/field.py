@@ -371,6 +371,7 @@ def score(cols: dict, on_map_fraction: np.ndarray, attitude_error_deg: float, he
     err, sigma = cols["error_m"], cols["sigma_h_m"]
     scored = fix & np.isfinite(err)
     fix_err = err[scored]
+    inside = fix_err <= sigma[scored]
     processed = cols["processed"] == 1
     latency = cols["latency_s"][processed & np.isfinite(cols["latency_s"])]
     first = np.flatnonzero(fix)
@@ -387,8 +388,8 @@ def score(cols: dict, on_map_fraction: np.ndarray, attitude_error_deg: float, he
         "p95_m": float(np.percentile(fix_err, 95)) if fix_err.size else None,
         "attitude_floor_m": floor,
         "error_per_floor": median / floor if median is not None and floor else None,
-        "coverage_68": float((fix_err <= sigma[scored]).mean()) if fix_err.size else None,
-        "coverage_68_sd": coverage_sd(fix_err <= sigma[scored], cols["time_s"][scored]) if fix_err.size else None,
+        "coverage_68": float(inside.mean()) if fix_err.size else None,
+        "coverage_68_sd": coverage_sd(inside, cols["time_s"][scored]) if fix_err.size else None,
         "false_fixes": int((scored & (err > FALSE_FIX_SIGMAS * sigma)).sum()),
         "first_fix_s": float(cols["time_s"][first[0]] - cols["time_s"][0]) if first.size else None,
         "frame_rate_hz": frame_rate_hz(cols["time_s"]),
@@ -399,7 +400,7 @@ def score(cols: dict, on_map_fraction: np.ndarray, attitude_error_deg: float, he
 def coverage_sd(inside: np.ndarray, times_s: np.ndarray, block_s: float = COVERAGE_BLOCK_S) -> float:
     """Standard error of the fraction of `inside` fixes: binomial, or from the means of
     consecutive `block_s` of flight where that is larger (fixes seconds apart see the same
-    ground and attitude error; a block needs 2 or more of the flight's blocks to count)."""
+    ground and attitude error; a flight within one block gets the binomial)."""
     inside = np.asarray(inside, float)
     p, n = float(inside.mean()), inside.size
     binomial = math.sqrt(max(p * (1.0 - p), 0.0) / n)
