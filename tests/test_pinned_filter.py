@@ -100,12 +100,36 @@ def test_a_frame_older_than_the_filter_state_is_refused():
     assert f.update(19.5, [0.0, 0.0], np.eye(2) * 0.01, NO_TILT).accepted
 
 
-def test_prediction_never_goes_back_in_time():
-    f = stationary_track()
-    f.predict(21.0)
+def test_a_prediction_changes_nothing_and_never_goes_before_the_last_fix():
+    f = stationary_track()                                 # last fix at t = 19
+    at_fix = f.sigma_h_at(19.0)
+    later = f.predict(21.0)
     back = f.predict(20.0)
     assert back.tracking and not back.accepted
-    assert back.sigma_h_m == pytest.approx(f.sigma_h_at(21.0))   # still the state at 21 s
+    # coasting frames are queries: the 20 s prediction is as if 21 s had never been asked
+    assert back.sigma_h_m == pytest.approx(f.sigma_h_at(20.0)) and back.sigma_h_m < later.sigma_h_m
+    before_fix = f.predict(18.0)                           # older than the track: its state at 19 s
+    assert before_fix.sigma_h_m == pytest.approx(at_fix)
+
+
+def test_coasting_frames_do_not_change_where_the_next_fix_is_expected():
+    """Time, not frames: photos missed between two fixes leave the prediction at the next one
+    as one step from the last fix would (each committed coasting step mixed the wide manoeuvre
+    mode into the cruise mode again: after one missed photo 8 s apart the cruise mode's 68 %
+    radius went from ~11 m to ~100 m and the next photo's weak fit no longer counted)."""
+    moving = []
+    for coast in (False, True):
+        f = PositionFilter(FilterConfig(**INDEPENDENT))
+        for k in range(6):
+            f.update(8.0 * k, [3.0 * 8.0 * k, 0.0], np.eye(2) * 0.04, NO_TILT)
+        if coast:
+            for t in np.arange(40.5, 56.0, 0.5):           # a missed photo, then 30 frames without a fix
+                f.predict(float(t))
+        moving.append(([r for r in f.mode_radii_at(56.0)], f.position_at(56.0)))
+    (radii_one, (x_one, P_one)), (radii_many, (x_many, P_many)) = moving
+    assert radii_many == pytest.approx(radii_one)
+    assert x_many == pytest.approx(x_one) and P_many == pytest.approx(P_one)
+    assert min(radii_one) < 30.0       # the cruise mode still knows the place within metres
 
 
 def test_coasting_beyond_max_sigma_is_flagged_vague():

@@ -15,7 +15,8 @@ then disagrees with the track beyond the gate (a poor pose fit) is dropped, the 
 Everything is in seconds and physical units, so the same settings serve 0.05 Hz photo
 surveys and 30 Hz video:
   - motion: continuous white acceleration (the position covariance after dt does not depend
-    on how many frames fell inside dt);
+    on how many frames fell inside dt); frames without a fix change no state: the next fix
+    is predicted in one step from the last accepted one;
   - a lost filter is (re)started when two fixes agree under that motion model, whatever
     their spacing (at least `measurement_correlation_s`: the next video frame repeats a wrong
     match); a single wrong match never becomes the track. A fix that brings its own
@@ -156,6 +157,10 @@ class PositionFilter:
     def reset(self) -> None:
         """Forget the track (not the attitude-error estimate: it belongs to the autopilot)."""
         self._bank: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # states, covariances, mode probabilities
+        # the newest fix judged (accepted or gated out): an older one is out of order. The
+        # bank itself stays at last_accept_t: predictions are queries from there, so frames
+        # without a fix change nothing (each committed step would mix the manoeuvre mode into
+        # the cruise mode again: the result would depend on how many frames fell in between)
         self.t: float | None = None
         self.last_accept_t: float | None = None
         self._rejected: list[_Fix] = []
@@ -224,7 +229,7 @@ class PositionFilter:
         mode probabilities [K, 2] (K attitude-error hypotheses)."""
         cfg = self.cfg
         X, P, mu = self._bank
-        dt = max(0.0, t - self.t)
+        dt = max(0.0, t - self.last_accept_t)
         stay = 0.5 * (1.0 + math.exp(-2.0 * dt / cfg.manoeuvre_switch_s))
         transition = np.array([[stay, 1.0 - stay], [1.0 - stay, stay]])
         c = mu @ transition                                              # [K, j]
@@ -255,23 +260,17 @@ class PositionFilter:
         return _moments(w, X.reshape(-1, 6), P.reshape(-1, 6, 6))
 
     def predict(self, t: float) -> FilterOutput:
-        """Advance to time t (no measurement). Drops the track when no fix was accepted for
-        lost_after_s."""
+        """The track predicted to time t from the last accepted fix (a frame without a fix);
+        changes nothing, except that it drops the track when no fix was accepted for lost_after_s."""
         if self._bank is None:
             return FilterOutput(False, False, reason="no track")
-        if t < self.t:   # out-of-order frame: report the current state, never go back in time
-            return self._output(False)
+        t = max(t, self.t)   # out-of-order frame: never go back before the newest fix judged
         if t - self.last_accept_t > self.cfg.lost_after_s:
             age = t - self.last_accept_t
             self.reset()
             return FilterOutput(False, False, reason=f"track lost: no accepted fix for {age:.0f} s "
                                 f"(filter.lost_after_s {self.cfg.lost_after_s:g} s)")
-        self._advance(t)
-        return self._output(False)
-
-    def _advance(self, t: float) -> None:
-        self._bank = self._predicted(t)
-        self.t = t
+        return self._output(False, self._predicted(t))
 
     def update(self, t: float, z, R, height_m: float, confirmed: bool = False) -> FilterOutput:
         """Offer a measurement at time t, seen from height_m above ground: z = [e, n], the
@@ -320,7 +319,7 @@ class PositionFilter:
                 fix = _Fix(fix.t, fix.z[:2], fix.R[:2, :2], fix.height_m)
                 H, R = H[:2], R[:2, :2]
         if d2 > cfg.gate_chi2:
-            self._advance(fix.t)
+            self.t = fix.t
             self._rejected = [r for r in self._rejected if fix.t - r.t <= cfg.lost_after_s][-MAX_CANDIDATES + 1:]
             self._rejected.append(fix)
             first = self._rejected[0]
@@ -340,7 +339,7 @@ class PositionFilter:
                     return restarted
                 return FilterOutput(False, False, mahalanobis2=d2, attitude_sigma_deg=self.attitude_sigma_deg,
                                     reason=why)
-            out = self._output(False)
+            out = self._output(False, (X, P, c))
             out.mahalanobis2 = d2
             out.reason = f"fix gated out (Mahalanobis^2 {d2:.1f} > {cfg.gate_chi2:g})"
             return out
@@ -522,8 +521,8 @@ class PositionFilter:
         self._rejected = []
         self._candidates = []
 
-    def _output(self, accepted: bool) -> FilterOutput:
-        x, P = self._mix(*self._bank)
+    def _output(self, accepted: bool, bank=None) -> FilterOutput:
+        x, P = self._mix(*(bank if bank is not None else self._bank))
         sigma_h = radius68_of(P[:2, :2])
         return FilterOutput(
             accepted, True, float(x[0]), float(x[1]), float(x[2]), float(x[3]), sigma_h,
