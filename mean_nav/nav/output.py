@@ -185,7 +185,7 @@ class OutputLoop:
             if position_filter.tracking else None
         with self._lock:
             if snap is not None:
-                if position_filter.t == last_fix_s:      # this frame was the fix
+                if position_filter.last_accept_t == last_fix_s:      # the filter's state is at that fix
                     pos, _ = position_filter.position_at(last_fix_s)
                     snap.fix_xy = (float(pos[0]), float(pos[1]))
                 elif self._snapshot is not None and self._snapshot.last_fix_s == last_fix_s:
