@@ -104,7 +104,7 @@ class LocalizerConfig:
     # attitude part is the pose's), 0.4 m without it (the nadir-only fixes of the same flights)
     position_floor_m: float | None = bounded(None, gt=0, le=1000, unit="m")
     # the camera model's own error (focal length, distortion, ground not quite flat) as an angle:
-    # it moves the pose fit's camera centre by this x height (1 sigma per axis; pose.py). 0.6:
+    # it moves the pose fit's camera centre by this x height (1 sigma per axis; pose.py). 0.5:
     # calibrated on the field suite; raise it for a roughly calibrated camera or hilly ground
     camera_model_error_mrad: float = bounded(CAMERA_MODEL_ERROR_RAD * 1e3, ge=0, le=100, unit="mrad")
     # solve the camera pose from the verified matches (pose.py): measures the camera centre and

@@ -43,10 +43,11 @@ RESIDUAL_FLOOR_PX = 0.1
 CORRELATED_ERRORS = 1.2
 # beyond the matches: the camera model's own error (focal length, distortion, ground that is not
 # quite flat) moves the solved camera centre by about this angle x height (the default of
-# localizer.camera_model_error_mrad). Without it the flights 100-150 m up held 50-70 % of their
-# centre errors inside the 68 % radius (0.5 m map pixels: the residual is small), the 40-80 m
-# ones 62-85 %; with it 60-80 % on all fourteen
-CAMERA_MODEL_ERROR_RAD = 0.6e-3
+# localizer.camera_model_error_mrad). Without it the flights 100-150 m up held 56-67 % of their
+# centre errors inside the 68 % radius (0.5 m map pixels: the residual is small); per flight, the
+# pose fits of nine field-suite flights held 66-76 % at 0.5 mrad, 67-80 % at 0.6 (the 100-120 m flights
+# over-wide), 63-75 % at 0.4 (but a fit of the 150 m flight beyond 3x its radius)
+CAMERA_MODEL_ERROR_RAD = 0.5e-3
 # a tilt error this large is not a telemetry error but a bad fit (the rectified view would
 # hardly have matched): the similarity's nadir alone is used
 MAX_TILT_ERROR_DEG = 15.0
