@@ -125,7 +125,7 @@ def test_coasting_frames_do_not_change_where_the_next_fix_is_expected():
         if coast:
             for t in np.arange(40.5, 56.0, 0.5):           # a missed photo, then 30 frames without a fix
                 f.predict(float(t))
-        moving.append(([r for r in f.mode_radii_at(56.0)], f.position_at(56.0)))
+        moving.append((f.mode_radii_at(56.0), f.position_at(56.0)))
     (radii_one, (x_one, P_one)), (radii_many, (x_many, P_many)) = moving
     assert radii_many == pytest.approx(radii_one)
     assert x_many == pytest.approx(x_one) and P_many == pytest.approx(P_one)
