@@ -286,8 +286,8 @@ class PositionFilter:
         fix = _Fix(float(t), z, R, max(float(height_m), 0.0))
         if self._bank is None:
             return self._start(fix, confirmed)
-        if t < self.t:
-            out = self._output(False)
+        if t < self.t:   # reported like predict(t): at the newest fix judged
+            out = self._output(False, self._predicted(self.t))
             out.reason = "fix older than the track (out-of-order frame): not used"
             return out
         return self._update(fix)
